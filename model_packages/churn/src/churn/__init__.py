@@ -1,0 +1,1 @@
+"""Customer churn classifier: a scikit-learn pipeline trained at run time on the client's customers."""

@@ -1,0 +1,44 @@
+"""Train and predict for the churn model (modelpex contract: ``train(inputs, params)``, ``predict(inputs, state, params)``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+FEATURES = ["tenure_months", "monthly_charges", "support_calls", "contract_months"]
+LABEL = "churned"
+
+
+def _features(frame: pd.DataFrame, *, with_label: bool = False) -> pd.DataFrame:
+    needed = [*FEATURES, LABEL] if with_label else FEATURES
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"churn: input 'customers' lacks columns {missing}; it has {list(frame.columns)}")
+    return frame[FEATURES].astype("float64")
+
+
+def train(inputs: Mapping[str, pd.DataFrame], params: Mapping[str, Any]) -> Pipeline:
+    """Fit a scaled logistic regression on ``inputs['customers']`` (features plus the ``churned`` label)."""
+    customers = inputs["customers"]
+    x = _features(customers, with_label=True)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=float(params.get("C", 1.0)), max_iter=1000))
+    model.fit(x, customers[LABEL].astype("int64"))
+    return model
+
+
+def predict(inputs: Mapping[str, pd.DataFrame], state: Pipeline, params: Mapping[str, Any]) -> pd.DataFrame:
+    """Churn probability per customer, and whether it crosses the client's ``threshold`` (default 0.5)."""
+    customers = inputs["customers"]
+    probability = state.predict_proba(_features(customers))[:, 1]
+    return pd.DataFrame(
+        {
+            "customer_id": customers["customer_id"].to_numpy(),
+            "churn_probability": probability,
+            "will_churn": probability >= float(params.get("threshold", 0.5)),
+        }
+    )

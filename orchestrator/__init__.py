@@ -1,0 +1,1 @@
+"""modelpex's orchestrator: specs -> build -> store -> run -> transport -> Dagster definitions."""

@@ -1,0 +1,195 @@
+"""The ``modelpex`` command line: lock, build, list, run and collect garbage, on the local store by default.
+
+Errors are one line on stderr and a non-zero exit: a `ModelpexError` already says what to do next, so its
+traceback would only hide that line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, lock_model
+from orchestrator.errors import ModelpexError
+from orchestrator.settings import Settings
+from orchestrator.specs import ModelRef, discover_models, load_model_spec
+from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
+from orchestrator.versions import resolve_source, tagged_versions
+
+__all__ = ["main"]
+
+# N.B. Piped output (CI logs, tests) gets a wide console so tables are not squeezed into 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+@contextmanager
+def _builder(settings: Settings) -> Iterator[Builder]:
+    with err.status("starting") as status:
+        yield Builder(
+            settings.store(),
+            settings.base_env(),
+            Interpreter.detect(settings.python),
+            step=lambda message: status.update(message),
+        )
+
+
+def _report(result: BuildResult) -> None:
+    record = result.record
+    verb = "cached" if result.cached else "built "
+    out.print(
+        f"{verb} {record.label:<24} key {record.key}  {_mb(record.size):>10}  {result.seconds:6.2f} s"
+    )
+
+
+def all_refs(settings: Settings) -> list[ModelRef]:
+    """Every model version that exists: each working tree's version and every released tag."""
+    refs = []
+    for spec in discover_models(settings.models_dir):
+        versions = {spec.version, *tagged_versions(settings.project, spec.name)}
+        refs += [ModelRef(spec.name, v) for v in sorted(versions)]
+    return refs
+
+
+def build_refs(builder: Builder, settings: Settings, refs: Sequence[ModelRef], *, force: bool) -> list[BuildResult]:
+    """Build (or find) each model version; tags are exported to a temporary folder for the build only."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="modelpex-tags-") as exports:
+        for ref in refs:
+            source = resolve_source(settings.project, settings.models_dir, ref, Path(exports))
+            results.append(builder.model(source, force=force))
+    return results
+
+
+def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
+    targets: list[str] = args.targets
+    if not targets and not args.all:
+        raise ModelpexError("nothing to build: name `base`, one or more models (`churn` or `churn@1.2.0`), or --all")
+    with _builder(settings) as builder:
+        if args.all or "base" in targets:
+            _report(builder.base(force=args.force and (args.all or "base" in targets)))
+        refs = all_refs(settings) if args.all else [ModelRef.parse(t) for t in targets if t != "base"]
+        for ref in refs:
+            _report(build_refs(builder, settings, [ref], force=args.force)[0])
+
+
+def cmd_lock(args: argparse.Namespace, settings: Settings) -> None:
+    base = settings.base_env()
+    names = [p.name for p in discover_models(settings.models_dir)] if args.all else args.targets
+    if args.all or "base" in names:
+        with err.status("locking base_env (resolves against the package index)"):
+            out.print(f"locked base -> {lock_base(base)}")
+    for name in (n for n in names if n != "base"):
+        spec = load_model_spec(settings.models_dir / ModelRef.parse(name).name)
+        with err.status(f"locking {spec.name} against the base's pins"):
+            path = lock_model(spec, base)
+        out.print(f"locked {spec.name} -> {path}" if path else f"{spec.name} needs nothing beyond the base: no lock")
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
+    store = settings.store()
+    records = sorted(store.records(), key=lambda r: (r.kind != "base", r.name, r.version, r.built_at))
+    table = Table(title=f"artifacts in {store.url}")
+    for column in ("kind", "name", "version", "key", "size", "base key", "git commit", "built at", "sha256"):
+        table.add_column(column, no_wrap=True)
+    for r in records:
+        table.add_row(
+            r.kind, r.name, r.version, r.key[:12], _mb(r.size), (r.base_key or "")[:12],
+            (r.git_commit or "")[:12], r.built_at, r.sha256[:12],
+        )
+    out.print(table)
+
+
+def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
+    """Remove what nothing references: artifacts of old bases or of superseded content of a version."""
+    store = settings.store()
+    builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
+    live = {builder.base_key}
+    with tempfile.TemporaryDirectory(prefix="modelpex-tags-") as exports:
+        for ref in all_refs(settings):
+            live.add(builder.model_key(resolve_source(settings.project, settings.models_dir, ref, Path(exports)).spec))
+    keep = referenced(store.records(), lambda r: r.key in live)
+    garbage: list[ArtifactRecord] = [r for r in store.records() if r.key not in keep]
+    for record in garbage:
+        out.print(f"{'would remove' if args.dry_run else 'removed'} {record.label} key {record.key} ({_mb(record.size)})")
+        if not args.dry_run:
+            store.delete(record)
+    if isinstance(store, LocalPexStore):
+        for path in store.unindexed_files():
+            out.print(f"{'would remove' if args.dry_run else 'removed'} unindexed file {path}")
+            if not args.dry_run:
+                path.unlink()
+    out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
+    from orchestrator.run import run_from_cli  # N.B. Imports pyarrow and Dagster Pipes: only when running.
+
+    run_from_cli(args, settings, out, err)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpex", description=__doc__.splitlines()[0])
+    parser.add_argument("--project", help="repository with base_env/ and model_packages/ (MODELPEX_PROJECT)")
+    parser.add_argument("--store", dest="store_url", help="artifact store URL or folder (MODELPEX_STORE)")
+    parser.add_argument("--python", help="interpreter to build for and run with (MODELPEX_PYTHON)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="build the base and model pexes whose keys are not in the store")
+    build.add_argument("targets", nargs="*", metavar="base|MODEL[@VERSION]")
+    build.add_argument("--all", action="store_true", help="the base and every model version (working tree and tags)")
+    build.add_argument("--force", action="store_true", help="rebuild even when the key exists")
+    build.set_defaults(func=cmd_build)
+
+    lock = commands.add_parser("lock", help="(re)create base_env/pex.lock or a model's pex.lock (needs the index)")
+    lock.add_argument("targets", nargs="*", metavar="base|MODEL")
+    lock.add_argument("--all", action="store_true")
+    lock.set_defaults(func=cmd_lock)
+
+    listing = commands.add_parser("list", help="the artifacts in the store, as a table")
+    listing.set_defaults(func=cmd_list)
+
+    gc = commands.add_parser("gc", help="remove artifacts that nothing references")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.set_defaults(func=cmd_gc)
+
+    run = commands.add_parser("run", help="train then predict with a model version on Parquet/CSV files")
+    run.add_argument("model", metavar="MODEL[@VERSION]")
+    run.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an input frame (repeat)")
+    run.add_argument("--output", required=True, metavar="PATH", help="where to write the predictions (Parquet)")
+    run.add_argument("--params", default="{}", metavar="JSON|@FILE", help="model parameters as JSON")
+    run.add_argument("--state", metavar="PATH", help="use this stored fitted state instead of training")
+    run.add_argument("--save-state", metavar="PATH", help="keep the fitted state here for later runs")
+    run.add_argument("--timeout", type=float, help="seconds before the model process is killed")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(project=args.project, store_url=args.store_url, python=args.python)
+        args.func(args, settings)
+    except ModelpexError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

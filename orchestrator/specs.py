@@ -1,0 +1,274 @@
+"""Specs: what a model folder and the base environment declare, validated before anything is built.
+
+A model is ``model_packages/<name>/`` with a PEP 621 ``pyproject.toml`` and a ``[tool.modelpex]`` table. Names
+and versions end up in file names, git tag names and Dagster asset keys, so they are validated strictly here,
+once, and every later step can trust them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from orchestrator.errors import SpecError
+
+__all__ = [
+    "BASE_DISTRIBUTION",
+    "FRAME_LIBRARIES",
+    "BaseEnv",
+    "ModelRef",
+    "ModelSpec",
+    "discover_models",
+    "load_base_env",
+    "load_model_spec",
+    "tree_digest",
+    "validate_name",
+    "validate_version",
+]
+
+BASE_DISTRIBUTION = "modelpex-base"
+FRAME_LIBRARIES = ("pandas", "polars", "pyarrow")
+LOCK_FILE = "pex.lock"
+
+# N.B. Names become file names, tag names (`<name>/v<version>`) and Dagster asset key parts ([A-Za-z0-9_]).
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_VERSION_RE = re.compile(r"^[0-9][0-9a-z.+]{0,62}$")
+_CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+# Files that never change what a pex contains; everything else in a model folder is part of its key.
+_IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "build", "dist"}
+_IGNORED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a safe model name; raise a `SpecError` naming the fix otherwise."""
+    if not _NAME_RE.fullmatch(name):
+        raise SpecError(
+            f"model name {name!r} is not valid: use 1-63 lowercase letters, digits and underscores, "
+            "starting with a letter (it becomes a folder, a git tag and a Dagster asset key)"
+        )
+    return name
+
+
+def validate_version(version: str, *, model: str = "model") -> str:
+    """Return ``version`` if it is a normalised PEP 440 version with no path tricks."""
+    try:
+        normalised = str(Version(version))
+    except InvalidVersion:
+        normalised = None
+    if normalised != version or not _VERSION_RE.fullmatch(version):
+        hint = f" (did you mean {normalised!r}?)" if normalised else ""
+        raise SpecError(
+            f"version {version!r} of {model!r} is not a normalised PEP 440 version{hint}: "
+            "use something like 1.2.0 in the model's pyproject.toml"
+        )
+    return version
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``name`` or ``name@version`` as a user types it on the command line or in a deployment."""
+
+    name: str
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        name, sep, version = text.partition("@")
+        validate_name(name)
+        if sep:
+            validate_version(version, model=name)
+        return cls(name, version if sep else None)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model folder as modelpex understands it: identity, entry points, and what it needs beyond the base."""
+
+    name: str
+    version: str
+    folder: Path
+    train: str
+    predict: str
+    frames: str
+    requirements: tuple[str, ...]
+
+    @property
+    def source_dir(self) -> Path:
+        return self.folder / "src"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.folder / LOCK_FILE
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.version)
+
+    def entry_env(self) -> str:
+        """The JSON the model pex carries (``MODELPEX_MODEL``) so it knows which callables to run."""
+        return json.dumps(
+            {
+                "name": self.name,
+                "version": self.version,
+                "train": self.train,
+                "predict": self.predict,
+                "frames": self.frames,
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True)
+class BaseEnv:
+    """The shared base environment: one project folder and the pex lock every model is resolved against."""
+
+    folder: Path
+    version: str
+
+    @property
+    def lock_file(self) -> Path:
+        return self.folder / LOCK_FILE
+
+    def pins(self) -> dict[str, str]:
+        """Canonical project name -> exact version, for every distribution the base pex ships."""
+        lock = read_lock(self.lock_file, what="the base environment", fix="run `modelpex lock base`")
+        pins = {canonicalize_name(name): version for name, version in locked_versions(lock).items()}
+        pins[BASE_DISTRIBUTION] = self.version
+        return pins
+
+
+def _read_pyproject(folder: Path, what: str) -> Mapping[str, object]:
+    path = folder / "pyproject.toml"
+    if not path.is_file():
+        raise SpecError(f"{what} has no pyproject.toml at {path}: add one with a [project] table")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path} is not valid TOML ({exc}): fix the file") from None
+
+
+def load_model_spec(folder: Path) -> ModelSpec:
+    """Read and validate ``<folder>/pyproject.toml``; every problem is a `SpecError` naming file and fix."""
+    folder = Path(folder).resolve()
+    name = validate_name(folder.name)
+    data = _read_pyproject(folder, f"model folder {folder}")
+    project = data.get("project")
+    path = folder / "pyproject.toml"
+    if not isinstance(project, dict):
+        raise SpecError(f"{path} has no [project] table: add name, version and dependencies")
+    project_name = project.get("name")
+    if not isinstance(project_name, str) or canonicalize_name(project_name) != canonicalize_name(name):
+        raise SpecError(f"{path}: [project] name is {project_name!r} but the folder is {name!r}: make them match")
+    version = project.get("version")
+    if not isinstance(version, str):
+        raise SpecError(f"{path}: [project] needs a static version string such as \"1.0.0\"")
+    validate_version(version, model=name)
+    table = data.get("tool", {}).get("modelpex") if isinstance(data.get("tool"), dict) else None
+    if not isinstance(table, dict):
+        raise SpecError(
+            f"{path} has no [tool.modelpex] table: add one with train = \"pkg.module:train\", "
+            "predict = \"pkg.module:predict\" and frames = \"pandas\" | \"polars\" | \"pyarrow\""
+        )
+    train, predict = (_callable(table, key, path) for key in ("train", "predict"))
+    frames = table.get("frames", "pandas")
+    if frames not in FRAME_LIBRARIES:
+        raise SpecError(f"{path}: [tool.modelpex] frames = {frames!r} is not one of {', '.join(FRAME_LIBRARIES)}")
+    requirements = tuple(_requirements(project.get("dependencies", []), path))
+    spec = ModelSpec(name, version, folder, train, predict, frames, requirements)
+    if not spec.source_dir.is_dir():
+        raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")
+    return spec
+
+
+def _callable(table: Mapping[str, object], key: str, path: Path) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not _CALLABLE_RE.fullmatch(value):
+        raise SpecError(f"{path}: [tool.modelpex] {key} = {value!r} must look like \"package.module:function\"")
+    return value
+
+
+def _requirements(values: object, path: Path) -> Iterator[str]:
+    if not isinstance(values, list):
+        raise SpecError(f"{path}: [project] dependencies must be a list of requirement strings")
+    for value in values:
+        try:
+            requirement = Requirement(str(value))
+        except InvalidRequirement as exc:
+            raise SpecError(f"{path}: dependency {value!r} is not a valid requirement ({exc})") from None
+        if requirement.url:
+            raise SpecError(f"{path}: dependency {value!r} points at a URL: depend on a released version instead")
+        yield str(requirement)
+
+
+def load_base_env(folder: Path) -> BaseEnv:
+    """Read the base environment's project; its lock is read lazily by `BaseEnv.pins`."""
+    folder = Path(folder).resolve()
+    data = _read_pyproject(folder, f"base environment {folder}")
+    project = data.get("project")
+    if not isinstance(project, dict) or canonicalize_name(str(project.get("name"))) != BASE_DISTRIBUTION:
+        raise SpecError(f"{folder / 'pyproject.toml'} must declare [project] name = {BASE_DISTRIBUTION!r}")
+    return BaseEnv(folder, validate_version(str(project.get("version")), model=BASE_DISTRIBUTION))
+
+
+def discover_models(root: Path) -> list[ModelSpec]:
+    """Every model folder under ``root`` (a folder with a pyproject.toml), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [load_model_spec(p) for p in sorted(root.iterdir()) if (p / "pyproject.toml").is_file()]
+
+
+def read_lock(path: Path, *, what: str, fix: str) -> Mapping[str, object]:
+    """Load a pex lock file (JSON) with an error that says how to create it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{what} has no lock file at {path}: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"the lock file {path} of {what} is not valid JSON ({exc}): {fix}") from None
+
+
+def locked_versions(lock: Mapping[str, object]) -> dict[str, str]:
+    """Project name -> version of everything a pex lock resolved (one resolve: we lock for one system)."""
+    versions: dict[str, str] = {}
+    for resolve in lock.get("locked_resolves", []):  # type: ignore[union-attr]
+        for requirement in resolve["locked_requirements"]:
+            versions[canonicalize_name(requirement["project_name"])] = requirement["version"]
+    return versions
+
+
+def tree_digest(folder: Path) -> str:
+    """sha256 over the relative paths, modes and bytes of every file that can change a build.
+
+    N.B. Paths are hashed relative to the folder so a clone elsewhere, or a git tag exported to a temporary
+    folder, gets the same key as the working tree it came from.
+    """
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    for path in sorted(_content_files(folder)):
+        relative = path.relative_to(folder).as_posix()
+        executable = os.access(path, os.X_OK)
+        digest.update(f"{relative}\0{int(executable)}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _content_files(folder: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d not in _IGNORED_PARTS and not d.endswith(_IGNORED_SUFFIXES)]
+        for filename in filenames:
+            if not filename.endswith(_IGNORED_SUFFIXES):
+                yield Path(dirpath, filename)

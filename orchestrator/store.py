@@ -1,0 +1,286 @@
+"""Store: where built pex files live, with an index of what each one is, verified before anything runs.
+
+The interface is a handful of primitives (`put`, `record`, `records`, `fetch`, `delete`) in the manner of
+fsspec; `exists`, `verify` and `find` are built on them. Backends are chosen by URL so an object-store backend
+can be added without touching callers; the local directory (``pex_builds/``) is the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from filelock import FileLock
+
+from orchestrator.errors import IntegrityError, StoreError
+from orchestrator.specs import validate_name, validate_version
+
+__all__ = [
+    "ArtifactRecord",
+    "LocalPexStore",
+    "PexStore",
+    "file_sha256",
+    "open_store",
+]
+
+Kind = Literal["base", "model"]
+_KEY_CHARS = set("0123456789abcdef")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed so a 200 MB base does not sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _validate_key(key: str) -> str:
+    if len(key) != 32 or not set(key) <= _KEY_CHARS:
+        raise StoreError(f"artifact key {key!r} is not a 32-character hex content key")
+    return key
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One index entry: what an artifact is, where it came from and the bytes it must have."""
+
+    kind: Kind
+    name: str
+    version: str
+    key: str
+    sha256: str = ""
+    size: int = 0
+    base_key: str | None = None
+    git_commit: str | None = None
+    built_at: str = ""
+    build_seconds: float = 0.0
+    interpreter: str = ""
+    details: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind == "model":
+            validate_name(self.name)
+        validate_version(self.version, model=self.name)
+        _validate_key(self.key)
+        if self.base_key is not None:
+            _validate_key(self.base_key)
+
+    @property
+    def filename(self) -> str:
+        """Content-named file name. N.B. model pexes find their base by this name: never rename a base."""
+        if self.kind == "base":
+            return f"base-{self.key}.pex"
+        return f"{self.name}-{self.version}-{self.key}.pex"
+
+    @property
+    def label(self) -> str:
+        return "base" if self.kind == "base" else f"{self.name}@{self.version}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactRecord:
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def finished(self, path: Path, **changes: object) -> ArtifactRecord:
+        """This record with the size and sha256 of ``path`` and the build time filled in."""
+        built_at = datetime.now(UTC).isoformat(timespec="seconds")
+        return dataclasses.replace(
+            self, sha256=file_sha256(path), size=path.stat().st_size, built_at=built_at, **changes
+        )
+
+
+class PexStore(ABC):
+    """Artifacts by (kind, name, key), each with an index record; a fetched artifact is always verified."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, record: ArtifactRecord, path: Path) -> ArtifactRecord:
+        """Publish ``path`` as ``record`` atomically: readers see the whole artifact or none of it."""
+
+    @abstractmethod
+    def record(self, kind: Kind, name: str, key: str) -> ArtifactRecord | None:
+        """The index record of one artifact, or ``None`` when it was never published."""
+
+    @abstractmethod
+    def records(self) -> list[ArtifactRecord]:
+        """Every index record, in no particular order."""
+
+    @abstractmethod
+    def local_path(self, record: ArtifactRecord) -> Path:
+        """Where the artifact's bytes are, or will be once fetched, on this machine."""
+
+    @abstractmethod
+    def _download(self, record: ArtifactRecord, destination: Path) -> None:
+        """Copy the artifact's bytes to ``destination`` (a no-op when the store is local)."""
+
+    @abstractmethod
+    def delete(self, record: ArtifactRecord) -> None:
+        """Remove the record first, then the bytes, so a reader never finds a record without its file."""
+
+    @abstractmethod
+    def lock(self, name: str) -> FileLock:
+        """An inter-process lock for building ``name`` once even when two processes try at the same time."""
+
+    def exists(self, kind: Kind, name: str, key: str) -> bool:
+        return self.record(kind, name, key) is not None
+
+    def find(self, kind: Kind, name: str, version: str | None = None) -> list[ArtifactRecord]:
+        """Records of one base or model (optionally one version), newest build first."""
+        found = [r for r in self.records() if r.kind == kind and r.name == name]
+        if version is not None:
+            found = [r for r in found if r.version == version]
+        return sorted(found, key=lambda r: r.built_at, reverse=True)
+
+    def verify(self, record: ArtifactRecord, path: Path | None = None) -> Path:
+        """Check size and sha256 against the index; raise `IntegrityError` naming the artifact otherwise."""
+        path = path or self.local_path(record)
+        if not path.is_file():
+            raise IntegrityError(
+                f"{record.label} (key {record.key}) is in the index of {self.url} but its file {path} is "
+                f"missing: rebuild it with `modelpex build {record.label} --force`"
+            )
+        size = path.stat().st_size
+        actual = file_sha256(path) if size == record.size else None
+        if actual != record.sha256:
+            found = f"{size} bytes" if actual is None else f"sha256 {actual}"
+            raise IntegrityError(
+                f"refusing to run {record.label}: {path} has {found} but the index recorded {record.size} "
+                f"bytes with sha256 {record.sha256}; it was truncated or tampered with. Rebuild it with "
+                f"`modelpex build {record.label} --force`"
+            )
+        return path
+
+    def fetch(self, record: ArtifactRecord) -> Path:
+        """The artifact on local disk, verified; nothing unverified is ever returned."""
+        path = self.local_path(record)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._download(record, path)
+        return self.verify(record, path)
+
+
+class LocalPexStore(PexStore):
+    """A directory: ``bases/``, ``models/<name>/``, ``index/<name>/<key>.json``, ``locks/``, ``work/``.
+
+    N.B. Files are moved into place with `os.replace` from ``work/`` on the same file system, and the index
+    record is written last: a crash leaves at worst an unindexed file, which `modelpex gc` removes.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.url = self.root.as_uri()
+
+    def _artifact_path(self, record: ArtifactRecord) -> Path:
+        folder = self.root / "bases" if record.kind == "base" else self.root / "models" / record.name
+        return folder / record.filename
+
+    def _index_path(self, kind: Kind, name: str, key: str) -> Path:
+        return self.root / "index" / ("base" if kind == "base" else validate_name(name)) / f"{_validate_key(key)}.json"
+
+    def work_dir(self) -> Path:
+        """A fresh directory on the store's file system for building into, removed by the caller."""
+        (self.root / "work").mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="build-", dir=self.root / "work"))
+
+    def put(self, record: ArtifactRecord, path: Path) -> ArtifactRecord:
+        existing = self.record(record.kind, record.name, record.key)
+        if existing is not None:
+            return existing  # N.B. A concurrent builder published this key first; never overwrite an artifact.
+        destination = self._artifact_path(record)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if file_sha256(path) != record.sha256:
+            raise IntegrityError(f"{record.label}: {path} changed between its build and its publication")
+        staged = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+        if Path(path).resolve().is_relative_to(self.root / "work"):
+            os.replace(path, staged)
+        else:
+            shutil.copyfile(path, staged)
+        os.chmod(staged, 0o555)
+        os.replace(staged, destination)
+        _atomic_write(self._index_path(record.kind, record.name, record.key), record.to_json())
+        return record
+
+    def record(self, kind: Kind, name: str, key: str) -> ArtifactRecord | None:
+        try:
+            return ArtifactRecord.from_json(self._index_path(kind, name, key).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def records(self) -> list[ArtifactRecord]:
+        index = self.root / "index"
+        return [ArtifactRecord.from_json(p.read_text(encoding="utf-8")) for p in sorted(index.glob("*/*.json"))]
+
+    def local_path(self, record: ArtifactRecord) -> Path:
+        return self._artifact_path(record)
+
+    def _download(self, record: ArtifactRecord, destination: Path) -> None:
+        return None  # N.B. The bytes are already here; `verify` reports them missing.
+
+    def delete(self, record: ArtifactRecord) -> None:
+        self._index_path(record.kind, record.name, record.key).unlink(missing_ok=True)
+        self._artifact_path(record).unlink(missing_ok=True)
+
+    def unindexed_files(self) -> list[Path]:
+        """Artifact files no record points at: leftovers of a crash between move and index write."""
+        indexed = {self._artifact_path(r) for r in self.records()}
+        files = [*self.root.glob("bases/*.pex"), *self.root.glob("models/*/*.pex")]
+        return sorted(p for p in files if p not in indexed)
+
+    def lock(self, name: str) -> FileLock:
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / "locks" / f"{name}.lock")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+_BACKENDS: dict[str, Callable[[str], PexStore]] = {
+    "file": lambda url: LocalPexStore(Path(urlparse(url).path)),
+}
+
+
+def open_store(url: str | os.PathLike[str]) -> PexStore:
+    """A store from a URL (``file:///abs/dir``) or a plain path; unknown schemes say what exists."""
+    text = os.fspath(url)
+    scheme = urlparse(text).scheme
+    if scheme in ("", "file") and not text.startswith("file:"):
+        return LocalPexStore(Path(text))
+    backend = _BACKENDS.get(scheme)
+    if backend is None:
+        raise StoreError(
+            f"no artifact store backend for {text!r}: supported URL schemes are "
+            f"{', '.join(sorted(_BACKENDS))}:// (or a plain directory path)"
+        )
+    return backend(text)
+
+
+def referenced(records: Iterable[ArtifactRecord], keep: Callable[[ArtifactRecord], bool]) -> set[str]:
+    """Keys of the records ``keep`` selects plus the bases those models run on."""
+    records = list(records)
+    kept = {r.key for r in records if keep(r)}
+    kept |= {r.base_key for r in records if r.key in kept and r.base_key}
+    return kept

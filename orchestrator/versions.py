@@ -1,0 +1,115 @@
+"""Versions: where a model version's source comes from, the working tree or its per-model git tag.
+
+Releases are tags named ``<model>/v<version>`` whose tree holds ``model_packages/<model>``; the working tree is
+the development head. A tag is immutable, so ``<model>@<version>`` builds from the tag when one exists, and
+from the working tree only when the working tree declares that version and no tag does.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import Version
+
+from orchestrator.errors import SpecError
+from orchestrator.specs import ModelRef, ModelSpec, load_model_spec, validate_name, validate_version
+
+__all__ = ["ModelSource", "git_commit", "resolve_source", "tag_name", "tagged_versions"]
+
+
+def tag_name(model: str, version: str) -> str:
+    return f"{model}/v{version}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model version's folder on disk, and the commit it came from (``None`` outside git)."""
+
+    spec: ModelSpec
+    commit: str | None
+
+
+def _git(repo: Path, *args: str, binary: bool = False) -> str | bytes | None:
+    """Run git in ``repo``; ``None`` when ``repo`` is not a git work tree or the command fails."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, check=False, text=not binary, timeout=60
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def tagged_versions(repo: Path, model: str) -> list[str]:
+    """Versions of ``model`` released as git tags, oldest first; tags that are not valid versions are skipped."""
+    out = _git(repo, "tag", "--list", f"{validate_name(model)}/v*")
+    versions = []
+    for line in str(out or "").splitlines():
+        version = line.strip().removeprefix(f"{model}/v")
+        try:
+            versions.append(validate_version(version, model=model))
+        except SpecError:
+            continue
+    return sorted(versions, key=Version)
+
+
+def git_commit(folder: Path) -> str | None:
+    """HEAD's commit, suffixed ``+dirty`` when ``folder`` has uncommitted changes; ``None`` outside git."""
+    head = _git(folder, "rev-parse", "HEAD")
+    if head is None:
+        return None
+    dirty = _git(folder, "status", "--porcelain", "--", ".")
+    return str(head).strip() + ("+dirty" if dirty else "")
+
+
+def resolve_source(repo: Path, models_dir: Path, ref: ModelRef, export_root: Path) -> ModelSource:
+    """Find the folder that holds ``ref``: its git tag exported under ``export_root``, or the working tree.
+
+    N.B. The tag wins over the working tree for the same version: a released version's content never changes,
+    while the working tree may carry unreleased edits under the old version number.
+    """
+    folder = models_dir / ref.name
+    if ref.version is None:
+        if not folder.is_dir():
+            raise SpecError(_unknown_model(ref.name, models_dir))
+        return ModelSource(load_model_spec(folder), git_commit(folder))
+    tag = tag_name(ref.name, ref.version)
+    commit = _git(repo, "rev-list", "-n", "1", f"refs/tags/{tag}")
+    if commit:
+        return ModelSource(_export_tag(repo, models_dir, ref, export_root), str(commit).strip())
+    if folder.is_dir():
+        spec = load_model_spec(folder)
+        if spec.version == ref.version:
+            return ModelSource(spec, git_commit(folder))
+        known = sorted({*tagged_versions(repo, ref.name), spec.version}, key=Version)
+        raise SpecError(
+            f"model {ref.name!r} has no version {ref.version}: known versions are {', '.join(known)} "
+            f"(release one with `git tag {tag}`)"
+        )
+    raise SpecError(_unknown_model(ref.name, models_dir))
+
+
+def _unknown_model(name: str, models_dir: Path) -> str:
+    known = sorted(p.name for p in models_dir.iterdir() if (p / "pyproject.toml").is_file()) if models_dir.is_dir() else []
+    return f"unknown model {name!r}: no folder {models_dir / name} (known models: {', '.join(known) or 'none'})"
+
+
+def _export_tag(repo: Path, models_dir: Path, ref: ModelRef, export_root: Path) -> ModelSpec:
+    tag = tag_name(ref.name, ref.version or "")
+    top = _git(repo, "rev-parse", "--show-toplevel")
+    relative = (models_dir / ref.name).resolve().relative_to(Path(str(top).strip()).resolve())
+    archive = _git(repo, "archive", "--format=tar", f"refs/tags/{tag}:{relative.as_posix()}", binary=True)
+    if not archive:
+        raise SpecError(f"git tag {tag} has no folder {relative}: tag a commit that contains the model")
+    destination = export_root / f"{ref.name}-v{ref.version}" / ref.name
+    destination.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:  # type: ignore[arg-type]
+        tar.extractall(destination, filter="data")
+    spec = load_model_spec(destination)
+    if spec.version != ref.version:
+        raise SpecError(f"git tag {tag} holds {ref.name} version {spec.version}, not {ref.version}: fix the tag")
+    return spec
