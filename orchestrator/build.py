@@ -24,7 +24,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from orchestrator.errors import BuildError, DependencyConflictError, SpecError
-from orchestrator.specs import BASE_DISTRIBUTION, BaseEnv, ModelSpec, locked_versions, read_lock, tree_digest
+from orchestrator.specs import (
+    BASE_DISTRIBUTION,
+    BaseEnv,
+    ModelSpec,
+    check_sources,
+    locked_versions,
+    read_lock,
+    tree_digest,
+)
 from orchestrator.store import ArtifactRecord, PexStore
 from orchestrator.versions import ModelSource
 
@@ -194,6 +202,7 @@ class Builder:
     def model(self, source: ModelSource, *, force: bool = False) -> BuildResult:
         """The pex of one model version against the current base (built first if needed)."""
         spec = source.spec
+        check_sources(spec)
         base = self.base().record
         pins = self.base_env.pins()
         extra = model_requirements(spec, pins)

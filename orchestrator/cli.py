@@ -7,11 +7,14 @@ traceback would only hide that line.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -134,10 +137,73 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
 
 
-def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
-    from orchestrator.run import run_from_cli  # N.B. Imports pyarrow and Dagster Pipes: only when running.
+def _read_table(spec: str) -> tuple[str, Any]:
+    import pyarrow.csv
+    import pyarrow.parquet
 
-    run_from_cli(args, settings, out, err)
+    name, sep, path = spec.partition("=")
+    if not sep or not name.isidentifier():
+        raise ModelpexError(f"--input {spec!r} must look like NAME=PATH, e.g. --input customers=data.parquet")
+    try:
+        if path.endswith(".csv"):
+            return name, pyarrow.csv.read_csv(path)
+        return name, pyarrow.parquet.read_table(path)
+    except (OSError, pyarrow.ArrowInvalid) as exc:
+        raise ModelpexError(f"--input {name}: cannot read {path} as {'CSV' if path.endswith('.csv') else 'Parquet'} ({exc})") from None
+
+
+def _params(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelpexError(f"--params {text!r} is not a JSON object or @file ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelpexError(f"--params must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _stored_state(path: str, label: str) -> Any:
+    """The `StateRef` kept beside a state saved by ``--save-state``, pointed at where the file is now."""
+    sidecar = Path(f"{path}.json")
+    try:
+        kept = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ModelpexError(f"--state {path}: no readable {sidecar}; save states with `--save-state`") from None
+    if kept.get("model") != label:
+        raise ModelpexError(f"--state {path} was trained by {kept.get('model')}, not {label}: train {label} first")
+    return {**kept["state"], "path": str(Path(path).resolve())}
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
+    """Build or find the model version, then train and predict (or predict from a stored state) on files."""
+    import pyarrow.parquet
+    from dagster import build_op_context
+
+    from orchestrator.run import run_model  # N.B. Imports Dagster: only when running.
+
+    inputs = dict(_read_table(spec) for spec in args.input)
+    params = _params(args.params)
+    with _builder(settings) as builder:
+        record = build_refs(builder, settings, [ModelRef.parse(args.model)], force=False)[0].record
+    state_in = _stored_state(args.state, record.label) if args.state else None
+    output = Path(args.output)
+    with tempfile.TemporaryDirectory(prefix="modelpex-cli-") as tmp, err.status(f"running {record.label}"):
+        outcome = run_model(
+            build_op_context(), settings.store(), record,
+            action="predict" if state_in else "train_predict", inputs=inputs, params=params, state_in=state_in,
+            state_out=None if state_in else Path(tmp) / "state", python=builder.interpreter.path,
+            pex_root=settings.pex_root, timeout=args.timeout or settings.timeout,
+        )
+        staged = output.with_name(f".{output.name}.tmp")
+        pyarrow.parquet.write_table(outcome.outputs["predictions"], staged)
+        staged.replace(output)
+        if args.save_state and outcome.state:
+            shutil.copyfile(outcome.state["path"], args.save_state)
+            Path(f"{args.save_state}.json").write_text(json.dumps({"model": record.label, "state": outcome.state}))
+    out.print(
+        f"{record.label}: {sum(outcome.rows_in.values())} rows in, {outcome.rows_out['predictions']} rows out "
+        f"-> {output} ({outcome.wall_seconds:.2f} s, transport {outcome.transport_seconds * 1000:.1f} ms)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ __all__ = [
     "BaseEnv",
     "ModelRef",
     "ModelSpec",
+    "check_sources",
     "discover_models",
     "load_base_env",
     "load_model_spec",
@@ -191,6 +192,18 @@ def load_model_spec(folder: Path) -> ModelSpec:
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")
     return spec
+
+
+def check_sources(spec: ModelSpec) -> None:
+    """Compile every module of the model, so a syntax error fails the build rather than a production run."""
+    for path in sorted(spec.source_dir.rglob("*.py")):
+        try:
+            compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            raise SpecError(
+                f"model {spec.name!r} {spec.version}: syntax error in {path} line {exc.lineno}: {exc.msg}; "
+                "fix the code and build again"
+            ) from None
 
 
 def _callable(table: Mapping[str, object], key: str, path: Path) -> str:

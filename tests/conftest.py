@@ -1,0 +1,166 @@
+"""Shared fixtures: one real base pex per test session, and throwaway projects and stores built around it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from orchestrator.build import Builder, BuildResult
+from orchestrator.specs import load_base_env
+from orchestrator.store import LocalPexStore
+
+REPO = Path(__file__).resolve().parents[1]
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis")
+
+
+@dataclass(frozen=True)
+class SessionBase:
+    store_root: Path
+    build: BuildResult
+
+
+@pytest.fixture(scope="session")
+def session_base(tmp_path_factory: pytest.TempPathFactory) -> SessionBase:
+    """The repository's base_env built for real, once per session (about 20 s with pex's wheel cache warm)."""
+    root = tmp_path_factory.mktemp("session-store")
+    builder = Builder(LocalPexStore(root), load_base_env(REPO / "base_env"))
+    return SessionBase(root, builder.base())
+
+
+def clone_store(session: SessionBase, root: Path) -> LocalPexStore:
+    """A fresh store already holding the session's base (hard-linked: tests must never modify it)."""
+    record = session.build.record
+    for relative in (f"bases/{record.filename}", f"index/base/{record.key}.json"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.link(session.store_root / relative, root / relative)
+    return LocalPexStore(root)
+
+
+@pytest.fixture
+def store(session_base: SessionBase, tmp_path: Path) -> LocalPexStore:
+    return clone_store(session_base, tmp_path / "store")
+
+
+def write_model(
+    models_dir: Path,
+    name: str,
+    *,
+    version: str = "1.0.0",
+    code: str | None = None,
+    dependencies: tuple[str, ...] = ("modelpex-base",),
+    frames: str = "pyarrow",
+    tool: str | None = None,
+) -> Path:
+    """A small model folder; by default it trains a mean and predicts ``x`` plus that mean."""
+    folder = models_dir / name
+    (folder / "src" / name).mkdir(parents=True, exist_ok=True)
+    deps = ", ".join(f'"{d}"' for d in dependencies)
+    table = tool if tool is not None else (
+        f'[tool.modelpex]\ntrain = "{name}.model:train"\npredict = "{name}.model:predict"\nframes = "{frames}"\n'
+    )
+    (folder / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "{version}"\ndependencies = [{deps}]\n\n{table}'
+    )
+    (folder / "src" / name / "__init__.py").write_text("")
+    (folder / "src" / name / "model.py").write_text(textwrap.dedent(code or DEFAULT_MODEL_CODE))
+    return folder
+
+
+DEFAULT_MODEL_CODE = """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+
+    def train(inputs, params):
+        return {"mean": pc.mean(inputs["data"]["x"]).as_py()}
+
+
+    def predict(inputs, state, params):
+        x = inputs["data"]["x"]
+        return pa.table({"x": x, "y": pc.add(x, state["mean"] + params.get("offset", 0))})
+"""
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+
+    @property
+    def models(self) -> Path:
+        return self.root / "model_packages"
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(self.root), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    def commit_and_tag(self, message: str, *tags: str) -> str:
+        self.git("add", "-A")
+        self.git("commit", "-qm", message)
+        for tag in tags:
+            self.git("tag", tag)
+        return self.git("rev-parse", "HEAD")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """A throwaway modelpex repository (a git work tree) with the real base_env and no models yet."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "base_env", root / "base_env", ignore=_IGNORE)
+    (root / "model_packages").mkdir()
+    project = Project(root)
+    project.git("init", "-q", "-b", "main")
+    project.git("config", "user.email", "tests@modelpex.invalid")
+    project.git("config", "user.name", "modelpex tests")
+    return project
+
+
+def copy_example(project: Project, name: str) -> Path:
+    return Path(shutil.copytree(REPO / "model_packages" / name, project.models / name, ignore=_IGNORE))
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(project: Project, store: LocalPexStore) -> Callable[..., CliResult]:
+    """Run the real ``modelpex`` command in a subprocess against the test project and store."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+        full_env = {**os.environ, "MODELPEX_PROJECT": str(project.root), "MODELPEX_STORE": str(store.root), **(env or {})}
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            capture_output=True, text=True, env=full_env, cwd=project.root, timeout=timeout,
+        )
+        return CliResult(done.returncode, done.stdout, done.stderr)
+
+    return run
+
+
+def store_snapshot(store: LocalPexStore) -> dict[str, int]:
+    """Every file under the store's bases/, models/ and index/ with its size: 'the store is unchanged'."""
+    return {
+        str(p.relative_to(store.root)): p.stat().st_size
+        for folder in ("bases", "models", "index")
+        for p in sorted((store.root / folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def sample_table() -> Iterator[object]:
+    import pyarrow as pa
+
+    yield pa.table({"x": pa.array([1.0, 2.0, 3.0, 6.0])})

@@ -1,0 +1,106 @@
+"""Model folders, names and versions: every bad input is a `SpecError` that names the file and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import SpecError
+from orchestrator.specs import ModelRef, check_sources, discover_models, load_model_spec, tree_digest
+from orchestrator.versions import resolve_source
+
+from .conftest import REPO, Project, write_model
+
+
+def test_examples_load() -> None:
+    specs = {s.name: s for s in discover_models(REPO / "model_packages")}
+    assert {"churn", "demand", "credit_risk"} <= set(specs)
+    assert specs["demand"].frames == "polars"
+    assert "pydantic>=2" in specs["credit_risk"].requirements
+
+
+def test_folder_without_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "churn").mkdir()
+    with pytest.raises(SpecError, match=r"no pyproject.toml at .*churn/pyproject.toml: add one"):
+        load_model_spec(tmp_path / "churn")
+
+
+def test_pyproject_without_modelpex_table(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "churn", tool="")
+    with pytest.raises(SpecError, match=r"has no \[tool.modelpex\] table: add one with train ="):
+        load_model_spec(folder)
+
+
+@pytest.mark.parametrize(
+    ("tool", "message"),
+    [
+        ('[tool.modelpex]\ntrain = "m.model:train"\npredict = "os.system(1)"\n', "predict = 'os.system\\(1\\)'"),
+        ('[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "spark"\n', "spark"),
+    ],
+)
+def test_bad_tool_table(tmp_path: Path, tool: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_model_spec(write_model(tmp_path, "m", tool=tool))
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m")
+    (folder / "pyproject.toml").write_text("[project\nname=")
+    with pytest.raises(SpecError, match=r"pyproject.toml is not valid TOML"):
+        load_model_spec(folder)
+
+
+@pytest.mark.parametrize("text", ["../x", "x/../../etc", "churn@../../1", "churn@1.0/../x", "Churn", "", "churn@", "a b"])
+def test_path_tricks_are_refused(text: str) -> None:
+    with pytest.raises(SpecError, match="not valid|not a normalised"):
+        ModelRef.parse(text)
+
+
+def test_version_must_be_normalised() -> None:
+    with pytest.raises(SpecError, match="did you mean '1.2'"):
+        ModelRef.parse("churn@1.02")
+    assert ModelRef.parse("churn@1.2.0") == ModelRef("churn", "1.2.0")
+
+
+def test_folder_name_must_match_project_name(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m")
+    (folder / "pyproject.toml").write_text((folder / "pyproject.toml").read_text().replace('name = "m"', 'name = "x"'))
+    with pytest.raises(SpecError, match="name is 'x' but the folder is 'm'"):
+        load_model_spec(folder)
+
+
+def test_syntax_error_is_found_before_the_build(tmp_path: Path) -> None:
+    spec = load_model_spec(write_model(tmp_path, "m", code="def train(:\n    pass\n"))
+    with pytest.raises(SpecError, match=r"syntax error in .*model.py line 1"):
+        check_sources(spec)
+
+
+def test_key_ignores_caches_but_not_code(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m")
+    before = tree_digest(folder)
+    (folder / "src" / "m" / "__pycache__").mkdir()
+    (folder / "src" / "m" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"junk")
+    assert tree_digest(folder) == before
+    (folder / "src" / "m" / "model.py").write_text("# changed\n")
+    assert tree_digest(folder) != before
+
+
+def test_unknown_model_and_version(project: Project, tmp_path: Path) -> None:
+    write_model(project.models, "m", version="1.1.0")
+    project.commit_and_tag("m 1.1.0")
+    with pytest.raises(SpecError, match="unknown model 'nope'.*known models: m"):
+        resolve_source(project.root, project.models, ModelRef.parse("nope"), tmp_path)
+    with pytest.raises(SpecError, match="has no version 9.9.9: known versions are 1.1.0"):
+        resolve_source(project.root, project.models, ModelRef.parse("m@9.9.9"), tmp_path)
+
+
+def test_tag_wins_over_working_tree(project: Project, tmp_path: Path) -> None:
+    folder = write_model(project.models, "m", version="1.0.0")
+    commit = project.commit_and_tag("m 1.0.0", "m/v1.0.0")
+    (folder / "src" / "m" / "model.py").write_text("# unreleased edit\n")
+    source = resolve_source(project.root, project.models, ModelRef.parse("m@1.0.0"), tmp_path / "exports")
+    assert source.commit == commit
+    assert "unreleased" not in (source.spec.source_dir / "m" / "model.py").read_text()
+    working = resolve_source(project.root, project.models, ModelRef.parse("m"), tmp_path)
+    assert working.commit == f"{commit}+dirty"
