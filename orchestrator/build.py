@@ -191,8 +191,9 @@ class Builder:
         """Content key of the base: its lock and runtime sources, the interpreter and platform, the recipe."""
         return _key(RECIPE, _pex_version(), tree_digest(self.base_env.folder), self.interpreter.identity)
 
-    def model_key(self, spec: ModelSpec) -> str:
-        return _key(RECIPE, _pex_version(), tree_digest(spec.folder), self.base_key)
+    def model_key(self, digest: str) -> str:
+        """Content key of a model pex: the digest of its folder (`tree_digest`) and the base key."""
+        return _key(RECIPE, _pex_version(), digest, self.base_key)
 
     def base(self, *, force: bool = False) -> BuildResult:
         """The base pex for the current base_env, built only when its key is not in the store."""
@@ -211,7 +212,7 @@ class Builder:
             "model",
             spec.name,
             spec.version,
-            self.model_key(spec),
+            self.model_key(tree_digest(spec.folder)),
             base_key=base.key,
             git_commit=source.commit,
             interpreter=self.interpreter.identity,

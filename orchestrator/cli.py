@@ -25,7 +25,7 @@ from orchestrator.errors import ModelpexError
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, discover_models, load_model_spec
 from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
-from orchestrator.versions import resolve_source, tagged_versions
+from orchestrator.versions import resolve_source
 
 __all__ = ["main"]
 
@@ -59,11 +59,7 @@ def _report(result: BuildResult) -> None:
 
 def all_refs(settings: Settings) -> list[ModelRef]:
     """Every model version that exists: each working tree's version and every released tag."""
-    refs = []
-    for spec in discover_models(settings.models_dir):
-        versions = {spec.version, *tagged_versions(settings.project, spec.name)}
-        refs += [ModelRef(spec.name, v) for v in sorted(versions)]
-    return refs
+    return [version.ref for version in settings.catalog().all()]
 
 
 def build_refs(builder: Builder, settings: Settings, refs: Sequence[ModelRef], *, force: bool) -> list[BuildResult]:
@@ -119,10 +115,9 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     """Remove what nothing references: artifacts of old bases or of superseded content of a version."""
     store = settings.store()
     builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
+    catalog = settings.catalog()
     live = {builder.base_key}
-    with tempfile.TemporaryDirectory(prefix="modelpex-tags-") as exports:
-        for ref in all_refs(settings):
-            live.add(builder.model_key(resolve_source(settings.project, settings.models_dir, ref, Path(exports)).spec))
+    live |= {builder.model_key(v.digest) for v in catalog.all()}
     keep = referenced(store.records(), lambda r: r.key in live)
     garbage: list[ArtifactRecord] = [r for r in store.records() if r.key not in keep]
     for record in garbage:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.catalog import Catalog
 from orchestrator.errors import SpecError
 from orchestrator.specs import BaseEnv, load_base_env
 from orchestrator.store import PexStore, open_store
@@ -70,3 +71,7 @@ class Settings:
 
     def store(self) -> PexStore:
         return open_store(self.store_url)
+
+    def catalog(self) -> Catalog:
+        """Every model version; tag digests are cached beside the store (tags never change)."""
+        return Catalog(self.project, self.models_dir, self.project / ".cache" / "tag-digests.json")

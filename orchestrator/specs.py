@@ -105,6 +105,7 @@ class ModelSpec:
     predict: str
     frames: str
     requirements: tuple[str, ...]
+    inputs: tuple[str, ...] = ()  # the input frames the model reads; empty means "not declared"
 
     @property
     def source_dir(self) -> Path:
@@ -188,7 +189,10 @@ def load_model_spec(folder: Path) -> ModelSpec:
     if frames not in FRAME_LIBRARIES:
         raise SpecError(f"{path}: [tool.modelpex] frames = {frames!r} is not one of {', '.join(FRAME_LIBRARIES)}")
     requirements = tuple(_requirements(project.get("dependencies", []), path))
-    spec = ModelSpec(name, version, folder, train, predict, frames, requirements)
+    inputs = table.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(i, str) and i.isidentifier() for i in inputs):
+        raise SpecError(f"{path}: [tool.modelpex] inputs = {inputs!r} must be a list of names such as [\"customers\"]")
+    spec = ModelSpec(name, version, folder, train, predict, frames, requirements, tuple(inputs))
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")
     return spec

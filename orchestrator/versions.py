@@ -1,8 +1,8 @@
 """Versions: where a model version's source comes from, the working tree or its per-model git tag.
 
 Releases are tags named ``<model>/v<version>`` whose tree holds ``model_packages/<model>``; the working tree is
-the development head. A tag is immutable, so ``<model>@<version>`` builds from the tag when one exists, and
-from the working tree only when the working tree declares that version and no tag does.
+the development head. ``<model>@<version>`` builds from the working tree when it declares that version (so an
+edit there is what gets built and redeployed), otherwise from the version's tag.
 """
 
 from __future__ import annotations
@@ -67,30 +67,22 @@ def git_commit(folder: Path) -> str | None:
 
 
 def resolve_source(repo: Path, models_dir: Path, ref: ModelRef, export_root: Path) -> ModelSource:
-    """Find the folder that holds ``ref``: its git tag exported under ``export_root``, or the working tree.
-
-    N.B. The tag wins over the working tree for the same version: a released version's content never changes,
-    while the working tree may carry unreleased edits under the old version number.
-    """
+    """Find the folder that holds ``ref``: the working tree when it is that version, else its exported git tag."""
     folder = models_dir / ref.name
-    if ref.version is None:
-        if not folder.is_dir():
-            raise SpecError(_unknown_model(ref.name, models_dir))
-        return ModelSource(load_model_spec(folder), git_commit(folder))
+    if not folder.is_dir():
+        raise SpecError(_unknown_model(ref.name, models_dir))
+    spec = load_model_spec(folder)
+    if ref.version is None or spec.version == ref.version:
+        return ModelSource(spec, git_commit(folder))
     tag = tag_name(ref.name, ref.version)
     commit = _git(repo, "rev-list", "-n", "1", f"refs/tags/{tag}")
     if commit:
         return ModelSource(_export_tag(repo, models_dir, ref, export_root), str(commit).strip())
-    if folder.is_dir():
-        spec = load_model_spec(folder)
-        if spec.version == ref.version:
-            return ModelSource(spec, git_commit(folder))
-        known = sorted({*tagged_versions(repo, ref.name), spec.version}, key=Version)
-        raise SpecError(
-            f"model {ref.name!r} has no version {ref.version}: known versions are {', '.join(known)} "
-            f"(release one with `git tag {tag}`)"
-        )
-    raise SpecError(_unknown_model(ref.name, models_dir))
+    known = sorted({*tagged_versions(repo, ref.name), spec.version}, key=Version)
+    raise SpecError(
+        f"model {ref.name!r} has no version {ref.version}: known versions are {', '.join(known)} "
+        f"(release one with `git tag {tag}`)"
+    )
 
 
 def _unknown_model(name: str, models_dir: Path) -> str:

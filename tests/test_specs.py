@@ -95,12 +95,15 @@ def test_unknown_model_and_version(project: Project, tmp_path: Path) -> None:
         resolve_source(project.root, project.models, ModelRef.parse("m@9.9.9"), tmp_path)
 
 
-def test_tag_wins_over_working_tree(project: Project, tmp_path: Path) -> None:
+def test_working_tree_describes_its_own_version_and_tags_the_others(project: Project, tmp_path: Path) -> None:
     folder = write_model(project.models, "m", version="1.0.0")
-    commit = project.commit_and_tag("m 1.0.0", "m/v1.0.0")
-    (folder / "src" / "m" / "model.py").write_text("# unreleased edit\n")
+    released = project.commit_and_tag("m 1.0.0", "m/v1.0.0")
+    (folder / "src" / "m" / "model.py").write_text("# edited under the released number\n")
     source = resolve_source(project.root, project.models, ModelRef.parse("m@1.0.0"), tmp_path / "exports")
-    assert source.commit == commit
-    assert "unreleased" not in (source.spec.source_dir / "m" / "model.py").read_text()
-    working = resolve_source(project.root, project.models, ModelRef.parse("m"), tmp_path)
-    assert working.commit == f"{commit}+dirty"
+    assert source.commit == f"{released}+dirty"
+    assert "edited" in (source.spec.source_dir / "m" / "model.py").read_text()
+    pyproject = folder / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('version = "1.0.0"', 'version = "2.0.0"'))
+    old = resolve_source(project.root, project.models, ModelRef.parse("m@1.0.0"), tmp_path / "exports")
+    assert old.commit == released and old.spec.version == "1.0.0"
+    assert "edited" not in (old.spec.source_dir / "m" / "model.py").read_text()

@@ -1,0 +1,146 @@
+"""Catalog: every model version that exists, from the working tree and the per-model git tags, with its digest.
+
+Definitions, the redeploy sensor and ``modelpex build --all`` all need "which versions exist and what is their
+content". Released tags are immutable, so a tag's digest is cached by its git tree id: loading the catalog of a
+hundred models costs a couple of git calls and the hashing of the working trees, not an export of every tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from packaging.version import Version
+
+from orchestrator.errors import SpecError
+from orchestrator.specs import ModelRef, ModelSpec, discover_models, tree_digest, validate_version
+from orchestrator.versions import ModelSource, resolve_source
+
+__all__ = ["LATEST", "Catalog", "ModelVersion"]
+
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of one model and the digest of its folder's content."""
+
+    name: str
+    version: str
+    digest: str
+    origin: Literal["tag", "working tree"]
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.version)
+
+    @property
+    def slug(self) -> str:
+        """The version as a Dagster asset key part: ``1.2.0`` -> ``v1_2_0``."""
+        return "v" + "".join(c if c.isalnum() else "_" for c in self.version)
+
+
+def _tag_trees(project: Path, models_dir: Path) -> dict[tuple[str, str], str]:
+    """(model, version) -> git tree id of ``model_packages/<model>`` at tag ``<model>/v<version>``."""
+    try:
+        relative = models_dir.resolve().relative_to(project.resolve()).as_posix()
+        out = subprocess.run(
+            ["git", "-C", str(project), "for-each-ref", "refs/tags", "--format=%(refname:strip=2)"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout.split()
+    except (ValueError, OSError, subprocess.SubprocessError):
+        return {}
+    tags = []
+    for tag in out:
+        name, sep, version = tag.partition("/v")
+        if sep and (models_dir / name).is_dir():
+            try:
+                tags.append((name, validate_version(version, model=name)))
+            except SpecError:
+                continue
+    if not tags:
+        return {}
+    paths = [f"refs/tags/{name}/v{version}^{{commit}}:{relative}/{name}" for name, version in tags]
+    done = subprocess.run(["git", "-C", str(project), "rev-parse", *paths], capture_output=True, text=True, timeout=60)
+    trees = done.stdout.split()
+    if done.returncode != 0 or len(trees) != len(tags):  # N.B. A tag without the folder: resolve one by one.
+        return {t: tree for t, p in zip(tags, paths) if (tree := _rev_parse(project, p))}
+    return dict(zip(tags, trees))
+
+
+def _rev_parse(project: Path, spec: str) -> str | None:
+    done = subprocess.run(["git", "-C", str(project), "rev-parse", spec], capture_output=True, text=True, timeout=60)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+class Catalog:
+    """Model name -> version -> `ModelVersion`; the working tree describes its own version, tags the others."""
+
+    def __init__(self, project: Path, models_dir: Path, cache_file: Path | None = None) -> None:
+        self.project, self.models_dir, self.cache_file = project, models_dir, cache_file
+        self.specs: dict[str, ModelSpec] = {spec.name: spec for spec in discover_models(models_dir)}
+        self.versions: dict[str, dict[str, ModelVersion]] = {name: {} for name in self.specs}
+        for (name, version), digest in self._tag_digests().items():
+            self.versions[name][version] = ModelVersion(name, version, digest, "tag")
+        for name, spec in self.specs.items():
+            self.versions[name][spec.version] = ModelVersion(name, spec.version, tree_digest(spec.folder), "working tree")
+
+    def _tag_digests(self) -> dict[tuple[str, str], str]:
+        trees = _tag_trees(self.project, self.models_dir)
+        cache = self._read_cache()
+        digests = {}
+        for (name, version), tree in trees.items():
+            if self.specs[name].version == version:
+                continue  # N.B. The working tree describes its own version.
+            if tree not in cache:
+                with tempfile.TemporaryDirectory(prefix="modelpex-catalog-") as tmp:
+                    source = resolve_source(self.project, self.models_dir, ModelRef(name, version), Path(tmp))
+                    cache[tree] = tree_digest(source.spec.folder)
+            digests[(name, version)] = cache[tree]
+        self._write_cache(cache)
+        return digests
+
+    def _read_cache(self) -> dict[str, str]:
+        try:
+            return json.loads(self.cache_file.read_text()) if self.cache_file else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _write_cache(self, cache: dict[str, str]) -> None:
+        if self.cache_file is None or cache == self._read_cache():
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}")
+        staged.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        staged.replace(self.cache_file)
+
+    def all(self) -> list[ModelVersion]:
+        """Every version of every model, by model name then version order."""
+        return [v for name in sorted(self.versions) for v in self.ordered(name)]
+
+    def ordered(self, model: str) -> list[ModelVersion]:
+        return sorted(self.versions.get(model, {}).values(), key=lambda v: Version(v.version))
+
+    def newest(self, model: str) -> ModelVersion:
+        versions = self.ordered(model)
+        if not versions:
+            raise SpecError(f"unknown model {model!r}: known models are {', '.join(sorted(self.versions)) or 'none'}")
+        return versions[-1]
+
+    def resolve(self, model: str, wanted: str) -> ModelVersion:
+        """An exact version, or the newest for ``latest``; unknown ones name what exists."""
+        if wanted == LATEST:
+            return self.newest(model)
+        found = self.versions.get(model, {}).get(wanted)
+        if found is None:
+            known = ", ".join(v.version for v in self.ordered(model)) or "none"
+            raise SpecError(f"model {model!r} has no version {wanted!r}: known versions are {known}")
+        return found
+
+    def source(self, version: ModelVersion, export_root: Path) -> ModelSource:
+        return resolve_source(self.project, self.models_dir, version.ref, export_root)

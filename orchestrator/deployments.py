@@ -1,0 +1,181 @@
+"""Deployments: which client runs which model version, with which parameters, data and schedules.
+
+One declarative file (``deployments.yaml``) is the source of truth the Dagster definitions are generated from.
+It is validated as a whole against the catalog of model versions before any definition exists, and every error
+names its place in the file (``clients.acme.models.churn.version``) and what would be valid there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dagster._utils.schedules import is_valid_cron_string
+
+from orchestrator.catalog import LATEST, Catalog, ModelVersion
+from orchestrator.errors import SpecError
+from orchestrator.specs import validate_name
+
+__all__ = ["ClientDeployment", "DatasetSource", "Deployments", "ModelDeployment", "load_deployments"]
+
+_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+GENERATORS = ("customers", "sales", "applicants")
+ACTIONS = ("train", "predict")
+
+
+class DeploymentError(SpecError):
+    """deployments.yaml says something that cannot be deployed."""
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A client's input dataset: generated (the examples) or read from a Parquet/CSV file."""
+
+    client: str
+    name: str
+    generate: str | None = None
+    path: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelDeployment:
+    """One model run for one client: the version it asks for, its parameters, inputs and schedules."""
+
+    client: str
+    model: str
+    version: str  # an exact version or ``latest``
+    params: Mapping[str, Any]
+    inputs: Mapping[str, str]  # model input name -> the client's dataset name
+    schedules: Mapping[str, str]  # ``train`` / ``predict`` -> cron
+
+    @property
+    def follows_latest(self) -> bool:
+        return self.version == LATEST
+
+
+@dataclass(frozen=True)
+class ClientDeployment:
+    name: str
+    datasets: Mapping[str, DatasetSource]
+    models: Mapping[str, ModelDeployment]
+
+
+@dataclass(frozen=True)
+class Deployments:
+    path: Path
+    clients: Mapping[str, ClientDeployment]
+
+    def all(self) -> list[ModelDeployment]:
+        return [d for client in self.clients.values() for d in client.models.values()]
+
+    def followers(self, catalog: Catalog, model: str, version: str) -> list[ModelDeployment]:
+        """The deployments that run ``model`` ``version`` now: pinned to it, or following ``latest`` to it."""
+        return [
+            d for d in self.all() if d.model == model and catalog.resolve(model, d.version).version == version
+        ]
+
+
+def _table(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DeploymentError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _cron(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not is_valid_cron_string(value):
+        raise DeploymentError(f"{where} = {value!r} is not a cron expression such as '0 2 * * *'")
+    return value
+
+
+def _dataset(client: str, name: str, raw: Any, root: Path, where: str) -> DatasetSource:
+    if not _DATASET_NAME.fullmatch(name):
+        raise DeploymentError(f"{where}: dataset name {name!r} must be lowercase letters, digits and underscores")
+    options = dict(_table(raw, where))
+    generate, path = options.pop("generate", None), options.pop("path", None)
+    if (generate is None) == (path is None):
+        raise DeploymentError(f"{where} needs exactly one of 'generate: <{'|'.join(GENERATORS)}>' or 'path: <file>'")
+    if generate is not None and generate not in GENERATORS:
+        raise DeploymentError(f"{where}.generate = {generate!r} is not one of {', '.join(GENERATORS)}")
+    resolved = None
+    if path is not None:
+        resolved = (root / str(path)).resolve()
+        if resolved.suffix not in (".parquet", ".csv"):
+            raise DeploymentError(f"{where}.path = {path!r} must be a .parquet or .csv file")
+    return DatasetSource(client, name, generate, resolved, options)
+
+
+def _model(
+    client: str, name: str, raw: Any, datasets: Mapping[str, DatasetSource], defaults: Mapping[str, str],
+    catalog: Catalog, where: str,
+) -> ModelDeployment:
+    table = _table(raw, where)
+    unknown = sorted(set(table) - {"version", "params", "inputs", "schedules"})
+    if unknown:
+        raise DeploymentError(f"{where}: unknown keys {unknown}; allowed are version, params, inputs, schedules")
+    if name not in catalog.specs:
+        raise DeploymentError(f"{where}: no model {name!r} in model_packages/ (known: {', '.join(sorted(catalog.specs))})")
+    version = str(table.get("version", LATEST))
+    try:
+        catalog.resolve(name, version)
+    except SpecError as exc:
+        raise DeploymentError(f"{where}.version: {exc}") from None
+    inputs = {str(k): str(v) for k, v in _table(table.get("inputs"), f"{where}.inputs").items()}
+    declared = catalog.specs[name].inputs
+    if declared and sorted(declared) != sorted(inputs):
+        raise DeploymentError(f"{where}.inputs maps {sorted(inputs)} but {name} reads {sorted(declared)}: map each of them")
+    for model_input, dataset in inputs.items():
+        if dataset not in datasets:
+            raise DeploymentError(
+                f"{where}.inputs.{model_input} = {dataset!r}: client {client!r} has no such dataset "
+                f"(it has {', '.join(sorted(datasets)) or 'none'})"
+            )
+    schedules = {**defaults, **_table(table.get("schedules"), f"{where}.schedules")}
+    return ModelDeployment(
+        client, name, version, dict(_table(table.get("params"), f"{where}.params")), inputs,
+        {a: _cron(schedules[a], f"{where}.schedules.{a}") for a in ACTIONS if a in schedules},
+    )
+
+
+def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployment:
+    where = f"clients.{name}"
+    try:
+        validate_name(name)
+    except SpecError:
+        raise DeploymentError(f"{where}: client name {name!r} must be lowercase letters, digits and underscores") from None
+    table = _table(raw, where)
+    datasets = {
+        str(d): _dataset(name, str(d), v, root, f"{where}.datasets.{d}")
+        for d, v in _table(table.get("datasets"), f"{where}.datasets").items()
+    }
+    defaults = dict(_table(table.get("schedules"), f"{where}.schedules"))
+    models = {
+        str(m): _model(name, str(m), v, datasets, defaults, catalog, f"{where}.models.{m}")
+        for m, v in _table(table.get("models"), f"{where}.models").items()
+    }
+    return ClientDeployment(name, datasets, models)
+
+
+def load_deployments(path: Path, catalog: Catalog) -> Deployments:
+    """Parse and validate ``path``; a `DeploymentError` names the file, the place in it and the fix."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DeploymentError(f"no deployments file at {path}: create one (see README, 'Deployments')") from None
+    except yaml.YAMLError as exc:
+        raise DeploymentError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        clients = {str(c): _client(str(c), v, Path(path).parent, catalog) for c, v in _table(raw, "top level").get("clients", {}).items()}
+    except DeploymentError as exc:
+        raise DeploymentError(f"{path}: {exc}") from None
+    return Deployments(Path(path), clients)
+
+
+def running_version(deployment: ModelDeployment, catalog: Catalog) -> ModelVersion:
+    return catalog.resolve(deployment.model, deployment.version)

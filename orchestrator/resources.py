@@ -1,0 +1,142 @@
+"""Resources: the Dagster side of modelpex, a runner that builds-or-fetches and runs model pexes, and frame storage.
+
+`ModelpexResource` is what assets and ops talk to: it resolves a deployment to a model version, builds or fetches
+that version's pex (the same call behind the model-version asset and the ``build_or_fetch_model`` op), and runs
+it through Dagster Pipes with an allow-listed environment. `ArrowParquetIOManager` stores frames between assets
+as Parquet (never pickle) and hands them back as Arrow tables, which the transport maps into shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from pydantic import Field, PrivateAttr
+
+from orchestrator.build import Builder, BuildResult, Interpreter
+from orchestrator.catalog import Catalog, ModelVersion
+from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome, run_model
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactRecord
+
+__all__ = ["ArrowParquetIOManager", "Ensured", "ModelpexResource"]
+
+
+@dataclass(frozen=True)
+class Ensured:
+    """A model version's verified pex, and whether this call built it or found (fetched) it."""
+
+    record: ArtifactRecord
+    built: bool
+    seconds: float
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "model": r.name, "version": r.version, "key": r.key, "sha256": r.sha256, "size_bytes": r.size,
+            "base_key": r.base_key or "", "git_commit": r.git_commit or "", "built_at": r.built_at,
+            "action": "built" if self.built else "fetched", "seconds": round(self.seconds, 3),
+        }
+
+
+class ModelpexResource(ConfigurableResource):
+    """Builds or fetches model pexes and runs them as subprocesses against their base pex through Dagster Pipes."""
+
+    project_dir: str = Field(default="", description="Repository with base_env/ and model_packages/; '' = MODELPEX_PROJECT or the cwd's.")
+    store_url: str = Field(default="", description="Artifact store URL or folder; '' = MODELPEX_STORE or <project>/pex_builds.")
+    python: str = Field(default="", description="Interpreter the pexes are built for and run with; '' = this Python.")
+    pex_root: str = Field(default="", description="PEX_ROOT for model processes (unpacked bases, model venvs); '' = pex's default.")
+    timeout_seconds: float = Field(default=3600.0, description="A model process running longer is killed and the step fails.")
+    env_allow: list[str] = Field(default=list(DEFAULT_ENV_ALLOW), description="Names copied from this process's environment into the model's.")
+    env: dict[str, str] = Field(default={}, description="Explicit variables given to every model process.")
+
+    _settings: Settings | None = PrivateAttr(default=None)
+    _builder: Builder | None = PrivateAttr(default=None)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env(
+                project=self.project_dir or None, store_url=self.store_url or None, python=self.python or None
+            )
+        return self._settings
+
+    @property
+    def builder(self) -> Builder:
+        if self._builder is None:
+            settings = self.settings
+            self._builder = Builder(
+                settings.store(), settings.base_env(), Interpreter.detect(settings.python), step=lambda m: None
+            )
+        return self._builder
+
+    def catalog(self) -> Catalog:
+        """The model versions as they are now (run time), not as they were when the definitions loaded."""
+        return self.settings.catalog()
+
+    def ensure_base(self) -> BuildResult:
+        return self.builder.base()
+
+    def ensure(self, version: ModelVersion, catalog: Catalog | None = None) -> Ensured:
+        """Build the version's pex, or fetch and verify the one in the store when that exact key exists."""
+        started = time.perf_counter()
+        catalog = catalog or self.catalog()
+        with tempfile.TemporaryDirectory(prefix="modelpex-export-") as exports:
+            result = self.builder.model(catalog.source(version, Path(exports)))
+        self.builder.store.fetch(result.record)
+        return Ensured(result.record, not result.cached, time.perf_counter() - started)
+
+    def state_dir(self) -> Path:
+        """Where training runs keep fitted states: beside the artifacts when the store is local."""
+        store = self.settings.store()
+        root = getattr(store, "root", None)
+        return Path(root) / "states" if root else self.settings.project / ".cache" / "states"
+
+    def run(self, context: Any, record: ArtifactRecord, *, action: Action, **kwargs: Any) -> RunOutcome:
+        settings = self.settings
+        return run_model(
+            context, settings.store(), record, action=action,
+            python=self.builder.interpreter.path, pex_root=self.pex_root or settings.pex_root,
+            timeout=self.timeout_seconds, env_allow=self.env_allow, env=self.env, **kwargs,
+        )
+
+
+def to_arrow(value: Any) -> pa.Table:
+    from modelpex_runtime.transport import to_arrow as convert
+
+    return convert(value)
+
+
+class ArrowParquetIOManager(ConfigurableIOManager):
+    """Frames between assets as Parquet files, written atomically, read back as (memory-mapped) Arrow tables."""
+
+    base_dir: str = Field(default="", description="Folder for the Parquet files; '' = <project>/.dagster_home/frames.")
+
+    def _path(self, context: InputContext | OutputContext) -> Path:
+        root = Path(self.base_dir) if self.base_dir else Settings.from_env().project / ".dagster_home" / "frames"
+        return root.joinpath(*context.asset_key.path).with_suffix(".parquet")
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        table = to_arrow(obj)
+        path = self._path(context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            pq.write_table(table, tmp.name)
+        os.replace(tmp.name, path)
+        context.add_output_metadata({"path": str(path), "rows": table.num_rows, "parquet_bytes": path.stat().st_size})
+
+    def load_input(self, context: InputContext) -> pa.Table:
+        path = self._path(context)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{'/'.join(context.asset_key.path)} has no stored frame at {path}: materialise it first"
+            )
+        return pq.read_table(path, memory_map=True)

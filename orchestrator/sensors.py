@@ -1,0 +1,122 @@
+"""Sensors: redeploy what changed, for the clients that run it, and record which client and model failed.
+
+The redeploy sensor's cursor is a snapshot of content keys (the base's, every model version's) and of the model
+versions in the store. A tick compares the tree with it: a changed model version requests one run of that
+version's asset and of the follower clients' assets; a changed base requests everything; an unchanged tree
+requests nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from dagster import (
+    AssetKey,
+    AssetObservation,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    run_failure_sensor,
+    sensor,
+)
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+from orchestrator.assets import predictions_key, state_key
+from orchestrator.build import Builder, Interpreter
+from orchestrator.deployments import Deployments
+from orchestrator.resources import ModelpexResource
+
+__all__ = ["failure_sensor", "redeploy_sensor", "snapshot"]
+
+
+def snapshot(modelpex: ModelpexResource) -> dict[str, Any]:
+    """Content keys of the base and of every model version as they are now, and what the store holds."""
+    settings = modelpex.settings
+    builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
+    catalog = settings.catalog()
+    store = settings.store()
+    return {
+        "base": builder.base_key,
+        "models": {f"{v.name}@{v.version}": builder.model_key(v.digest) for v in catalog.all()},
+        "stored": sorted({r.label for r in store.records() if r.kind == "model"}),
+    }
+
+
+def redeploy_sensor(
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+    job: UnresolvedAssetJobDefinition,
+    all_keys: list[AssetKey],
+    minimum_interval_seconds: int = 30,
+):
+    """The sensor, closed over the definitions it may select from (``version_assets``: ``name@version`` -> key)."""
+
+    @sensor(
+        name="modelpex_redeploy",
+        job=job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Rebuilds a model version whose folder, tag or stored pex changed and re-runs its followers.",
+    )
+    def _redeploy(context: SensorEvaluationContext, modelpex: ModelpexResource) -> SensorResult:
+        now = snapshot(modelpex)
+        cursor = json.dumps(now, sort_keys=True)
+        if not context.cursor:
+            return SensorResult(skip_reason="first tick: remembered the current tree", cursor=cursor)
+        before = json.loads(context.cursor)
+        if now["base"] != before["base"]:
+            request = RunRequest(run_key=f"base:{now['base']}", asset_selection=all_keys, tags={"modelpex/redeploy": "base"})
+            return SensorResult(run_requests=[request], cursor=cursor)
+        changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
+        changed |= set(now["stored"]) - set(before["stored"])
+        catalog = modelpex.catalog()
+        requests = []
+        for label in sorted(changed):
+            model, _, version = label.partition("@")
+            followers = deployments.followers(catalog, model, version) if model in catalog.specs else []
+            selection = [version_assets[label]] if label in version_assets else []
+            selection += [key for d in followers for key in (state_key(d), predictions_key(d))]
+            if not selection:
+                continue
+            context.log.info(f"redeploying {label} for {', '.join(d.client for d in followers) or 'no client'}")
+            requests.append(
+                RunRequest(
+                    run_key=f"{label}:{now['models'].get(label, 'stored')}",
+                    asset_selection=selection,
+                    tags={"modelpex/redeploy": label, "modelpex/clients": ",".join(d.client for d in followers)[:63]},
+                )
+            )
+        return SensorResult(run_requests=requests, cursor=cursor, skip_reason=None if requests else "nothing changed")
+
+    return _redeploy
+
+
+def failure_sensor(step_assets: Mapping[str, tuple[str, str, AssetKey]]):
+    """Record, on the failed asset itself, which client and model failed and the model's own error.
+
+    ``step_assets`` maps a step key (``acme__churn__state``) to (client, model, asset key).
+    """
+
+    @run_failure_sensor(name="modelpex_failures", default_status=DefaultSensorStatus.RUNNING, monitor_all_code_locations=False)
+    def _failures(context: RunFailureSensorContext) -> None:
+        for event in context.get_step_failure_events():
+            found = step_assets.get(event.step_key or "")
+            if found is None:
+                continue
+            client, model, key = found
+            error = event.event_specific_data.error if event.event_specific_data else None
+            message = error.message.strip() if error else "unknown error"
+            context.instance.report_runless_asset_event(
+                AssetObservation(
+                    asset_key=key,
+                    metadata={"failed_run": context.dagster_run.run_id, "client": client, "model": model, "error": message},
+                )
+            )
+            context.log.info(f"recorded failure of {client}/{model} in run {context.dagster_run.run_id}")
+
+    return _failures
+
