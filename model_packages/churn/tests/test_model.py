@@ -25,7 +25,9 @@ def test_learns_the_signal() -> None:
     data = customers()
     state = train({"customers": data}, {})
     out = predict({"customers": data}, state, {"threshold": 0.5})
-    assert list(out.columns) == ["customer_id", "churn_probability", "will_churn"]
+    assert list(out.columns) == ["customer_id", "churn_probability", "will_churn", "risk_band"]
+    assert set(out.risk_band) <= {"low", "medium", "high"}
+    assert (out.risk_band == "high").sum() == out.will_churn.sum()
     assert len(out) == len(data)
     assert ((out.churn_probability >= 0.5) == data.churned).mean() > 0.8
 

@@ -31,14 +31,23 @@ def train(inputs: Mapping[str, pd.DataFrame], params: Mapping[str, Any]) -> Pipe
     return model
 
 
+RISK_BANDS = ["low", "medium", "high"]
+
+
 def predict(inputs: Mapping[str, pd.DataFrame], state: Pipeline, params: Mapping[str, Any]) -> pd.DataFrame:
-    """Churn probability per customer, and whether it crosses the client's ``threshold`` (default 0.5)."""
+    """Churn probability per customer, whether it crosses the client's ``threshold`` (default 0.5), and a band.
+
+    1.1.0 adds ``risk_band`` (low below half the threshold, high above it) for the retention team's call lists.
+    """
     customers = inputs["customers"]
     probability = state.predict_proba(_features(customers))[:, 1]
+    threshold = float(params.get("threshold", 0.5))
+    band = pd.cut(probability, [-0.01, threshold / 2, threshold, 1.01], labels=RISK_BANDS).astype(str)
     return pd.DataFrame(
         {
             "customer_id": customers["customer_id"].to_numpy(),
             "churn_probability": probability,
-            "will_churn": probability >= float(params.get("threshold", 0.5)),
+            "will_churn": probability >= threshold,
+            "risk_band": band,
         }
     )
