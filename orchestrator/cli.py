@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -201,6 +202,74 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
+def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
+    """Unpack the base into PEX_ROOT and compile its bytecode, so a model's first run only links a venv."""
+    import os
+    import subprocess
+
+    with _builder(settings) as builder:
+        record = builder.base().record
+        path = builder.store.fetch(record)
+    env = {**os.environ, "PEX_ROOT": settings.pex_root or os.path.expanduser("~/.cache/pex")}
+    started = time.perf_counter()
+    with err.status(f"unpacking base {record.key} into {env['PEX_ROOT']}"):
+        done = subprocess.run([str(path), "-c", WARM_IMPORTS], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelpexError(f"warming base {record.key} failed:\n{done.stderr.strip()[-2000:]}")
+    out.print(f"warmed base {record.key} in {env['PEX_ROOT']} ({time.perf_counter() - started:.1f} s)")
+
+
+WARM_IMPORTS = "import modelpex_runtime.entry, numpy, pandas, polars, pyarrow, pyarrow.parquet, scipy, sklearn.ensemble, sklearn.linear_model"
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
+    """The main job: build the base and every model version, then materialise every asset on the instance."""
+    import os
+
+    cmd_build(argparse.Namespace(targets=[], all=True, force=False), settings)
+    os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
+    from dagster import DagsterInstance
+
+    from orchestrator.definitions import build_definitions
+
+    with err.status("loading the code location"):
+        defs = build_definitions(settings)
+        job = defs.resolve_job_def("deploy")
+    with DagsterInstance.get() as instance, err.status("materialising every asset (datasets, pexes, training, predictions)"):
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    table = Table(title=f"run {result.run_id} on {instance.root_directory}")
+    for column in ("asset", "model version", "rows in", "rows out", "bytes moved", "transport ms", "model s"):
+        table.add_column(column, no_wrap=True)
+    for event in result.get_asset_materialization_events():
+        materialization = event.asset_materialization
+        meta = {k: v.value for k, v in materialization.metadata.items()}
+        if "rows_in" in meta:
+            table.add_row(
+                materialization.asset_key.to_user_string(), f"{meta['model']}@{meta['model_version']}",
+                str(meta["rows_in"]), str(meta["rows_out"]), str(meta["bytes_moved"]),
+                f"{meta['transport_seconds'] * 1000:.1f}", f"{meta['model_seconds']:.2f}",
+            )
+    out.print(table)
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        raise ModelpexError(f"deploy run {result.run_id} failed in {', '.join(failed)}: open the UI (`modelpex ui`) for the model's error")
+    out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui` (http://127.0.0.1:3000)")
+
+
+def cmd_ui(args: argparse.Namespace, settings: Settings) -> None:
+    """Replace this process with `dagster dev` on the project's instance, with default signal handling."""
+    import os
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home), "MODELPEX_PROJECT": str(settings.project)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)  # N.B. Inherited SIG_IGN would make dagster dev unstoppable (field notes).
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    workspace = str(settings.project / "workspace.yaml")
+    os.chdir(settings.project)
+    os.execve(dagster, [dagster, "dev", "-w", workspace, "-h", args.host, "-p", str(args.port)], env)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpex", description=__doc__.splitlines()[0])
     parser.add_argument("--project", help="repository with base_env/ and model_packages/ (MODELPEX_PROJECT)")
@@ -235,6 +304,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--save-state", metavar="PATH", help="keep the fitted state here for later runs")
     run.add_argument("--timeout", type=float, help="seconds before the model process is killed")
     run.set_defaults(func=cmd_run)
+
+    warm = commands.add_parser("warm", help="unpack the base into PEX_ROOT so a model's first run is fast")
+    warm.set_defaults(func=cmd_warm)
+
+    deploy = commands.add_parser("deploy", help="the main job: build everything and materialise every asset")
+    deploy.set_defaults(func=cmd_deploy)
+
+    ui = commands.add_parser("ui", help="open the Dagster UI (dagster dev) on this project's instance")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

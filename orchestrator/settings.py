@@ -7,6 +7,7 @@
 | MODELPEX_PYTHON     | the interpreter the pexes are built for and run with                | the orchestrator's Python  |
 | MODELPEX_PEX_ROOT   | pex's cache (unpacked bases, model venvs) used when models run      | pex's own (~/.cache/pex)   |
 | MODELPEX_TIMEOUT    | seconds a model process may run before it is killed                 | 3600                       |
+| DAGSTER_HOME        | Dagster's instance folder (dagster.yaml, SQLite storage)            | <project>/.dagster_home    |
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ class Settings:
     @property
     def deployments_file(self) -> Path:
         return self.project / "deployments.yaml"
+
+    @property
+    def dagster_home(self) -> Path:
+        """Dagster's instance folder: DAGSTER_HOME, or the embedded SQLite default inside the project."""
+        home = Path(os.environ.get("DAGSTER_HOME") or self.project / ".dagster_home")
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "dagster.yaml").touch(exist_ok=True)  # N.B. Dagster refuses a DAGSTER_HOME without one.
+        return home
 
     def base_env(self) -> BaseEnv:
         return load_base_env(self.project / "base_env")
