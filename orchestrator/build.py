@@ -36,7 +36,7 @@ from orchestrator.specs import (
 from orchestrator.store import ArtifactRecord, PexStore
 from orchestrator.versions import ModelSource
 
-__all__ = ["BuildResult", "Builder", "Interpreter", "lock_base", "lock_model", "model_requirements"]
+__all__ = ["BuildResult", "Builder", "Interpreter", "layer_args", "lock_base", "pex_command", "lock_model", "model_requirements"]
 
 # N.B. Bump when the pex flags below change what an artifact contains: it is part of every key.
 RECIPE = "modelpex-recipe-1"
@@ -140,11 +140,22 @@ def _run(command: Sequence[str], *, what: str, cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def _pex(*args: str) -> list[str]:
+def layer_args(base_filename: str) -> list[str]:
+    """pex flags that layer a pex over the base: venv mode with the base on its (relative) build-time pex path.
+
+    N.B. Relative on purpose: pex resolves it against the working directory when it first creates the model's
+    venv, and the runner starts the model in a directory holding the verified base under this name, so the
+    artifact's bytes stay independent of where any store lives. ``--sh-boot`` with a build-time pex path is what
+    reached plain-venv warm-start speed (field notes); ``PEX_PATH`` at run time would disable sh-boot's fast path.
+    """
+    return ["--venv", "--sh-boot", "--pex-path", base_filename]
+
+
+def pex_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pex", "--pip-version", PIP_VERSION, *args]
 
 
-def _pex3(*args: str) -> list[str]:
+def pex3_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from pex.cli.pex import main; sys.exit(main())", *args]
 
 
@@ -159,7 +170,7 @@ def _write_lock(command: list[str], destination: Path, what: str) -> Path:
 
 def lock_base(base: BaseEnv) -> Path:
     """(Re)create ``base_env/pex.lock`` from the base project's dependencies (needs the package index)."""
-    command = _pex3("lock", "create", "--project", str(base.folder), *LOCK_SYSTEM, "--pip-version", PIP_VERSION)
+    command = pex3_command("lock", "create", "--project", str(base.folder), *LOCK_SYSTEM, "--pip-version", PIP_VERSION)
     return _write_lock(command, base.lock_file, "locking the base environment")
 
 
@@ -173,7 +184,7 @@ def lock_model(spec: ModelSpec, base: BaseEnv) -> Path | None:
     with tempfile.TemporaryDirectory(prefix="modelpex-pins-") as tmp:
         constraints = Path(tmp) / "base-pins.txt"
         constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(pins.items()) if n != BASE_DISTRIBUTION))
-        command = _pex3("lock", "create", *extra, "--constraints", str(constraints), *LOCK_SYSTEM)
+        command = pex3_command("lock", "create", *extra, "--constraints", str(constraints), *LOCK_SYSTEM)
         return _write_lock([*command, "--pip-version", PIP_VERSION], spec.lock_file, f"locking model {spec.name!r}")
 
 
@@ -250,7 +261,7 @@ class Builder:
         self.step("building the base pex from base_env/pex.lock (about a minute when the wheels are cached)")
         output = work / f"base-{self.base_key}.pex"
         _run(
-            _pex(
+            pex_command(
                 "--lock", str(self.base_env.lock_file), "--project", str(work / wheel),
                 "--python", self.interpreter.path, "--venv", "--sh-boot", "-o", str(output),
             ),
@@ -263,14 +274,9 @@ class Builder:
         (work / base.filename).symlink_to(self.store.fetch(base))
         resolve = ["--lock", str(spec.lock_file), *extra, *(f"--exclude={n}" for n in overlap)] if extra else []
         _run(
-            _pex(
+            pex_command(
                 "-D", str(spec.source_dir), *resolve,
-                "--python", self.interpreter.path, "--venv", "--sh-boot",
-                # N.B. Relative on purpose: pex resolves it against the working directory when it first creates
-                # the model's venv, and the runner starts the model in a directory holding the verified base
-                # under this name. The artifact's bytes stay independent of where any store lives.
-                "--pex-path", base.filename,
-                "-m", RUNTIME_MODULE, "--inject-env", f"MODELPEX_MODEL={spec.entry_env()}",
+                "--python", self.interpreter.path, *layer_args(base.filename), "-m", RUNTIME_MODULE, "--inject-env", f"MODELPEX_MODEL={spec.entry_env()}",
                 "-o", str(output),
             ),
             what=f"building model {spec.name!r} {spec.version}",
