@@ -6,7 +6,6 @@
 - ``<client>/<model>/state`` and ``<client>/<model>/predictions``: training at run time, then inference.
 """
 
-from __future__ import annotations
 
 import time
 from collections.abc import Mapping

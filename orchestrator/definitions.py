@@ -5,7 +5,6 @@ per model (its versions and the client assets that run it), and ``build_model`` 
 version by config). Schedules come from the deployments' crons; sensors redeploy changes and record failures.
 """
 
-from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
@@ -54,13 +53,15 @@ def _schedules(deployments: Deployments, status: DefaultScheduleStatus) -> list[
     for d in deployments.all():
         for action, cron in d.schedules.items():
             groups[(d.client, action, cron)].append(d)
-    schedules = []
-    for index, ((client, action, cron), members) in enumerate(sorted(groups.items())):
+    schedules, seen = [], defaultdict(int)
+    for (client, action, cron), members in sorted(groups.items()):
+        seen[(client, action)] += 1
+        count = seen[(client, action)]
         key_of = state_key if action == "train" else predictions_key
         keys = [key_of(d) for d in members] + [dataset_key(client, ds) for d in members for ds in d.inputs.values()]
         schedules.append(
             ScheduleDefinition(
-                name=f"{client}_{action}_{index}",
+                name=f"{client}_{action}" + (f"_{count}" if count > 1 else ""),
                 cron_schedule=cron,
                 target=AssetSelection.assets(*dict.fromkeys(keys)),
                 default_status=status,

@@ -34,7 +34,6 @@ from modelpex_runtime.protocol import PROTOCOL_VERSION, ModelCall, ModelFailure,
 
 from orchestrator.errors import ModelpexError
 from orchestrator.store import ArtifactRecord, PexStore
-from orchestrator.transport import FrameExchange
 
 __all__ = [
     "DEFAULT_ENV_ALLOW",
@@ -217,6 +216,8 @@ def run_model(
     Both artifacts are verified against the index before the process starts; a model that raises surfaces as
     `ModelRaisedError` with its own traceback, one that dies or never reports as `ModelCrashError`.
     """
+    from orchestrator.transport import FrameExchange  # N.B. pyarrow and shared memory: only when a model runs.
+
     started = time.perf_counter()
     if model.base_key is None:
         raise ModelpexError(f"{model.label} has no base key in the index: rebuild it with `modelpex build`")

@@ -6,7 +6,6 @@ version's asset and of the follower clients' assets; a changed base requests eve
 requests nothing.
 """
 
-from __future__ import annotations
 
 import json
 from collections.abc import Mapping

@@ -1,0 +1,277 @@
+"""The Dagster code location, for real: definitions load, assets materialise with real pexes and subprocesses,
+per-client jobs touch only their assets, the sensor redeploys what changed, failures carry the model's error."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    Definitions,
+    RetryPolicy,
+    build_run_status_sensor_context,
+    build_sensor_context,
+    define_asset_job,
+)
+
+from orchestrator.definitions import build_definitions
+from orchestrator.resources import ModelpexResource
+from orchestrator.settings import Settings
+from orchestrator.store import LocalPexStore
+
+from .conftest import REPO, Project, copy_example, write_model
+
+M_INPUTS = '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
+
+
+def repo_definitions() -> Definitions:
+    return build_definitions(Settings.from_env(env={}, project=str(REPO)), schedules_running=False)
+
+
+def keys_of(defs: Definitions, job: str) -> set[AssetKey]:
+    return set(defs.resolve_job_def(job).asset_layer.selected_asset_keys)
+
+
+def test_repository_definitions_load() -> None:
+    defs = repo_definitions()
+    Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = set(graph.get_all_asset_keys())
+    assert {AssetKey(["model", "churn", "v1_0_0"]), AssetKey(["model", "churn", "v1_1_0"])} <= keys
+    assert AssetKey(["modelpex", "base"]) in keys
+    acme, globex = graph.get(AssetKey(["acme", "churn", "state"])), graph.get(AssetKey(["globex", "churn", "state"]))
+    assert acme.tags["version"] == "1.0.0" and globex.tags["version"] == "1.1.0"
+    assert acme.group_name == "acme"
+    assert graph.get(AssetKey(["model", "churn", "v1_1_0"])).code_version
+    assert {s.name for s in defs.schedules} >= {"acme_train", "acme_predict", "globex_train", "globex_train_2"}
+    assert {s.name for s in defs.sensors} == {"modelpex_redeploy", "modelpex_failures"}
+    assert {j.name for j in defs.jobs} >= {"deploy", "client_acme", "client_globex", "model_churn", "build_model"}
+
+
+def test_client_jobs_select_only_their_client() -> None:
+    defs = repo_definitions()
+    for client in ("acme", "globex"):
+        keys = keys_of(defs, f"client_{client}")
+        assert keys and all(k.path[0] == client for k in keys)
+    assert {k.path[0] for k in keys_of(defs, "model_churn")} == {"model", "acme", "globex"}
+
+
+def write_deployments(project: Project, clients: dict) -> None:
+    (project.root / "deployments.yaml").write_text(yaml.safe_dump({"clients": clients}))
+
+
+def client(version: str, rows: int = 50, **params: object) -> dict:
+    return {
+        "datasets": {"data": {"generate": "customers", "rows": rows}},
+        "models": {"m": {"version": version, "inputs": {"data": "data"}, "params": params}},
+    }
+
+
+M_CODE = """
+    import os, time
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    VERSION = "{version}"
+
+    def train(inputs, params):
+        if params.get("fail"):
+            raise ValueError("boom: the model's own error")
+        if params.get("vanish"):
+            os._exit(0)
+        if params.get("hang"):
+            time.sleep(600)
+        marker = params.get("flaky")
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("first attempt fails")
+        return {{"mean": pc.mean(inputs["data"]["monthly_charges"]).as_py()}}
+
+    def predict(inputs, state, params):
+        data = inputs["data"]
+        env = sorted(os.environ)
+        return pa.table({{
+            "customer_id": data["customer_id"],
+            "score": pc.subtract(data["monthly_charges"], state["mean"]),
+            "version": pa.array([VERSION] * data.num_rows),
+            "env": pa.array([" ".join(env)] * data.num_rows),
+        }})
+"""
+
+
+def m_model(project: Project, version: str) -> Path:
+    return write_model(project.models, "m", version=version, code=M_CODE.format(version=version), tool=M_INPUTS)
+
+
+@pytest.fixture
+def two_versions(project: Project) -> Project:
+    """Model m released as 1.0.0 (tag) with 1.1.0 in the working tree; acme pins 1.0.0, globex follows latest."""
+    m_model(project, "1.0.0")
+    project.commit_and_tag("m 1.0.0", "m/v1.0.0")
+    m_model(project, "1.1.0")
+    write_deployments(project, {"acme": client("1.0.0"), "globex": client("latest")})
+    project.commit_and_tag("m 1.1.0")
+    return project
+
+
+def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Definitions:
+    settings = Settings.from_env(env={}, project=str(project.root), store_url=str(store.root))
+    defs = build_definitions(settings, schedules_running=False)
+    return defs.with_resources({"modelpex": ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)}) if resource else defs
+
+
+def materialised(result) -> dict[AssetKey, dict]:
+    return {
+        e.asset_materialization.asset_key: {k: v.value for k, v in e.asset_materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
+
+
+def test_deploy_materialises_two_clients_on_two_versions(two_versions: Project, store: LocalPexStore) -> None:
+    defs = defs_for(two_versions, store)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("deploy").execute_in_process(instance=instance)
+    assert result.success
+    meta = materialised(result)
+    acme, globex = meta[AssetKey(["acme", "m", "predictions"])], meta[AssetKey(["globex", "m", "predictions"])]
+    assert (acme["model_version"], globex["model_version"]) == ("1.0.0", "1.1.0")
+    assert acme["rows_in"] == acme["rows_out"] == 50
+    assert acme["bytes_moved"] > 0 and acme["transport_seconds"] >= 0 and acme["model_seconds"] > 0
+    assert "| customer_id | score | version |" in acme["preview"]
+    version_asset = meta[AssetKey(["model", "m", "v1_0_0"])]
+    assert version_asset["action"] in ("built", "fetched") and len(version_asset["sha256"]) == 64
+    assert meta[AssetKey(["acme", "m", "state"])]["state_format"] == "json"
+    table = result.output_for_node("acme__m__predictions")
+    assert set(table["version"].to_pylist()) == {"1.0.0"}
+
+
+def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalPexStore) -> None:
+    defs = defs_for(two_versions, store)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
+        assert result.success
+        assert {k.path[0] for k in materialised(result)} == {"acme"}
+        assert instance.get_latest_materialization_event(AssetKey(["globex", "m", "predictions"])) is None
+
+
+def test_model_process_gets_an_explicit_environment(two_versions: Project, store: LocalPexStore, monkeypatch) -> None:
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    defs = defs_for(two_versions, store, env={"MODEL_SETTING": "chosen"})
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
+    env = set(result.output_for_node("acme__m__predictions")["env"][0].as_py().split())
+    assert "SECRET_TOKEN" not in env and "MODEL_SETTING" in env and "LANG" in env
+    assert not {name for name in env if name.startswith(("AWS_", "DAGSTER_HOME", "MODELPEX_STORE"))}
+
+
+def failing_project(project: Project, **params: object) -> Project:
+    m_model(project, "1.0.0")
+    write_deployments(project, {"acme": client("latest", **params)})
+    return project
+
+
+def step_failure(result) -> str:
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    return failure.event_specific_data.error.to_string()
+
+
+def test_model_error_shows_its_own_type_message_and_traceback(project: Project, store: LocalPexStore) -> None:
+    defs = defs_for(failing_project(project, fail=True), store)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    error = step_failure(result)
+    assert "ModelRaisedError: model m@1.0.0 raised ValueError: boom: the model's own error" in error
+    assert 'm/model.py", line' in error and "in train" in error
+
+
+def test_model_that_never_reports_is_a_failure(project: Project, store: LocalPexStore) -> None:
+    defs = defs_for(failing_project(project, vanish=True), store)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+    assert "exited without reporting a result" in step_failure(result)
+
+
+def test_hanging_model_is_killed_at_its_timeout(project: Project, store: LocalPexStore) -> None:
+    defs = defs_for(failing_project(project, hang=True), store, timeout_seconds=5)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+    assert "ran longer than its timeout of 5 s and was killed" in step_failure(result)
+    assert not psutil.Process().children(recursive=True), "the model's process group is gone"
+
+
+def test_retry_policy_acts_on_model_failures(project: Project, store: LocalPexStore, tmp_path: Path) -> None:
+    defs = defs_for(failing_project(project, flaky=str(tmp_path / "marker")), store)
+    job = define_asset_job("retrying", selection="acme/*", op_retry_policy=RetryPolicy(max_retries=1))
+    defs = Definitions.merge(defs, Definitions(jobs=[job]))
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("retrying").execute_in_process(instance=instance)
+    assert result.success
+    assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+
+
+def test_failure_sensor_records_client_model_and_error(project: Project, store: LocalPexStore) -> None:
+    defs = defs_for(failing_project(project, fail=True), store)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        run = instance.get_run_by_id(result.run_id)
+        failure = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.event_type_value == "RUN_FAILURE"][0]
+        sensor = defs.resolve_sensor_def("modelpex_failures")
+        context = build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_instance=instance, dagster_run=run, dagster_event=failure.dagster_event
+        ).for_run_failure()
+        sensor(context)
+        observation = instance.get_latest_observation_event(AssetKey(["acme", "m", "state"]))
+    meta = {k: v.value for k, v in observation.asset_observation.metadata.items()}
+    assert (meta["client"], meta["model"], meta["failed_run"]) == ("acme", "m", result.run_id)
+    assert "ValueError: boom" in meta["error"]
+
+
+def tick(defs: Definitions, project: Project, store: LocalPexStore, cursor: str | None):
+    sensor = defs.resolve_sensor_def("modelpex_redeploy")
+    with DagsterInstance.ephemeral() as instance:
+        context = build_sensor_context(
+            instance=instance, cursor=cursor,
+            resources={"modelpex": ModelpexResource(project_dir=str(project.root), store_url=str(store.root))},
+        )
+        return sensor(context), context
+
+
+def test_redeploy_sensor_requests_what_changed_for_its_followers(two_versions: Project, store: LocalPexStore) -> None:
+    project = two_versions
+    defs = defs_for(project, store)
+    first, context = tick(defs, project, store, None)
+    assert not first.run_requests and first.cursor
+    unchanged, _ = tick(defs, project, store, first.cursor)
+    assert not unchanged.run_requests
+
+    model_py = project.models / "m" / "src" / "m" / "model.py"
+    model_py.write_text(model_py.read_text() + "\n# a code change for the followers of 1.1.0\n")
+    changed, _ = tick(defs, project, store, unchanged.cursor)
+    (request,) = changed.run_requests
+    assert set(request.asset_selection) == {
+        AssetKey(["model", "m", "v1_1_0"]), AssetKey(["globex", "m", "state"]), AssetKey(["globex", "m", "predictions"])
+    }, "acme pins 1.0.0: it must not be redeployed"
+    assert not tick(defs, project, store, changed.cursor)[0].run_requests
+
+    pyproject = project.models / "m" / "pyproject.toml"
+    project.commit_and_tag("m 1.1.0 final", "m/v1.1.0")
+    pyproject.write_text(pyproject.read_text().replace('version = "1.1.0"', 'version = "1.2.0"'))
+    bumped, _ = tick(defs, project, store, changed.cursor)
+    (request,) = bumped.run_requests
+    assert request.tags["modelpex/redeploy"] == "m@1.2.0"
+    assert set(request.asset_selection) == {AssetKey(["globex", "m", "state"]), AssetKey(["globex", "m", "predictions"])}
+
+    (project.root / "base_env" / "src" / "modelpex_runtime" / "note.py").write_text("# base change\n")
+    rebased, _ = tick(defs, project, store, bumped.cursor)
+    (request,) = rebased.run_requests
+    assert request.tags["modelpex/redeploy"] == "base"
+    assert AssetKey(["modelpex", "base"]) in request.asset_selection
+    assert AssetKey(["acme", "m", "predictions"]) in request.asset_selection

@@ -1,0 +1,85 @@
+"""The documented PostgreSQL dagster.yaml works against a real PostgreSQL server the test starts on loopback."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from orchestrator.store import LocalPexStore
+
+from .conftest import REPO, Project
+from .test_dagster import client, defs_for, m_model, write_deployments
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    assert found, f"{name} not found: install PostgreSQL (Debian: apt-get install postgresql), as .ci/run does"
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """initdb refuses to run as root: run the server tools as the postgres user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    root = tmp_path_factory.mktemp("pg")
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (root, sockets):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "modelpex", "--auth=trust"]), check=True, capture_output=True)
+    port = str(_free_port())
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-w", "start"]), check=True, capture_output=True)
+    try:
+        subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "modelpex", "dagster"], check=True)
+        yield {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": port, "DAGSTER_PG_DB": "dagster",
+               "DAGSTER_PG_USER": "modelpex", "DAGSTER_PG_PASSWORD": ""}
+    finally:
+        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+
+
+def test_runs_and_metadata_live_in_postgres(
+    postgres: dict[str, str], project: Project, store: LocalPexStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in postgres.items():
+        monkeypatch.setenv(name, value)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO / "orchestrator" / "dagster-postgres.yaml", home / "dagster.yaml")
+    m_model(project, "1.0.0")
+    write_deployments(project, {"acme": client("latest")})
+    defs = defs_for(project, store)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
+        assert result.success
+    with DagsterInstance.from_config(str(home)) as reopened:
+        event = reopened.get_latest_materialization_event(AssetKey(["acme", "m", "predictions"]))
+        assert event is not None and event.run_id == result.run_id
+        assert event.asset_materialization.metadata["rows_out"].value == 50
+    count = subprocess.run(
+        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", postgres["DAGSTER_PG_PORT"], "-U", "modelpex", "-d", "dagster",
+         "-tAc", f"select count(*) from runs where run_id = '{result.run_id}'"],
+        check=True, capture_output=True, text=True,
+    )
+    assert count.stdout.strip() == "1"

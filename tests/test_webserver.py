@@ -1,0 +1,133 @@
+"""End to end: `modelpex ui` starts the real `dagster dev` on loopback; a run launched through its GraphQL API
+succeeds, its materialisation metadata reads back, and the server stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import LocalPexStore
+
+from .conftest import REPO, Project
+from .test_dagster import client, m_model, write_deployments
+
+REPOSITORY = {"repositoryLocationName": "modelpex", "repositoryName": "__repository__"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GraphQL:
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/graphql"
+
+    def __call__(self, query: str, **variables: object) -> dict:
+        body = json.dumps({"query": query, "variables": variables}).encode()
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = json.load(response)
+        assert "errors" not in payload, payload
+        return payload["data"]
+
+
+@pytest.fixture
+def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[tuple[GraphQL, subprocess.Popen]]:
+    m_model(project, "1.0.0")
+    write_deployments(project, {"acme": client("latest"), "globex": client("latest")})
+    shutil.copyfile(REPO / "workspace.yaml", project.root / "workspace.yaml")
+    port = _free_port()
+    env = {**os.environ, "MODELPEX_PROJECT": str(project.root), "MODELPEX_STORE": str(store.root),
+           "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    log = open(tmp_path / "dagster-dev.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    graphql = GraphQL(port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if graphql("{ version }")["version"]:
+                    break
+            except (urllib.error.URLError, ConnectionError, AssertionError):
+                pass
+            assert process.poll() is None, (tmp_path / "dagster-dev.log").read_text()
+            assert time.monotonic() < deadline, "dagster dev did not answer GraphQL within 120 s"
+            time.sleep(0.5)
+        yield graphql, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+LOCATION = """
+{ repositoriesOrError { ... on RepositoryConnection { nodes {
+    name location { name } jobs { name } schedules { name } sensors { name } assetNodes { assetKey { path } }
+} } } }
+"""
+
+LAUNCH = """
+mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+    __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+} }
+"""
+
+STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+
+METADATA = """
+query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
+    assetMaterializations(limit: 1) { runId metadataEntries {
+        label ... on IntMetadataEntry { intValue } ... on FloatMetadataEntry { floatValue }
+        ... on TextMetadataEntry { text } ... on MarkdownMetadataEntry { mdStr }
+    } }
+} } }
+"""
+
+
+def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) -> None:
+    graphql, process = server
+    (repository,) = graphql(LOCATION)["repositoriesOrError"]["nodes"]
+    assert repository["location"]["name"] == "modelpex"
+    assert {"deploy", "client_acme", "client_globex", "model_m", "build_model"} <= {j["name"] for j in repository["jobs"]}
+    assert {s["name"] for s in repository["sensors"]} == {"modelpex_redeploy", "modelpex_failures"}
+    assert {"acme_train", "acme_predict"} <= {s["name"] for s in repository["schedules"]}
+    assert ["model", "m", "v1_0_0"] in [a["assetKey"]["path"] for a in repository["assetNodes"]]
+
+    params = {"selector": {**REPOSITORY, "jobName": "client_acme"}, "runConfigData": {}}
+    launched = graphql(LAUNCH, params=params)["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 240
+    while (status := graphql(STATUS, id=run_id)["runOrError"]["status"]) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, f"run {run_id} still {status}"
+        time.sleep(1)
+    assert status == "SUCCESS"
+
+    (materialization,) = graphql(METADATA, path=["acme", "m", "predictions"])["assetOrError"]["assetMaterializations"]
+    assert materialization["runId"] == run_id
+    entries = {e["label"]: e for e in materialization["metadataEntries"]}
+    assert entries["rows_out"]["intValue"] == 50
+    assert entries["model_version"]["text"] == "1.0.0"
+    assert entries["bytes_moved"]["intValue"] > 0
+    assert "customer_id" in entries["preview"]["mdStr"]
+    assert graphql(METADATA, path=["globex", "m", "predictions"])["assetOrError"]["assetMaterializations"] == []
+
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
