@@ -3,12 +3,12 @@
 - ``modelpex/base``: the base pex (code version: its content key).
 - ``model/<name>/v<version>``: one per model version that exists; materialising builds it or fetches it.
 - ``<client>/<dataset>``: a client's input data, small and replaceable.
-- ``<client>/<model>/state`` and ``<client>/<model>/predictions``: training at run time, then inference.
+- ``<client>/<model>/state`` and ``<client>/<model>/predictions``: training at run time, then inference; one
+  subsettable multi-asset per client and action, so a client's step runs exactly the models selected.
 """
 
 
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -16,40 +16,44 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
+    AssetObservation,
     AssetsDefinition,
+    AssetSpec,
     Config,
     MaterializeResult,
     MetadataValue,
     OpExecutionContext,
     Output,
     asset,
+    multi_asset,
     op,
 )
 
 from orchestrator.catalog import ModelVersion
 from orchestrator.datasets import load_dataset
-from orchestrator.deployments import DatasetSource, ModelDeployment
+from orchestrator.deployments import ClientDeployment, DatasetSource, ModelDeployment
 from orchestrator.errors import ModelpexError
-from orchestrator.resources import Ensured, ModelpexResource
+from orchestrator.resources import Ensured, FrameStore, ModelpexResource
 from orchestrator.run import RunOutcome
 from orchestrator.store import file_sha256
 
 __all__ = [
     "BASE_KEY",
+    "ModelRunFailures",
     "base_asset",
     "build_or_fetch_model",
+    "client_asset",
     "dataset_asset",
     "dataset_key",
     "model_version_asset",
     "model_version_key",
-    "predictions_asset",
     "predictions_key",
     "state_key",
-    "training_asset",
 ]
 
 BASE_KEY = AssetKey(["modelpex", "base"])
 PREVIEW_ROWS = 5
+MAX_ERROR_CHARS = 4000
 
 
 def model_version_key(version: ModelVersion) -> AssetKey:
@@ -152,89 +156,138 @@ def dataset_asset(source: DatasetSource) -> AssetsDefinition:
     return _dataset
 
 
-def _ins(deployment: ModelDeployment) -> dict[str, AssetIn]:
-    return {name: AssetIn(key=dataset_key(deployment.client, dataset)) for name, dataset in deployment.inputs.items()}
-
-
 def _tags(deployment: ModelDeployment, version: ModelVersion) -> dict[str, str]:
     return {"client": deployment.client, "model": deployment.model, "version": version.version,
             "follows": "latest" if deployment.follows_latest else "pinned"}
 
 
-def training_asset(deployment: ModelDeployment, version: ModelVersion) -> AssetsDefinition:
-    """Train the client's model version at run time and keep the fitted state (its sha256 in the metadata)."""
-
-    @asset(
-        key=state_key(deployment),
-        ins=_ins(deployment),
-        deps=[model_version_key(version)],
-        group_name=deployment.client,
-        tags=_tags(deployment, version),
-        kinds={"python"},
-        description=f"{deployment.client}'s fitted {deployment.model} ({deployment.version}).",
-    )
-    def _train(context: AssetExecutionContext, modelpex: ModelpexResource, **inputs: pa.Table) -> MaterializeResult:
-        catalog = modelpex.catalog()
-        running = catalog.resolve(deployment.model, deployment.version)  # N.B. Now, not at load: follows `latest`.
-        ensured = modelpex.ensure(running, catalog)
-        state_path = modelpex.state_dir() / deployment.client / deployment.model / f"{running.version}-{context.run_id}.state"
-        outcome = modelpex.run(
-            context, ensured.record, action="train", inputs=inputs, params=deployment.params, state_out=state_path
-        )
-        if outcome.state is None:
-            raise ModelpexError(f"{deployment.client}/{deployment.model}: training reported no fitted state")
-        return MaterializeResult(
-            metadata={
-                **_run_metadata(outcome, ensured),
-                "state_path": str(state_path),
-                "state_sha256": file_sha256(state_path),  # N.B. Computed here: the trusted digest predictions check.
-                "state_format": outcome.state["format"],
-                "state_bytes": state_path.stat().st_size,
-            }
-        )
-
-    return _train
+def _deps(deployment: ModelDeployment) -> list[AssetKey]:
+    return [dataset_key(deployment.client, dataset) for dataset in deployment.inputs.values()]
 
 
-def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) -> tuple[str, str, dict[str, Any]]:
-    """(model, version, StateRef) of the latest training materialisation, from Dagster's event log."""
+class ModelRunFailures(ModelpexError):
+    """Several models of one client failed in one step; each one's own error is listed."""
+
+
+def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) -> tuple[str, dict[str, Any]]:
+    """(version, StateRef) of the latest training materialisation, from Dagster's event log."""
     event = context.instance.get_latest_materialization_event(state_key(deployment))
     where = f"{deployment.client}/{deployment.model}"
     if event is None or event.asset_materialization is None:
         raise ModelpexError(f"{where}: no fitted state yet: materialise {where}/state first")
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     ref = {"path": meta["state_path"], "format": meta["state_format"], "sha256": meta["state_sha256"], "size": meta["state_bytes"]}
-    return str(meta["model"]), str(meta["model_version"]), ref
+    return str(meta["model_version"]), ref
 
 
-def predictions_asset(deployment: ModelDeployment, version: ModelVersion) -> AssetsDefinition:
-    """Predict with the client's model version from the state its latest training run produced."""
+class ClientRun:
+    """One step of one client: trains, then predicts, the selected models, each in its own model process."""
 
-    @asset(
-        key=predictions_key(deployment),
-        ins=_ins(deployment),
-        deps=[state_key(deployment)],
-        group_name=deployment.client,
-        io_manager_key="frames",
-        tags=_tags(deployment, version),
-        kinds={"parquet"},
-        description=f"{deployment.client}'s {deployment.model} predictions.",
-    )
-    def _predict(context: AssetExecutionContext, modelpex: ModelpexResource, **inputs: pa.Table) -> Output[pa.Table]:
-        catalog = modelpex.catalog()
-        running = catalog.resolve(deployment.model, deployment.version)
-        _, trained_version, state = _trained_state(context, deployment)
+    def __init__(self, context: AssetExecutionContext, modelpex: ModelpexResource, frame_store: FrameStore) -> None:
+        self.context, self.modelpex, self.frame_store = context, modelpex, frame_store
+        self.catalog = modelpex.catalog()
+
+    def _inputs(self, d: ModelDeployment) -> dict[str, pa.Table]:
+        return {name: self.frame_store.load_table(dataset_key(d.client, ds)) for name, ds in d.inputs.items()}
+
+    def train(self, d: ModelDeployment) -> MaterializeResult:
+        running = self.catalog.resolve(d.model, d.version)  # N.B. Now, not at load: follows `latest`.
+        ensured = self.modelpex.ensure(running, self.catalog)
+        state_path = self.modelpex.state_dir() / d.client / d.model / f"{running.version}-{self.context.run_id}.state"
+        outcome = self.modelpex.run(
+            self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, state_out=state_path
+        )
+        if outcome.state is None:
+            raise ModelpexError(f"{d.client}/{d.model}: training reported no fitted state")
+        return MaterializeResult(
+            asset_key=state_key(d),
+            metadata={
+                **_run_metadata(outcome, ensured),
+                "state_path": str(state_path),
+                "state_sha256": file_sha256(state_path),  # N.B. Computed here: the digest predictions trust.
+                "state_format": outcome.state["format"],
+                "state_bytes": state_path.stat().st_size,
+            },
+        )
+
+    def predict(self, d: ModelDeployment) -> Output[pa.Table]:
+        running = self.catalog.resolve(d.model, d.version)
+        trained_version, state = _trained_state(self.context, d)
         if trained_version != running.version:
             raise ModelpexError(
-                f"{deployment.client}/{deployment.model} now runs {deployment.model}@{running.version} but its state "
-                f"was trained by {trained_version}: materialise {deployment.client}/{deployment.model}/state first"
+                f"{d.client}/{d.model} now runs {d.model}@{running.version} but its state was trained by "
+                f"{trained_version}: materialise {d.client}/{d.model}/state first"
             )
-        started = time.perf_counter()
-        ensured = modelpex.ensure(running, catalog)
-        outcome = modelpex.run(context, ensured.record, action="predict", inputs=inputs, params=deployment.params, state_in=state)
+        ensured = self.modelpex.ensure(running, self.catalog)
+        outcome = self.modelpex.run(
+            self.context, ensured.record, action="predict", inputs=self._inputs(d), params=d.params, state_in=state
+        )
         table = outcome.outputs["predictions"]
         metadata = {**_run_metadata(outcome, ensured), "state_sha256": state["sha256"], "preview": preview(table)}
-        metadata["step_seconds"] = round(time.perf_counter() - started, 3)
-        return Output(table, metadata=metadata)
+        return Output(table, output_name=predictions_key(d).to_python_identifier(), metadata=metadata)
 
-    return _predict
+    def _record_failure(self, d: ModelDeployment, key: AssetKey, exc: ModelpexError) -> None:
+        self.context.log_event(
+            AssetObservation(
+                asset_key=key,
+                metadata={"client": d.client, "model": d.model, "failed_run": self.context.run_id,
+                          "error": str(exc)[:MAX_ERROR_CHARS]},
+            )
+        )
+
+    def __call__(self, client: ClientDeployment) -> Iterator[MaterializeResult | Output[pa.Table]]:
+        """Selected trainings first, then selected predictions; a failure does not stop the other models.
+
+        Each failure is recorded on its asset as it happens (an observation with the model's error, which the
+        run-failure sensor lifts to run tags); the step then fails with the model's own error, or all of them.
+        """
+        selected = self.context.selected_asset_keys
+        failures: dict[str, ModelpexError] = {}
+        for key_of, action in ((state_key, self.train), (predictions_key, self.predict)):
+            for d in client.models.values():
+                if key_of(d) not in selected or f"{d.client}/{d.model}" in failures:
+                    continue
+                try:
+                    yield action(d)
+                except ModelpexError as exc:
+                    failures[f"{d.client}/{d.model}"] = exc
+                    self._record_failure(d, key_of(d), exc)
+        if len(failures) == 1:
+            raise next(iter(failures.values()))
+        if failures:
+            raise ModelRunFailures(
+                f"{len(failures)} models of {client.name} failed:\n\n"
+                + "\n\n".join(f"{where}: {exc}" for where, exc in failures.items())
+            )
+
+
+def client_asset(client: ClientDeployment, versions: Mapping[str, ModelVersion], codes: Mapping[str, str]) -> AssetsDefinition:
+    """Every model of a client: its fitted state (trained at run time) and its predictions.
+
+    N.B. One subsettable multi-asset per client rather than two assets per model: at 100 models x 50 clients,
+    per-asset definitions took 34 s to load (benchmarks/definitions.py). A schedule or a click selects a subset
+    (say, only the predictions), and the step runs exactly the models selected.
+    """
+    specs = []
+    for d in client.models.values():
+        version, datasets = versions[d.model], [dataset_key(d.client, ds) for ds in d.inputs.values()]
+        specs.append(
+            AssetSpec(
+                key=state_key(d), deps=[model_version_key(version), *datasets], group_name=client.name,
+                tags=_tags(d, version), kinds={"python"}, code_version=codes[d.model], skippable=True,
+                description=f"{client.name}'s {d.model} ({d.version}), fitted at run time; the state's sha256 is kept.",
+            )
+        )
+        specs.append(
+            AssetSpec(
+                key=predictions_key(d), deps=[state_key(d), *datasets], group_name=client.name,
+                tags=_tags(d, version), kinds={"parquet"}, skippable=True,
+                description=f"{client.name}'s {d.model} predictions.",
+            ).with_io_manager_key("frames")
+        )
+
+    @multi_asset(name=f"{client.name}__models", specs=specs, can_subset=True)
+    def _client(context: AssetExecutionContext, modelpex: ModelpexResource, frame_store: FrameStore) -> Iterator[Any]:
+        yield from ClientRun(context, modelpex, frame_store)(client)
+
+    return _client

@@ -17,16 +17,17 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from dagster import AssetKey, ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 from pydantic import Field, PrivateAttr
 
 from orchestrator.build import Builder, BuildResult, Interpreter
 from orchestrator.catalog import Catalog, ModelVersion
+from orchestrator.errors import ModelpexError
 from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome, run_model
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactRecord
 
-__all__ = ["ArrowParquetIOManager", "Ensured", "ModelpexResource"]
+__all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource"]
 
 
 @dataclass(frozen=True)
@@ -115,28 +116,39 @@ def to_arrow(value: Any) -> pa.Table:
     return convert(value)
 
 
-class ArrowParquetIOManager(ConfigurableIOManager):
-    """Frames between assets as Parquet files, written atomically, read back as (memory-mapped) Arrow tables."""
+class FrameStore(ConfigurableResource):
+    """Frames by asset key as Parquet files, written atomically, read back memory-mapped as Arrow tables."""
 
     base_dir: str = Field(default="", description="Folder for the Parquet files; '' = <project>/.dagster_home/frames.")
 
-    def _path(self, context: InputContext | OutputContext) -> Path:
+    def path(self, key: AssetKey) -> Path:
         root = Path(self.base_dir) if self.base_dir else Settings.from_env().project / ".dagster_home" / "frames"
-        return root.joinpath(*context.asset_key.path).with_suffix(".parquet")
+        return root.joinpath(*key.path).with_suffix(".parquet")
 
-    def handle_output(self, context: OutputContext, obj: Any) -> None:
-        table = to_arrow(obj)
-        path = self._path(context)
+    def save_table(self, key: AssetKey, table: pa.Table) -> Path:
+        path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             pq.write_table(table, tmp.name)
         os.replace(tmp.name, path)
+        return path
+
+    def load_table(self, key: AssetKey) -> pa.Table:
+        path = self.path(key)
+        if not path.is_file():
+            raise ModelpexError(f"{key.to_user_string()} has no stored frame at {path}: materialise it first")
+        return pq.read_table(path, memory_map=True)
+
+
+class ArrowParquetIOManager(ConfigurableIOManager):
+    """The IO manager over a `FrameStore`: assets return pandas, polars or Arrow frames; never pickled."""
+
+    store: FrameStore
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        table = to_arrow(obj)
+        path = self.store.save_table(context.asset_key, table)
         context.add_output_metadata({"path": str(path), "rows": table.num_rows, "parquet_bytes": path.stat().st_size})
 
     def load_input(self, context: InputContext) -> pa.Table:
-        path = self._path(context)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{'/'.join(context.asset_key.path)} has no stored frame at {path}: materialise it first"
-            )
-        return pq.read_table(path, memory_map=True)
+        return self.store.load_table(context.asset_key)

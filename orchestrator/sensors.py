@@ -13,7 +13,7 @@ from typing import Any
 
 from dagster import (
     AssetKey,
-    AssetObservation,
+    DagsterEventType,
     DefaultSensorStatus,
     RunFailureSensorContext,
     RunRequest,
@@ -94,28 +94,28 @@ def redeploy_sensor(
     return _redeploy
 
 
-def failure_sensor(step_assets: Mapping[str, tuple[str, str, AssetKey]]):
-    """Record, on the failed asset itself, which client and model failed and the model's own error.
+def failure_sensor():
+    """Tag a failed run with the client/model pairs that failed and each model's error.
 
-    ``step_assets`` maps a step key (``acme__churn__state``) to (client, model, asset key).
+    The step records each failure on its asset as it happens (an observation with the model's error); this sensor
+    lifts them to the run, so the Runs page can be filtered by ``modelpex/failed``.
     """
 
     @run_failure_sensor(name="modelpex_failures", default_status=DefaultSensorStatus.RUNNING, monitor_all_code_locations=False)
     def _failures(context: RunFailureSensorContext) -> None:
-        for event in context.get_step_failure_events():
-            found = step_assets.get(event.step_key or "")
-            if found is None:
-                continue
-            client, model, key = found
-            error = event.event_specific_data.error if event.event_specific_data else None
-            message = error.message.strip() if error else "unknown error"
-            context.instance.report_runless_asset_event(
-                AssetObservation(
-                    asset_key=key,
-                    metadata={"failed_run": context.dagster_run.run_id, "client": client, "model": model, "error": message},
-                )
-            )
-            context.log.info(f"recorded failure of {client}/{model} in run {context.dagster_run.run_id}")
+        run_id = context.dagster_run.run_id
+        records = context.instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_OBSERVATION).records
+        failed = {}
+        for record in records:
+            observation = record.event_log_entry.asset_observation
+            meta = {k: v.value for k, v in (observation.metadata if observation else {}).items()}
+            if "error" in meta and meta.get("failed_run") == run_id:
+                failed[f"{meta['client']}/{meta['model']}"] = str(meta["error"]).splitlines()[0]
+        if not failed:
+            return
+        tags = {"modelpex/failed": ",".join(sorted(failed))}
+        tags |= {f"modelpex/error/{pair.replace('/', '.')}": error[:200] for pair, error in sorted(failed.items())}
+        context.instance.add_run_tags(run_id, tags)
+        context.log.info(f"run {run_id}: {', '.join(f'{p}: {e}' for p, e in sorted(failed.items()))}")
 
     return _failures
-

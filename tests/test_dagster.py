@@ -59,7 +59,7 @@ def test_client_jobs_select_only_their_client() -> None:
     for client in ("acme", "globex"):
         keys = keys_of(defs, f"client_{client}")
         assert keys and all(k.path[0] == client for k in keys)
-    assert {k.path[0] for k in keys_of(defs, "model_churn")} == {"model", "acme", "globex"}
+    assert {k.path[1] for k in keys_of(defs, "model_churn")} == {"churn"}
 
 
 def write_deployments(project: Project, clients: dict) -> None:
@@ -147,7 +147,7 @@ def test_deploy_materialises_two_clients_on_two_versions(two_versions: Project, 
     version_asset = meta[AssetKey(["model", "m", "v1_0_0"])]
     assert version_asset["action"] in ("built", "fetched") and len(version_asset["sha256"]) == 64
     assert meta[AssetKey(["acme", "m", "state"])]["state_format"] == "json"
-    table = result.output_for_node("acme__m__predictions")
+    table = result.output_for_node("acme__models", "acme__m__predictions")
     assert set(table["version"].to_pylist()) == {"1.0.0"}
 
 
@@ -166,7 +166,7 @@ def test_model_process_gets_an_explicit_environment(two_versions: Project, store
     defs = defs_for(two_versions, store, env={"MODEL_SETTING": "chosen"})
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
-    env = set(result.output_for_node("acme__m__predictions")["env"][0].as_py().split())
+    env = set(result.output_for_node("acme__models", "acme__m__predictions")["env"][0].as_py().split())
     assert "SECRET_TOKEN" not in env and "MODEL_SETTING" in env and "LANG" in env
     assert not {name for name in env if name.startswith(("AWS_", "DAGSTER_HOME", "MODELPEX_STORE"))}
 
@@ -217,10 +217,15 @@ def test_retry_policy_acts_on_model_failures(project: Project, store: LocalPexSt
     assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
 
 
-def test_failure_sensor_records_client_model_and_error(project: Project, store: LocalPexStore) -> None:
+def test_failures_are_recorded_per_client_and_model(project: Project, store: LocalPexStore) -> None:
     defs = defs_for(failing_project(project, fail=True), store)
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        observation = instance.get_latest_observation_event(AssetKey(["acme", "m", "state"]))
+        meta = {k: v.value for k, v in observation.asset_observation.metadata.items()}
+        assert (meta["client"], meta["model"], meta["failed_run"]) == ("acme", "m", result.run_id)
+        assert "ValueError: boom" in meta["error"]
+
         run = instance.get_run_by_id(result.run_id)
         failure = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.event_type_value == "RUN_FAILURE"][0]
         sensor = defs.resolve_sensor_def("modelpex_failures")
@@ -228,10 +233,25 @@ def test_failure_sensor_records_client_model_and_error(project: Project, store: 
             sensor_name=sensor.name, dagster_instance=instance, dagster_run=run, dagster_event=failure.dagster_event
         ).for_run_failure()
         sensor(context)
-        observation = instance.get_latest_observation_event(AssetKey(["acme", "m", "state"]))
-    meta = {k: v.value for k, v in observation.asset_observation.metadata.items()}
-    assert (meta["client"], meta["model"], meta["failed_run"]) == ("acme", "m", result.run_id)
-    assert "ValueError: boom" in meta["error"]
+        tags = instance.get_run_by_id(result.run_id).tags
+    assert tags["modelpex/failed"] == "acme/m"
+    assert "ValueError: boom" in tags["modelpex/error/acme.m"]
+
+
+def test_one_failing_model_does_not_stop_the_others(project: Project, store: LocalPexStore) -> None:
+    m_model(project, "1.0.0")
+    write_model(project.models, "n", code=M_CODE.format(version="n").replace("m.model", "n.model"), tool=M_INPUTS.replace("m.model", "n.model"))
+    write_deployments(project, {"acme": {
+        "datasets": {"data": {"generate": "customers", "rows": 20}},
+        "models": {"m": {"inputs": {"data": "data"}, "params": {"fail": True}}, "n": {"inputs": {"data": "data"}}},
+    }})
+    defs = defs_for(project, store)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+        assert instance.get_latest_materialization_event(AssetKey(["acme", "n", "state"])) is not None
+        assert instance.get_latest_materialization_event(AssetKey(["acme", "m", "state"])) is None
+    assert "ValueError: boom" in step_failure(result)
 
 
 def tick(defs: Definitions, project: Project, store: LocalPexStore, cursor: str | None):
