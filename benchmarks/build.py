@@ -52,9 +52,20 @@ def packed_own_bytes(source: Path, base_filename: str, workdir: Path) -> int:
     """Bytes a redeploy would ship with pex's packed layout, where the bootstrap is a shared, cacheable blob."""
     out = workdir / "packed"
     subprocess.run(
-        pex_command("-D", str(source), *layer_args(base_filename), "-m", "modelpex_runtime", "--layout", "packed",
-                    "-o", str(out)),
-        check=True, capture_output=True, cwd=workdir,
+        pex_command(
+            "-D",
+            str(source),
+            *layer_args(base_filename),
+            "-m",
+            "modelpex_runtime",
+            "--layout",
+            "packed",
+            "-o",
+            str(out),
+        ),
+        check=True,
+        capture_output=True,
+        cwd=workdir,
     )
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and ".bootstrap" not in p.parts)
 
@@ -68,7 +79,9 @@ def build_probe(base_filename: str, workdir: Path) -> Path:
     output = workdir / "probe.pex"
     subprocess.run(
         pex_command("-D", str(src), *layer_args(base_filename), "-m", "probe", "-o", str(output)),
-        check=True, capture_output=True, cwd=workdir,
+        check=True,
+        capture_output=True,
+        cwd=workdir,
     )
     return output
 
@@ -91,8 +104,14 @@ def warm_start(probe: Path, workdir: Path, repeats: int) -> dict[str, object]:
         pex_runs.append(run_seconds([str(probe)], env, workdir))
         venv_runs.append(run_seconds(venv, env, workdir))
     pex_s, venv_s = statistics.median(pex_runs), statistics.median(venv_runs)
-    return {"cold_first_run_s": first, "model_pex_s": pex_s, "plain_venv_s": venv_s, "ratio": pex_s / venv_s,
-            "model_pex_runs": pex_runs, "plain_venv_runs": venv_runs}
+    return {
+        "cold_first_run_s": first,
+        "model_pex_s": pex_s,
+        "plain_venv_s": venv_s,
+        "ratio": pex_s / venv_s,
+        "model_pex_runs": pex_runs,
+        "plain_venv_runs": venv_runs,
+    }
 
 
 def cli_cache_hit(project: Path, store: Path, repeats: int) -> float:
@@ -111,10 +130,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modelpex-bench-") as tmp:
         work = Path(tmp)
         project = work / "project"
-        shutil.copytree(REPO / "base_env", project / "base_env", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            REPO / "base_env", project / "base_env", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
         for name in ("churn", "demand", "credit_risk"):
-            shutil.copytree(REPO / "model_packages" / name, project / "model_packages" / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"))
+            shutil.copytree(
+                REPO / "model_packages" / name,
+                project / "model_packages" / name,
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"),
+            )
         store = LocalPexStore(work / "store")
         builder = Builder(store, load_base_env(project / "base_env"), Interpreter.detect())
         cold, base = timed(builder.base)
@@ -146,7 +170,9 @@ def main() -> None:
         figures["cache_hit_cli_s"] = cli_cache_hit(project, store.root, repeats)
         (work / base.record.filename).symlink_to(store.fetch(base.record))  # type: ignore[union-attr]
         figures["packed_layout_own_bytes"] = packed_own_bytes(
-            project / "model_packages" / "churn" / "src", base.record.filename, work  # type: ignore[union-attr]
+            project / "model_packages" / "churn" / "src",
+            base.record.filename,
+            work,  # type: ignore[union-attr]
         )
         probe = build_probe(base.record.filename, work)  # type: ignore[union-attr]
         figures["warm_start"] = warm_start(probe, work, repeats)
@@ -156,14 +182,22 @@ def main() -> None:
 def report(figures: dict, path: Path) -> None:
     warm = figures["warm_start"]
     print(f"model rebuild after a code-only change: {figures['model_rebuild_s']:.2f} s (target <= 3 s)")
-    print(f"cache hit: {figures['cache_hit_in_process_s'] * 1000:.1f} ms in process, "
-          f"{figures['cache_hit_cli_s'] * 1000:.0f} ms as a CLI command (target <= 300 ms)")
+    print(
+        f"cache hit: {figures['cache_hit_in_process_s'] * 1000:.1f} ms in process, "
+        f"{figures['cache_hit_cli_s'] * 1000:.0f} ms as a CLI command (target <= 300 ms)"
+    )
     for name, size in figures["sizes"].items():
-        print(f"{name:12s} pex {size['total'] / 1e6:.2f} MB = bootstrap {size['bootstrap'] / 1e6:.2f} MB "
-              f"+ own {size['own'] / 1e3:.1f} KB")
-    print(f"packed layout, churn's own bytes (what a redeploy ships): {figures['packed_layout_own_bytes'] / 1e3:.1f} KB")
-    print(f"warm start: model pex {warm['model_pex_s']:.3f} s vs plain venv {warm['plain_venv_s']:.3f} s "
-          f"= {warm['ratio']:.2f}x (target <= 1.2x); cold first run {warm['cold_first_run_s']:.1f} s")
+        print(
+            f"{name:12s} pex {size['total'] / 1e6:.2f} MB = bootstrap {size['bootstrap'] / 1e6:.2f} MB "
+            f"+ own {size['own'] / 1e3:.1f} KB"
+        )
+    print(
+        f"packed layout, churn's own bytes (what a redeploy ships): {figures['packed_layout_own_bytes'] / 1e3:.1f} KB"
+    )
+    print(
+        f"warm start: model pex {warm['model_pex_s']:.3f} s vs plain venv {warm['plain_venv_s']:.3f} s "
+        f"= {warm['ratio']:.2f}x (target <= 1.2x); cold first run {warm['cold_first_run_s']:.1f} s"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2))
     plot(figures, path.with_suffix(".png"))
@@ -179,8 +213,13 @@ def plot(figures: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     warm = figures["warm_start"]
     labels = ["base cold build", "model rebuild", "cache hit (CLI)", "warm start: model pex", "warm start: plain venv"]
-    values = [figures["base"]["cold_build_s"], figures["model_rebuild_s"], figures["cache_hit_cli_s"],
-              warm["model_pex_s"], warm["plain_venv_s"]]
+    values = [
+        figures["base"]["cold_build_s"],
+        figures["model_rebuild_s"],
+        figures["cache_hit_cli_s"],
+        warm["model_pex_s"],
+        warm["plain_venv_s"],
+    ]
     left.barh(labels, values, color=["#888", "#4c72b0", "#4c72b0", "#dd8452", "#55a868"])
     left.set_xscale("log")
     left.set_xlabel("seconds (log)")

@@ -27,14 +27,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODEL_CODE = '''
+MODEL_CODE = """
 def train(inputs, params):
     return {"n": inputs["data"].num_rows}
 
 
 def predict(inputs, state, params):
     return inputs["data"]
-'''
+"""
 
 LOAD = """
 import sys, time, json
@@ -45,9 +45,11 @@ imported = time.perf_counter()
 defs = build_definitions(Settings.from_env())
 repository = defs.get_repository_def()
 repository.get_all_jobs(); repository.asset_graph
-print(json.dumps({"import_s": imported - started, "build_s": time.perf_counter() - imported,
-                  "assets": len(list(repository.asset_graph.get_all_asset_keys())), "jobs": len(repository.get_all_jobs()),
-                  "schedules": len(repository.schedule_defs), "sensors": len(repository.sensor_defs)}))
+print(json.dumps({
+    "import_s": imported - started, "build_s": time.perf_counter() - imported,
+    "assets": len(list(repository.asset_graph.get_all_asset_keys())), "jobs": len(repository.get_all_jobs()),
+    "schedules": len(repository.schedule_defs), "sensors": len(repository.sensor_defs),
+}))
 """
 
 
@@ -128,17 +130,26 @@ def main() -> None:
         empty = make_project(Path(tmp) / "empty", 0, 0)
         big = make_project(Path(tmp) / "big", models, clients, args.models_per_client or None)
         figures = {
-            "models": models, "clients": clients, "models_per_client": args.models_per_client or models,
+            "models": models,
+            "clients": clients,
+            "models_per_client": args.models_per_client or models,
             "empty": {**load(empty, repeats), "tick_s": tick(empty, repeats)},
             "large": {**load(big, repeats), "tick_s": tick(big, repeats)},
         }
     e, g = figures["empty"], figures["large"]
     figures["load_ratio"] = g["wall_s"] / e["wall_s"]
     figures["tick_ratio"] = g["tick_s"] / e["tick_s"]
-    print(f"{models} models x {clients} clients, {figures['models_per_client']} per client: {g['assets']:.0f} assets, {g['jobs']:.0f} jobs, {g['schedules']:.0f} schedules")
-    print(f"load (fresh process): {g['wall_s']:.2f} s vs empty {e['wall_s']:.2f} s = {figures['load_ratio']:.2f}x "
-          f"(definitions build {g['build_s']:.2f} s vs {e['build_s']:.2f} s)")
-    print(f"sensor tick: {g['tick_s'] * 1000:.0f} ms vs empty {e['tick_s'] * 1000:.0f} ms = {figures['tick_ratio']:.1f}x")
+    print(
+        f"{models} models x {clients} clients, {figures['models_per_client']} per client: "
+        f"{g['assets']:.0f} assets, {g['jobs']:.0f} jobs, {g['schedules']:.0f} schedules"
+    )
+    print(
+        f"load (fresh process): {g['wall_s']:.2f} s vs empty {e['wall_s']:.2f} s = {figures['load_ratio']:.2f}x "
+        f"(definitions build {g['build_s']:.2f} s vs {e['build_s']:.2f} s)"
+    )
+    print(
+        f"sensor tick: {g['tick_s'] * 1000:.0f} ms vs empty {e['tick_s'] * 1000:.0f} ms = {figures['tick_ratio']:.1f}x"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2))
     plot(figures, args.json.with_suffix(".png"))
@@ -153,7 +164,10 @@ def plot(figures: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     label = f"{figures['models']} models x {figures['clients']} clients"
-    for ax, key, title in ((axes[0], "wall_s", "code location load (s)"), (axes[1], "tick_s", "redeploy sensor tick (s)")):
+    for ax, key, title in (
+        (axes[0], "wall_s", "code location load (s)"),
+        (axes[1], "tick_s", "redeploy sensor tick (s)"),
+    ):
         values = [figures["empty"][key], figures["large"][key]]
         ax.bar(["empty", label], values, color=["#bbb", "#4c72b0"])
         ax.set_title(f"{title}: {values[1] / values[0]:.1f}x")

@@ -7,14 +7,12 @@
   subsettable multi-asset per client and action, so a client's step runs exactly the models selected.
 """
 
-
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
 from dagster import (
     AssetExecutionContext,
-    AssetIn,
     AssetKey,
     AssetObservation,
     AssetsDefinition,
@@ -76,7 +74,9 @@ def preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> MetadataValue:
     """The first rows as a Markdown table, for the materialisation page."""
     head = table.slice(0, rows).to_pylist()
     lines = ["| " + " | ".join(table.column_names) + " |", "|" + " --- |" * table.num_columns]
-    lines += ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in head]
+    lines += [
+        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in head
+    ]
     return MetadataValue.md("\n".join(lines))
 
 
@@ -103,8 +103,14 @@ def base_asset(base_key: str) -> AssetsDefinition:
         modelpex.builder.store.fetch(result.record)
         r = result.record
         return MaterializeResult(
-            metadata={"key": r.key, "sha256": r.sha256, "size_bytes": r.size, "interpreter": r.interpreter,
-                      "action": "fetched" if result.cached else "built", "seconds": round(result.seconds, 3)}
+            metadata={
+                "key": r.key,
+                "sha256": r.sha256,
+                "size_bytes": r.size,
+                "interpreter": r.interpreter,
+                "action": "fetched" if result.cached else "built",
+                "seconds": round(result.seconds, 3),
+            }
         )
 
     return _base
@@ -132,7 +138,9 @@ class ModelVersionConfig(Config):
 
 
 @op(description="Build a model version's pex, or fetch and verify it when that exact key is in the store.")
-def build_or_fetch_model(context: OpExecutionContext, config: ModelVersionConfig, modelpex: ModelpexResource) -> dict[str, Any]:
+def build_or_fetch_model(
+    context: OpExecutionContext, config: ModelVersionConfig, modelpex: ModelpexResource
+) -> dict[str, Any]:
     catalog = modelpex.catalog()
     ensured = modelpex.ensure(catalog.resolve(config.model, config.version), catalog)
     context.log.info(f"{ensured.metadata['action']} {ensured.record.label} (key {ensured.record.key})")
@@ -141,6 +149,7 @@ def build_or_fetch_model(context: OpExecutionContext, config: ModelVersionConfig
 
 def dataset_asset(source: DatasetSource) -> AssetsDefinition:
     origin = f"generated ({source.generate})" if source.generate else f"read from {source.path}"
+
     @asset(
         key=dataset_key(source.client, source.name),
         group_name=source.client,
@@ -151,14 +160,20 @@ def dataset_asset(source: DatasetSource) -> AssetsDefinition:
     )
     def _dataset() -> Output[pa.Table]:
         table = load_dataset(source.generate, source.path, dict(source.options))
-        return Output(table, metadata={"rows": table.num_rows, "columns": table.column_names, "preview": preview(table)})
+        return Output(
+            table, metadata={"rows": table.num_rows, "columns": table.column_names, "preview": preview(table)}
+        )
 
     return _dataset
 
 
 def _tags(deployment: ModelDeployment, version: ModelVersion) -> dict[str, str]:
-    return {"client": deployment.client, "model": deployment.model, "version": version.version,
-            "follows": "latest" if deployment.follows_latest else "pinned"}
+    return {
+        "client": deployment.client,
+        "model": deployment.model,
+        "version": version.version,
+        "follows": "latest" if deployment.follows_latest else "pinned",
+    }
 
 
 def _deps(deployment: ModelDeployment) -> list[AssetKey]:
@@ -176,7 +191,12 @@ def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) 
     if event is None or event.asset_materialization is None:
         raise ModelpexError(f"{where}: no fitted state yet: materialise {where}/state first")
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    ref = {"path": meta["state_path"], "format": meta["state_format"], "sha256": meta["state_sha256"], "size": meta["state_bytes"]}
+    ref = {
+        "path": meta["state_path"],
+        "format": meta["state_format"],
+        "sha256": meta["state_sha256"],
+        "size": meta["state_bytes"],
+    }
     return str(meta["model_version"]), ref
 
 
@@ -230,8 +250,12 @@ class ClientRun:
         self.context.log_event(
             AssetObservation(
                 asset_key=key,
-                metadata={"client": d.client, "model": d.model, "failed_run": self.context.run_id,
-                          "error": str(exc)[:MAX_ERROR_CHARS]},
+                metadata={
+                    "client": d.client,
+                    "model": d.model,
+                    "failed_run": self.context.run_id,
+                    "error": str(exc)[:MAX_ERROR_CHARS],
+                },
             )
         )
 
@@ -261,7 +285,9 @@ class ClientRun:
             )
 
 
-def client_asset(client: ClientDeployment, versions: Mapping[str, ModelVersion], codes: Mapping[str, str]) -> AssetsDefinition:
+def client_asset(
+    client: ClientDeployment, versions: Mapping[str, ModelVersion], codes: Mapping[str, str]
+) -> AssetsDefinition:
     """Every model of a client: its fitted state (trained at run time) and its predictions.
 
     N.B. One subsettable multi-asset per client rather than two assets per model: at 100 models x 50 clients,
@@ -273,15 +299,24 @@ def client_asset(client: ClientDeployment, versions: Mapping[str, ModelVersion],
         version, datasets = versions[d.model], [dataset_key(d.client, ds) for ds in d.inputs.values()]
         specs.append(
             AssetSpec(
-                key=state_key(d), deps=[model_version_key(version), *datasets], group_name=client.name,
-                tags=_tags(d, version), kinds={"python"}, code_version=codes[d.model], skippable=True,
+                key=state_key(d),
+                deps=[model_version_key(version), *datasets],
+                group_name=client.name,
+                tags=_tags(d, version),
+                kinds={"python"},
+                code_version=codes[d.model],
+                skippable=True,
                 description=f"{client.name}'s {d.model} ({d.version}), fitted at run time; the state's sha256 is kept.",
             )
         )
         specs.append(
             AssetSpec(
-                key=predictions_key(d), deps=[state_key(d), *datasets], group_name=client.name,
-                tags=_tags(d, version), kinds={"parquet"}, skippable=True,
+                key=predictions_key(d),
+                deps=[state_key(d), *datasets],
+                group_name=client.name,
+                tags=_tags(d, version),
+                kinds={"parquet"},
+                skippable=True,
                 description=f"{client.name}'s {d.model} predictions.",
             ).with_io_manager_key("frames")
         )

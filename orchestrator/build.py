@@ -36,7 +36,16 @@ from orchestrator.specs import (
 from orchestrator.store import ArtifactRecord, PexStore
 from orchestrator.versions import ModelSource
 
-__all__ = ["BuildResult", "Builder", "Interpreter", "layer_args", "lock_base", "pex_command", "lock_model", "model_requirements"]
+__all__ = [
+    "BuildResult",
+    "Builder",
+    "Interpreter",
+    "layer_args",
+    "lock_base",
+    "pex_command",
+    "lock_model",
+    "model_requirements",
+]
 
 # N.B. Bump when the pex flags below change what an artifact contains: it is part of every key.
 RECIPE = "modelpex-recipe-1"
@@ -191,7 +200,9 @@ def lock_model(spec: ModelSpec, base: BaseEnv) -> Path | None:
 class Builder:
     """Builds or finds the base and model pexes of one base environment for one interpreter, in one store."""
 
-    def __init__(self, store: PexStore, base: BaseEnv, interpreter: Interpreter | None = None, step: Step | None = None):
+    def __init__(
+        self, store: PexStore, base: BaseEnv, interpreter: Interpreter | None = None, step: Step | None = None
+    ):
         self.store = store
         self.base_env = base
         self.interpreter = interpreter or Interpreter.detect()
@@ -208,7 +219,9 @@ class Builder:
 
     def base(self, *, force: bool = False) -> BuildResult:
         """The base pex for the current base_env, built only when its key is not in the store."""
-        record = ArtifactRecord("base", "base", self.base_env.version, self.base_key, interpreter=self.interpreter.identity)
+        record = ArtifactRecord(
+            "base", "base", self.base_env.version, self.base_key, interpreter=self.interpreter.identity
+        )
         return self._publish(record, self._build_base, force=force)
 
     def model(self, source: ModelSource, *, force: bool = False) -> BuildResult:
@@ -256,28 +269,49 @@ class Builder:
         self.base_env.pins()  # N.B. Fails with "run `modelpex lock base`" before pex does, if the lock is missing.
         self.step("building the model-side runtime wheel")
         wheel = _run(
-            [sys.executable, "-c", _BUILD_WHEEL, str(work)], what="building the modelpex-base wheel", cwd=self.base_env.folder
+            [sys.executable, "-c", _BUILD_WHEEL, str(work)],
+            what="building the modelpex-base wheel",
+            cwd=self.base_env.folder,
         ).strip()
         self.step("building the base pex from base_env/pex.lock (about a minute when the wheels are cached)")
         output = work / f"base-{self.base_key}.pex"
         _run(
             pex_command(
-                "--lock", str(self.base_env.lock_file), "--project", str(work / wheel),
-                "--python", self.interpreter.path, "--venv", "--sh-boot", "-o", str(output),
+                "--lock",
+                str(self.base_env.lock_file),
+                "--project",
+                str(work / wheel),
+                "--python",
+                self.interpreter.path,
+                "--venv",
+                "--sh-boot",
+                "-o",
+                str(output),
             ),
             what="building the base pex",
         )
         return output
 
-    def _build_model(self, spec: ModelSpec, base: ArtifactRecord, extra: list[str], overlap: list[str], work: Path) -> Path:
+    def _build_model(
+        self, spec: ModelSpec, base: ArtifactRecord, extra: list[str], overlap: list[str], work: Path
+    ) -> Path:
         output = work / f"{spec.name}.pex"
         (work / base.filename).symlink_to(self.store.fetch(base))
         resolve = ["--lock", str(spec.lock_file), *extra, *(f"--exclude={n}" for n in overlap)] if extra else []
         _run(
             pex_command(
-                "-D", str(spec.source_dir), *resolve,
-                "--python", self.interpreter.path, *layer_args(base.filename), "-m", RUNTIME_MODULE, "--inject-env", f"MODELPEX_MODEL={spec.entry_env()}",
-                "-o", str(output),
+                "-D",
+                str(spec.source_dir),
+                *resolve,
+                "--python",
+                self.interpreter.path,
+                *layer_args(base.filename),
+                "-m",
+                RUNTIME_MODULE,
+                "--inject-env",
+                f"MODELPEX_MODEL={spec.entry_env()}",
+                "-o",
+                str(output),
             ),
             what=f"building model {spec.name!r} {spec.version}",
             cwd=work,

@@ -51,7 +51,10 @@ def _tag_trees(project: Path, models_dir: Path) -> dict[tuple[str, str], str]:
         relative = models_dir.resolve().relative_to(project.resolve()).as_posix()
         out = subprocess.run(
             ["git", "-C", str(project), "for-each-ref", "refs/tags", "--format=%(refname:strip=2)"],
-            capture_output=True, text=True, check=True, timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout.split()
     except (ValueError, OSError, subprocess.SubprocessError):
         return {}
@@ -69,8 +72,8 @@ def _tag_trees(project: Path, models_dir: Path) -> dict[tuple[str, str], str]:
     done = subprocess.run(["git", "-C", str(project), "rev-parse", *paths], capture_output=True, text=True, timeout=60)
     trees = done.stdout.split()
     if done.returncode != 0 or len(trees) != len(tags):  # N.B. A tag without the folder: resolve one by one.
-        return {t: tree for t, p in zip(tags, paths) if (tree := _rev_parse(project, p))}
-    return dict(zip(tags, trees))
+        return {t: tree for t, p in zip(tags, paths, strict=True) if (tree := _rev_parse(project, p))}
+    return dict(zip(tags, trees, strict=True))
 
 
 def _rev_parse(project: Path, spec: str) -> str | None:
@@ -88,7 +91,9 @@ class Catalog:
         for (name, version), digest in self._tag_digests().items():
             self.versions[name][version] = ModelVersion(name, version, digest, "tag")
         for name, spec in self.specs.items():
-            self.versions[name][spec.version] = ModelVersion(name, spec.version, tree_digest(spec.folder), "working tree")
+            self.versions[name][spec.version] = ModelVersion(
+                name, spec.version, tree_digest(spec.folder), "working tree"
+            )
 
     def _tag_digests(self) -> dict[tuple[str, str], str]:
         trees = _tag_trees(self.project, self.models_dir)

@@ -53,9 +53,7 @@ def _builder(settings: Settings) -> Iterator[Builder]:
 def _report(result: BuildResult) -> None:
     record = result.record
     verb = "cached" if result.cached else "built "
-    out.print(
-        f"{verb} {record.label:<24} key {record.key}  {_mb(record.size):>10}  {result.seconds:6.2f} s"
-    )
+    out.print(f"{verb} {record.label:<24} key {record.key}  {_mb(record.size):>10}  {result.seconds:6.2f} s")
 
 
 def all_refs(settings: Settings) -> list[ModelRef]:
@@ -106,8 +104,15 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
         table.add_column(column, no_wrap=True)
     for r in records:
         table.add_row(
-            r.kind, r.name, r.version, r.key[:12], _mb(r.size), (r.base_key or "")[:12],
-            (r.git_commit or "")[:12], r.built_at, r.sha256[:12],
+            r.kind,
+            r.name,
+            r.version,
+            r.key[:12],
+            _mb(r.size),
+            (r.base_key or "")[:12],
+            (r.git_commit or "")[:12],
+            r.built_at,
+            r.sha256[:12],
         )
     out.print(table)
 
@@ -122,7 +127,9 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     keep = referenced(store.records(), lambda r: r.key in live)
     garbage: list[ArtifactRecord] = [r for r in store.records() if r.key not in keep]
     for record in garbage:
-        out.print(f"{'would remove' if args.dry_run else 'removed'} {record.label} key {record.key} ({_mb(record.size)})")
+        out.print(
+            f"{'would remove' if args.dry_run else 'removed'} {record.label} key {record.key} ({_mb(record.size)})"
+        )
         if not args.dry_run:
             store.delete(record)
     if isinstance(store, LocalPexStore):
@@ -145,7 +152,9 @@ def _read_table(spec: str) -> tuple[str, Any]:
             return name, pyarrow.csv.read_csv(path)
         return name, pyarrow.parquet.read_table(path)
     except (OSError, pyarrow.ArrowInvalid) as exc:
-        raise ModelpexError(f"--input {name}: cannot read {path} as {'CSV' if path.endswith('.csv') else 'Parquet'} ({exc})") from None
+        raise ModelpexError(
+            f"--input {name}: cannot read {path} as {'CSV' if path.endswith('.csv') else 'Parquet'} ({exc})"
+        ) from None
 
 
 def _params(text: str) -> dict[str, Any]:
@@ -185,10 +194,17 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     output = Path(args.output)
     with tempfile.TemporaryDirectory(prefix="modelpex-cli-") as tmp, err.status(f"running {record.label}"):
         outcome = run_model(
-            build_op_context(), settings.store(), record,
-            action="predict" if state_in else "train_predict", inputs=inputs, params=params, state_in=state_in,
-            state_out=None if state_in else Path(tmp) / "state", python=builder.interpreter.path,
-            pex_root=settings.pex_root, timeout=args.timeout or settings.timeout,
+            build_op_context(),
+            settings.store(),
+            record,
+            action="predict" if state_in else "train_predict",
+            inputs=inputs,
+            params=params,
+            state_in=state_in,
+            state_out=None if state_in else Path(tmp) / "state",
+            python=builder.interpreter.path,
+            pex_root=settings.pex_root,
+            timeout=args.timeout or settings.timeout,
         )
         staged = output.with_name(f".{output.name}.tmp")
         pyarrow.parquet.write_table(outcome.outputs["predictions"], staged)
@@ -219,7 +235,10 @@ def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
     out.print(f"warmed base {record.key} in {env['PEX_ROOT']} ({time.perf_counter() - started:.1f} s)")
 
 
-WARM_IMPORTS = "import modelpex_runtime.entry, numpy, pandas, polars, pyarrow, pyarrow.parquet, scipy, sklearn.ensemble, sklearn.linear_model"
+WARM_IMPORTS = (
+    "import modelpex_runtime.entry, numpy, pandas, polars, pyarrow, pyarrow.parquet, scipy, sklearn.ensemble, "
+    "sklearn.linear_model"
+)
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
@@ -235,7 +254,10 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     with err.status("loading the code location"):
         defs = build_definitions(settings)
         job = defs.resolve_job_def("deploy")
-    with DagsterInstance.get() as instance, err.status("materialising every asset (datasets, pexes, training, predictions)"):
+    with (
+        DagsterInstance.get() as instance,
+        err.status("materialising every asset (datasets, pexes, training, predictions)"),
+    ):
         result = job.execute_in_process(instance=instance, raise_on_error=False)
     table = Table(title=f"run {result.run_id} on {instance.root_directory}")
     for column in ("asset", "model version", "rows in", "rows out", "bytes moved", "transport ms", "model s"):
@@ -245,14 +267,21 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
         meta = {k: v.value for k, v in materialization.metadata.items()}
         if "rows_in" in meta:
             table.add_row(
-                materialization.asset_key.to_user_string(), f"{meta['model']}@{meta['model_version']}",
-                str(meta["rows_in"]), str(meta["rows_out"]), str(meta["bytes_moved"]),
-                f"{meta['transport_seconds'] * 1000:.1f}", f"{meta['model_seconds']:.2f}",
+                materialization.asset_key.to_user_string(),
+                f"{meta['model']}@{meta['model_version']}",
+                str(meta["rows_in"]),
+                str(meta["rows_out"]),
+                str(meta["bytes_moved"]),
+                f"{meta['transport_seconds'] * 1000:.1f}",
+                f"{meta['model_seconds']:.2f}",
             )
     out.print(table)
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        raise ModelpexError(f"deploy run {result.run_id} failed in {', '.join(failed)}: open the UI (`modelpex ui`) for the model's error")
+        raise ModelpexError(
+            f"deploy run {result.run_id} failed in {', '.join(failed)}: "
+            "open the UI (`modelpex ui`) for the model's error"
+        )
     out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui` (http://127.0.0.1:3000)")
 
 

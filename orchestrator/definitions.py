@@ -1,9 +1,9 @@
 """Definitions: the Dagster code location, assembled from the catalog of model versions and deployments.yaml.
 
 ``workspace.yaml`` loads `defs`. Jobs: ``deploy`` (everything), one per client (exactly that client's assets), one
-per model (its versions' pexes), and ``build_model`` (the build-or-fetch op, for any version by config). Schedules come from the deployments' crons; sensors redeploy changes and record failures.
+per model (its versions' pexes), and ``build_model`` (the build-or-fetch op, for any version by config).
+Schedules come from the deployments' crons; sensors redeploy changes and record failures.
 """
-
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -63,13 +63,21 @@ def _schedules(
         count = seen[(client, action)]
         key_of = state_key if action == "train" else predictions_key
         keys = [key_of(d) for d in members] + [dataset_key(client, ds) for d in members for ds in d.inputs.values()]
-        schedules.append(_schedule(client, action, cron, count, members, list(dict.fromkeys(keys)), client_jobs[client], status))
+        schedules.append(
+            _schedule(client, action, cron, count, members, list(dict.fromkeys(keys)), client_jobs[client], status)
+        )
     return schedules
 
 
 def _schedule(
-    client: str, action: str, cron: str, count: int, members: list[ModelDeployment], keys: list[AssetKey],
-    target: UnresolvedAssetJobDefinition, status: DefaultScheduleStatus,
+    client: str,
+    action: str,
+    cron: str,
+    count: int,
+    members: list[ModelDeployment],
+    keys: list[AssetKey],
+    target: UnresolvedAssetJobDefinition,
+    status: DefaultScheduleStatus,
 ) -> ScheduleDefinition:
     @schedule(
         name=f"{client}_{action}" + (f"_{count}" if count > 1 else ""),
@@ -106,9 +114,13 @@ def build_definitions(settings: Settings | None = None, *, schedules_running: bo
             assets.append(client_asset(client, versions, codes))
 
     all_keys = _keys(assets)
-    deploy = define_asset_job("deploy", selection=AssetSelection.assets(*all_keys), description="Build and run everything.")
+    deploy = define_asset_job(
+        "deploy", selection=AssetSelection.assets(*all_keys), description="Build and run everything."
+    )
     client_jobs = {
-        name: define_asset_job(f"client_{name}", selection=AssetSelection.groups(name), description=f"Exactly {name}'s assets.")
+        name: define_asset_job(
+            f"client_{name}", selection=AssetSelection.groups(name), description=f"Exactly {name}'s assets."
+        )
         for name in sorted(deployments.clients)
     }
     jobs = [deploy, *client_jobs.values()]
@@ -116,8 +128,11 @@ def build_definitions(settings: Settings | None = None, *, schedules_running: bo
     # sensor's run (or a tag selection in the UI): a job over each client's subset would cost about a second of
     # load time per model at 50 clients (Dagster re-creates each client's multi-asset for the subset).
     jobs += [
-        define_asset_job(f"model_{model}", selection=AssetSelection.assets(*(model_version_key(v) for v in catalog.ordered(model))),
-                         description=f"Build or fetch every version of {model}.")
+        define_asset_job(
+            f"model_{model}",
+            selection=AssetSelection.assets(*(model_version_key(v) for v in catalog.ordered(model))),
+            description=f"Build or fetch every version of {model}.",
+        )
         for model in sorted(catalog.specs)
     ]
 

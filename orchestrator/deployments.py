@@ -77,9 +77,7 @@ class Deployments:
 
     def followers(self, catalog: Catalog, model: str, version: str) -> list[ModelDeployment]:
         """The deployments that run ``model`` ``version`` now: pinned to it, or following ``latest`` to it."""
-        return [
-            d for d in self.all() if d.model == model and catalog.resolve(model, d.version).version == version
-        ]
+        return [d for d in self.all() if d.model == model and catalog.resolve(model, d.version).version == version]
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:
@@ -114,15 +112,22 @@ def _dataset(client: str, name: str, raw: Any, root: Path, where: str) -> Datase
 
 
 def _model(
-    client: str, name: str, raw: Any, datasets: Mapping[str, DatasetSource], defaults: Mapping[str, str],
-    catalog: Catalog, where: str,
+    client: str,
+    name: str,
+    raw: Any,
+    datasets: Mapping[str, DatasetSource],
+    defaults: Mapping[str, str],
+    catalog: Catalog,
+    where: str,
 ) -> ModelDeployment:
     table = _table(raw, where)
     unknown = sorted(set(table) - {"version", "params", "inputs", "schedules"})
     if unknown:
         raise DeploymentError(f"{where}: unknown keys {unknown}; allowed are version, params, inputs, schedules")
     if name not in catalog.specs:
-        raise DeploymentError(f"{where}: no model {name!r} in model_packages/ (known: {', '.join(sorted(catalog.specs))})")
+        raise DeploymentError(
+            f"{where}: no model {name!r} in model_packages/ (known: {', '.join(sorted(catalog.specs))})"
+        )
     version = str(table.get("version", LATEST))
     try:
         catalog.resolve(name, version)
@@ -131,7 +136,9 @@ def _model(
     inputs = {str(k): str(v) for k, v in _table(table.get("inputs"), f"{where}.inputs").items()}
     declared = catalog.specs[name].inputs
     if declared and sorted(declared) != sorted(inputs):
-        raise DeploymentError(f"{where}.inputs maps {sorted(inputs)} but {name} reads {sorted(declared)}: map each of them")
+        raise DeploymentError(
+            f"{where}.inputs maps {sorted(inputs)} but {name} reads {sorted(declared)}: map each of them"
+        )
     for model_input, dataset in inputs.items():
         if dataset not in datasets:
             raise DeploymentError(
@@ -140,7 +147,11 @@ def _model(
             )
     schedules = {**defaults, **_table(table.get("schedules"), f"{where}.schedules")}
     return ModelDeployment(
-        client, name, version, dict(_table(table.get("params"), f"{where}.params")), inputs,
+        client,
+        name,
+        version,
+        dict(_table(table.get("params"), f"{where}.params")),
+        inputs,
         {a: _cron(schedules[a], f"{where}.schedules.{a}") for a in ACTIONS if a in schedules},
     )
 
@@ -150,7 +161,9 @@ def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployme
     try:
         validate_name(name)
     except SpecError:
-        raise DeploymentError(f"{where}: client name {name!r} must be lowercase letters, digits and underscores") from None
+        raise DeploymentError(
+            f"{where}: client name {name!r} must be lowercase letters, digits and underscores"
+        ) from None
     table = _table(raw, where)
     datasets = {
         str(d): _dataset(name, str(d), v, root, f"{where}.datasets.{d}")
@@ -173,7 +186,10 @@ def load_deployments(path: Path, catalog: Catalog) -> Deployments:
     except yaml.YAMLError as exc:
         raise DeploymentError(f"{path} is not valid YAML: {exc}") from None
     try:
-        clients = {str(c): _client(str(c), v, Path(path).parent, catalog) for c, v in _table(raw, "top level").get("clients", {}).items()}
+        clients = {
+            str(c): _client(str(c), v, Path(path).parent, catalog)
+            for c, v in _table(raw, "top level").get("clients", {}).items()
+        }
     except DeploymentError as exc:
         raise DeploymentError(f"{path}: {exc}") from None
     return Deployments(Path(path), clients)

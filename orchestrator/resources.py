@@ -42,21 +42,38 @@ class Ensured:
     def metadata(self) -> dict[str, Any]:
         r = self.record
         return {
-            "model": r.name, "version": r.version, "key": r.key, "sha256": r.sha256, "size_bytes": r.size,
-            "base_key": r.base_key or "", "git_commit": r.git_commit or "", "built_at": r.built_at,
-            "action": "built" if self.built else "fetched", "seconds": round(self.seconds, 3),
+            "model": r.name,
+            "version": r.version,
+            "key": r.key,
+            "sha256": r.sha256,
+            "size_bytes": r.size,
+            "base_key": r.base_key or "",
+            "git_commit": r.git_commit or "",
+            "built_at": r.built_at,
+            "action": "built" if self.built else "fetched",
+            "seconds": round(self.seconds, 3),
         }
 
 
 class ModelpexResource(ConfigurableResource):
     """Builds or fetches model pexes and runs them as subprocesses against their base pex through Dagster Pipes."""
 
-    project_dir: str = Field(default="", description="Repository with base_env/ and model_packages/; '' = MODELPEX_PROJECT or the cwd's.")
-    store_url: str = Field(default="", description="Artifact store URL or folder; '' = MODELPEX_STORE or <project>/pex_builds.")
+    project_dir: str = Field(
+        default="", description="Repository with base_env/ and model_packages/; '' = MODELPEX_PROJECT or the cwd's."
+    )
+    store_url: str = Field(
+        default="", description="Artifact store URL or folder; '' = MODELPEX_STORE or <project>/pex_builds."
+    )
     python: str = Field(default="", description="Interpreter the pexes are built for and run with; '' = this Python.")
-    pex_root: str = Field(default="", description="PEX_ROOT for model processes (unpacked bases, model venvs); '' = pex's default.")
-    timeout_seconds: float = Field(default=3600.0, description="A model process running longer is killed and the step fails.")
-    env_allow: list[str] = Field(default=list(DEFAULT_ENV_ALLOW), description="Names copied from this process's environment into the model's.")
+    pex_root: str = Field(
+        default="", description="PEX_ROOT for model processes (unpacked bases, model venvs); '' = pex's default."
+    )
+    timeout_seconds: float = Field(
+        default=3600.0, description="A model process running longer is killed and the step fails."
+    )
+    env_allow: list[str] = Field(
+        default=list(DEFAULT_ENV_ALLOW), description="Names copied from this process's environment into the model's."
+    )
     env: dict[str, str] = Field(default={}, description="Explicit variables given to every model process.")
 
     _settings: Settings | None = PrivateAttr(default=None)
@@ -104,9 +121,16 @@ class ModelpexResource(ConfigurableResource):
     def run(self, context: Any, record: ArtifactRecord, *, action: Action, **kwargs: Any) -> RunOutcome:
         settings = self.settings
         return run_model(
-            context, settings.store(), record, action=action,
-            python=self.builder.interpreter.path, pex_root=self.pex_root or settings.pex_root,
-            timeout=self.timeout_seconds, env_allow=self.env_allow, env=self.env, **kwargs,
+            context,
+            settings.store(),
+            record,
+            action=action,
+            python=self.builder.interpreter.path,
+            pex_root=self.pex_root or settings.pex_root,
+            timeout=self.timeout_seconds,
+            env_allow=self.env_allow,
+            env=self.env,
+            **kwargs,
         )
 
 

@@ -47,8 +47,15 @@ __all__ = [
 Action = Literal["train", "predict", "train_predict"]
 # N.B. Locale, time zone and thread-count knobs only: nothing that can carry a credential.
 DEFAULT_ENV_ALLOW = (
-    "LANG", "LC_ALL", "LC_CTYPE", "TZ",
-    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_NUM_THREADS", "POLARS_MAX_THREADS",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "OPENBLAS_CORETYPE",
+    "MKL_NUM_THREADS",
+    "POLARS_MAX_THREADS",
 )
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 STDERR_TAIL_LINES = 40
@@ -150,12 +157,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def _launch(
-    model_path: Path, workdir: Path, env: dict[str, str], timeout: float, label: str
-) -> tuple[int, list[str]]:
+def _launch(model_path: Path, workdir: Path, env: dict[str, str], timeout: float, label: str) -> tuple[int, list[str]]:
     process = subprocess.Popen(
-        [str(model_path)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [str(model_path)],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     pumps = [
@@ -249,7 +259,9 @@ def run_model(
             message_reader=PipesTempFileMessageReader(),
             extras={"modelpex": call},
         ) as session:
-            child_env = model_env(workdir, python, pex_root, env_allow, {**(env or {}), **session.get_bootstrap_env_vars()})
+            child_env = model_env(
+                workdir, python, pex_root, env_allow, {**(env or {}), **session.get_bootstrap_env_vars()}
+            )
             returncode, tail = _launch(model_path, workdir, child_env, timeout, model.label)
         result = _result(model.label, session.get_custom_messages(), returncode, tail)
         transport_started = time.perf_counter()

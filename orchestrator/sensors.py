@@ -6,7 +6,6 @@ version's asset and of the follower clients' assets; a changed base requests eve
 requests nothing.
 """
 
-
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -68,7 +67,9 @@ def redeploy_sensor(
             return SensorResult(skip_reason="first tick: remembered the current tree", cursor=cursor)
         before = json.loads(context.cursor)
         if now["base"] != before["base"]:
-            request = RunRequest(run_key=f"base:{now['base']}", asset_selection=all_keys, tags={"modelpex/redeploy": "base"})
+            request = RunRequest(
+                run_key=f"base:{now['base']}", asset_selection=all_keys, tags={"modelpex/redeploy": "base"}
+            )
             return SensorResult(run_requests=[request], cursor=cursor)
         changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
         changed |= set(now["stored"]) - set(before["stored"])
@@ -101,7 +102,9 @@ def failure_sensor():
     lifts them to the run, so the Runs page can be filtered by ``modelpex/failed``.
     """
 
-    @run_failure_sensor(name="modelpex_failures", default_status=DefaultSensorStatus.RUNNING, monitor_all_code_locations=False)
+    @run_failure_sensor(
+        name="modelpex_failures", default_status=DefaultSensorStatus.RUNNING, monitor_all_code_locations=False
+    )
     def _failures(context: RunFailureSensorContext) -> None:
         run_id = context.dagster_run.run_id
         records = context.instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_OBSERVATION).records

@@ -1,13 +1,13 @@
 """Settings: every environment variable modelpex reads, in one place, with its default.
 
-| variable            | meaning                                                            | default                    |
-| ------------------- | ------------------------------------------------------------------ | -------------------------- |
-| MODELPEX_PROJECT    | the repository holding base_env/, model_packages/, deployments.yaml | found upwards from the cwd |
-| MODELPEX_STORE      | artifact store URL or directory                                     | <project>/pex_builds       |
-| MODELPEX_PYTHON     | the interpreter the pexes are built for and run with                | the orchestrator's Python  |
-| MODELPEX_PEX_ROOT   | pex's cache (unpacked bases, model venvs) used when models run      | pex's own (~/.cache/pex)   |
-| MODELPEX_TIMEOUT    | seconds a model process may run before it is killed                 | 3600                       |
-| DAGSTER_HOME        | Dagster's instance folder (dagster.yaml, SQLite storage)            | <project>/.dagster_home    |
+| variable          | meaning                                                         | default                    |
+| ----------------- | --------------------------------------------------------------- | -------------------------- |
+| MODELPEX_PROJECT  | the repository with base_env/, model_packages/, deployments.yaml | found upwards from the cwd |
+| MODELPEX_STORE    | artifact store URL or directory                                  | <project>/pex_builds       |
+| MODELPEX_PYTHON   | the interpreter the pexes are built for and run with             | the orchestrator's Python  |
+| MODELPEX_PEX_ROOT | pex's cache (unpacked bases, model venvs) when models run        | pex's own (~/.cache/pex)   |
+| MODELPEX_TIMEOUT  | seconds a model process may run before it is killed              | 3600                       |
+| DAGSTER_HOME      | Dagster's instance folder (dagster.yaml, SQLite storage)         | <project>/.dagster_home    |
 """
 
 from __future__ import annotations

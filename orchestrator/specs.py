@@ -176,13 +176,13 @@ def load_model_spec(folder: Path) -> ModelSpec:
         raise SpecError(f"{path}: [project] name is {project_name!r} but the folder is {name!r}: make them match")
     version = project.get("version")
     if not isinstance(version, str):
-        raise SpecError(f"{path}: [project] needs a static version string such as \"1.0.0\"")
+        raise SpecError(f'{path}: [project] needs a static version string such as "1.0.0"')
     validate_version(version, model=name)
     table = data.get("tool", {}).get("modelpex") if isinstance(data.get("tool"), dict) else None
     if not isinstance(table, dict):
         raise SpecError(
-            f"{path} has no [tool.modelpex] table: add one with train = \"pkg.module:train\", "
-            "predict = \"pkg.module:predict\" and frames = \"pandas\" | \"polars\" | \"pyarrow\""
+            f'{path} has no [tool.modelpex] table: add one with train = "pkg.module:train", '
+            'predict = "pkg.module:predict" and frames = "pandas" | "polars" | "pyarrow"'
         )
     train, predict = (_callable(table, key, path) for key in ("train", "predict"))
     frames = table.get("frames", "pandas")
@@ -191,7 +191,7 @@ def load_model_spec(folder: Path) -> ModelSpec:
     requirements = tuple(_requirements(project.get("dependencies", []), path))
     inputs = table.get("inputs", [])
     if not isinstance(inputs, list) or not all(isinstance(i, str) and i.isidentifier() for i in inputs):
-        raise SpecError(f"{path}: [tool.modelpex] inputs = {inputs!r} must be a list of names such as [\"customers\"]")
+        raise SpecError(f'{path}: [tool.modelpex] inputs = {inputs!r} must be a list of names such as ["customers"]')
     spec = ModelSpec(name, version, folder, train, predict, frames, requirements, tuple(inputs))
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")
@@ -213,7 +213,7 @@ def check_sources(spec: ModelSpec) -> None:
 def _callable(table: Mapping[str, object], key: str, path: Path) -> str:
     value = table.get(key)
     if not isinstance(value, str) or not _CALLABLE_RE.fullmatch(value):
-        raise SpecError(f"{path}: [tool.modelpex] {key} = {value!r} must look like \"package.module:function\"")
+        raise SpecError(f'{path}: [tool.modelpex] {key} = {value!r} must look like "package.module:function"')
     return value
 
 

@@ -86,7 +86,9 @@ def resolve_source(repo: Path, models_dir: Path, ref: ModelRef, export_root: Pat
 
 
 def _unknown_model(name: str, models_dir: Path) -> str:
-    known = sorted(p.name for p in models_dir.iterdir() if (p / "pyproject.toml").is_file()) if models_dir.is_dir() else []
+    known = (
+        sorted(p.name for p in models_dir.iterdir() if (p / "pyproject.toml").is_file()) if models_dir.is_dir() else []
+    )
     return f"unknown model {name!r}: no folder {models_dir / name} (known models: {', '.join(known) or 'none'})"
 
 

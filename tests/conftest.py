@@ -63,8 +63,10 @@ def write_model(
     folder = models_dir / name
     (folder / "src" / name).mkdir(parents=True, exist_ok=True)
     deps = ", ".join(f'"{d}"' for d in dependencies)
-    table = tool if tool is not None else (
-        f'[tool.modelpex]\ntrain = "{name}.model:train"\npredict = "{name}.model:predict"\nframes = "{frames}"\n'
+    table = (
+        tool
+        if tool is not None
+        else (f'[tool.modelpex]\ntrain = "{name}.model:train"\npredict = "{name}.model:predict"\nframes = "{frames}"\n')
     )
     (folder / "pyproject.toml").write_text(
         f'[project]\nname = "{name}"\nversion = "{version}"\ndependencies = [{deps}]\n\n{table}'
@@ -139,10 +141,19 @@ def cli(project: Project, store: LocalPexStore) -> Callable[..., CliResult]:
     """Run the real ``modelpex`` command in a subprocess against the test project and store."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
-        full_env = {**os.environ, "MODELPEX_PROJECT": str(project.root), "MODELPEX_STORE": str(store.root), **(env or {})}
+        full_env = {
+            **os.environ,
+            "MODELPEX_PROJECT": str(project.root),
+            "MODELPEX_STORE": str(store.root),
+            **(env or {}),
+        }
         done = subprocess.run(
             [sys.executable, "-m", "orchestrator.cli", *args],
-            capture_output=True, text=True, env=full_env, cwd=project.root, timeout=timeout,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=project.root,
+            timeout=timeout,
         )
         return CliResult(done.returncode, done.stdout, done.stderr)
 

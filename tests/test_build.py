@@ -106,7 +106,9 @@ def test_stale_lock_is_refused(project: Project, store: LocalPexStore, tmp_path:
         build(project, store, "credit_risk", tmp_path)
 
 
-def test_syntax_error_fails_the_build_and_leaves_the_store(project: Project, store: LocalPexStore, tmp_path: Path) -> None:
+def test_syntax_error_fails_the_build_and_leaves_the_store(
+    project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
     write_model(project.models, "m", code="def train(inputs, params)\n    return 1\n")
     before = store_snapshot(store)
     with pytest.raises(SpecError, match="syntax error"):

@@ -3,8 +3,6 @@ per-client jobs touch only their assets, the sensor redeploys what changed, fail
 
 from __future__ import annotations
 
-import os
-import textwrap
 from pathlib import Path
 
 import psutil
@@ -25,9 +23,11 @@ from orchestrator.resources import ModelpexResource
 from orchestrator.settings import Settings
 from orchestrator.store import LocalPexStore
 
-from .conftest import REPO, Project, copy_example, write_model
+from .conftest import REPO, Project, write_model
 
-M_INPUTS = '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
+M_INPUTS = (
+    '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
+)
 
 
 def repo_definitions() -> Definitions:
@@ -123,7 +123,13 @@ def two_versions(project: Project) -> Project:
 def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Definitions:
     settings = Settings.from_env(env={}, project=str(project.root), store_url=str(store.root))
     defs = build_definitions(settings, schedules_running=False)
-    return defs.with_resources({"modelpex": ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)}) if resource else defs
+    return (
+        defs.with_resources(
+            {"modelpex": ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)}
+        )
+        if resource
+        else defs
+    )
 
 
 def materialised(result) -> dict[AssetKey, dict]:
@@ -227,7 +233,11 @@ def test_failures_are_recorded_per_client_and_model(project: Project, store: Loc
         assert "ValueError: boom" in meta["error"]
 
         run = instance.get_run_by_id(result.run_id)
-        failure = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.event_type_value == "RUN_FAILURE"][0]
+        failure = [
+            e
+            for e in instance.all_logs(result.run_id)
+            if e.dagster_event and e.dagster_event.event_type_value == "RUN_FAILURE"
+        ][0]
         sensor = defs.resolve_sensor_def("modelpex_failures")
         context = build_run_status_sensor_context(
             sensor_name=sensor.name, dagster_instance=instance, dagster_run=run, dagster_event=failure.dagster_event
@@ -240,11 +250,24 @@ def test_failures_are_recorded_per_client_and_model(project: Project, store: Loc
 
 def test_one_failing_model_does_not_stop_the_others(project: Project, store: LocalPexStore) -> None:
     m_model(project, "1.0.0")
-    write_model(project.models, "n", code=M_CODE.format(version="n").replace("m.model", "n.model"), tool=M_INPUTS.replace("m.model", "n.model"))
-    write_deployments(project, {"acme": {
-        "datasets": {"data": {"generate": "customers", "rows": 20}},
-        "models": {"m": {"inputs": {"data": "data"}, "params": {"fail": True}}, "n": {"inputs": {"data": "data"}}},
-    }})
+    write_model(
+        project.models,
+        "n",
+        code=M_CODE.format(version="n").replace("m.model", "n.model"),
+        tool=M_INPUTS.replace("m.model", "n.model"),
+    )
+    write_deployments(
+        project,
+        {
+            "acme": {
+                "datasets": {"data": {"generate": "customers", "rows": 20}},
+                "models": {
+                    "m": {"inputs": {"data": "data"}, "params": {"fail": True}},
+                    "n": {"inputs": {"data": "data"}},
+                },
+            }
+        },
+    )
     defs = defs_for(project, store)
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
@@ -258,7 +281,8 @@ def tick(defs: Definitions, project: Project, store: LocalPexStore, cursor: str 
     sensor = defs.resolve_sensor_def("modelpex_redeploy")
     with DagsterInstance.ephemeral() as instance:
         context = build_sensor_context(
-            instance=instance, cursor=cursor,
+            instance=instance,
+            cursor=cursor,
             resources={"modelpex": ModelpexResource(project_dir=str(project.root), store_url=str(store.root))},
         )
         return sensor(context), context
@@ -277,7 +301,9 @@ def test_redeploy_sensor_requests_what_changed_for_its_followers(two_versions: P
     changed, _ = tick(defs, project, store, unchanged.cursor)
     (request,) = changed.run_requests
     assert set(request.asset_selection) == {
-        AssetKey(["model", "m", "v1_1_0"]), AssetKey(["globex", "m", "state"]), AssetKey(["globex", "m", "predictions"])
+        AssetKey(["model", "m", "v1_1_0"]),
+        AssetKey(["globex", "m", "state"]),
+        AssetKey(["globex", "m", "predictions"]),
     }, "acme pins 1.0.0: it must not be redeployed"
     assert not tick(defs, project, store, changed.cursor)[0].run_requests
 
@@ -287,7 +313,10 @@ def test_redeploy_sensor_requests_what_changed_for_its_followers(two_versions: P
     bumped, _ = tick(defs, project, store, changed.cursor)
     (request,) = bumped.run_requests
     assert request.tags["modelpex/redeploy"] == "m@1.2.0"
-    assert set(request.asset_selection) == {AssetKey(["globex", "m", "state"]), AssetKey(["globex", "m", "predictions"])}
+    assert set(request.asset_selection) == {
+        AssetKey(["globex", "m", "state"]),
+        AssetKey(["globex", "m", "predictions"]),
+    }
 
     (project.root / "base_env" / "src" / "modelpex_runtime" / "note.py").write_text("# base change\n")
     rebased, _ = tick(defs, project, store, bumped.cursor)

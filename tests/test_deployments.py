@@ -39,18 +39,40 @@ def good_client(**model: object) -> dict:
 @pytest.mark.parametrize(
     ("client", "message"),
     [
-        (good_client(version="9.9.9"), r"clients.acme.models.m.version: model 'm' has no version '9.9.9': known versions are 1.0.0"),
-        (good_client(inputs={"data": "nope"}), r"clients.acme.models.m.inputs.data = 'nope': client 'acme' has no such dataset \(it has data\)"),
-        (good_client(inputs={"other": "data"}), r"clients.acme.models.m.inputs maps \['other'\] but m reads \['data'\]"),
-        (good_client(schedules={"train": "every day"}), r"clients.acme.models.m.schedules.train = 'every day' is not a cron"),
+        (
+            good_client(version="9.9.9"),
+            r"clients.acme.models.m.version: model 'm' has no version '9.9.9': known versions are 1.0.0",
+        ),
+        (
+            good_client(inputs={"data": "nope"}),
+            r"clients.acme.models.m.inputs.data = 'nope': client 'acme' has no such dataset \(it has data\)",
+        ),
+        (
+            good_client(inputs={"other": "data"}),
+            r"clients.acme.models.m.inputs maps \['other'\] but m reads \['data'\]",
+        ),
+        (
+            good_client(schedules={"train": "every day"}),
+            r"clients.acme.models.m.schedules.train = 'every day' is not a cron",
+        ),
         (good_client(colour="blue"), r"clients.acme.models.m: unknown keys \['colour'\]"),
-        ({**good_client(), "datasets": {"data": {"generate": "lottery"}}}, r"clients.acme.datasets.data.generate = 'lottery'"),
+        (
+            {**good_client(), "datasets": {"data": {"generate": "lottery"}}},
+            r"clients.acme.datasets.data.generate = 'lottery'",
+        ),
         ({**good_client(), "datasets": {"data": {"path": "x.xlsx"}}}, r"must be a .parquet or .csv file"),
-        ({**good_client(), "models": {"nope": {}}}, r"clients.acme.models.nope: no model 'nope' in model_packages/ \(known: m\)"),
+        (
+            {**good_client(), "models": {"nope": {}}},
+            r"clients.acme.models.nope: no model 'nope' in model_packages/ \(known: m\)",
+        ),
     ],
 )
 def test_mistakes_name_their_place(project: Project, client: dict, message: str) -> None:
-    write_model(project.models, "m", tool='[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\ninputs = ["data"]\n')
+    write_model(
+        project.models,
+        "m",
+        tool='[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\ninputs = ["data"]\n',
+    )
     path = write(project, {"acme": client})
     with pytest.raises(DeploymentError, match=message):
         load_deployments(path, Catalog(project.root, project.models))

@@ -46,16 +46,31 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         user = pwd.getpwnam("postgres")
         for path in (root, sockets):
             os.chown(path, user.pw_uid, user.pw_gid)
-    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "modelpex", "--auth=trust"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "modelpex", "--auth=trust"]),
+        check=True,
+        capture_output=True,
+    )
     port = str(_free_port())
     options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-w", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
     try:
         subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "modelpex", "dagster"], check=True)
-        yield {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": port, "DAGSTER_PG_DB": "dagster",
-               "DAGSTER_PG_USER": "modelpex", "DAGSTER_PG_PASSWORD": ""}
+        yield {
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": port,
+            "DAGSTER_PG_DB": "dagster",
+            "DAGSTER_PG_USER": "modelpex",
+            "DAGSTER_PG_PASSWORD": "",
+        }
     finally:
-        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        subprocess.run(
+            _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
 
 
 def test_runs_and_metadata_live_in_postgres(
@@ -78,8 +93,21 @@ def test_runs_and_metadata_live_in_postgres(
         assert event is not None and event.run_id == result.run_id
         assert event.asset_materialization.metadata["rows_out"].value == 50
     count = subprocess.run(
-        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", postgres["DAGSTER_PG_PORT"], "-U", "modelpex", "-d", "dagster",
-         "-tAc", f"select count(*) from runs where run_id = '{result.run_id}'"],
-        check=True, capture_output=True, text=True,
+        [
+            _pg_bin("psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            postgres["DAGSTER_PG_PORT"],
+            "-U",
+            "modelpex",
+            "-d",
+            "dagster",
+            "-tAc",
+            f"select count(*) from runs where run_id = '{result.run_id}'",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     assert count.stdout.strip() == "1"

@@ -51,7 +51,9 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
         load_model_spec(folder)
 
 
-@pytest.mark.parametrize("text", ["../x", "x/../../etc", "churn@../../1", "churn@1.0/../x", "Churn", "", "churn@", "a b"])
+@pytest.mark.parametrize(
+    "text", ["../x", "x/../../etc", "churn@../../1", "churn@1.0/../x", "Churn", "", "churn@", "a b"]
+)
 def test_path_tricks_are_refused(text: str) -> None:
     with pytest.raises(SpecError, match="not valid|not a normalised"):
         ModelRef.parse(text)

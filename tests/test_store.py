@@ -25,7 +25,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> PexStore:
     return BACKENDS[request.param](tmp_path / "store")
 
 
-def artifact(tmp_path: Path, payload: bytes = b"#!/bin/sh\necho model\n", key: str = KEY) -> tuple[ArtifactRecord, Path]:
+def artifact(
+    tmp_path: Path, payload: bytes = b"#!/bin/sh\necho model\n", key: str = KEY
+) -> tuple[ArtifactRecord, Path]:
     path = tmp_path / f"artifact-{key}.pex"
     path.write_bytes(payload)
     record = ArtifactRecord("model", "churn", "1.2.0", key, base_key=BASE_KEY, git_commit="abc")

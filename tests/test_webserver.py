@@ -51,12 +51,19 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
     write_deployments(project, {"acme": client("latest"), "globex": client("latest")})
     shutil.copyfile(REPO / "workspace.yaml", project.root / "workspace.yaml")
     port = _free_port()
-    env = {**os.environ, "MODELPEX_PROJECT": str(project.root), "MODELPEX_STORE": str(store.root),
-           "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    env = {
+        **os.environ,
+        "MODELPEX_PROJECT": str(project.root),
+        "MODELPEX_STORE": str(store.root),
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+    }
     log = open(tmp_path / "dagster-dev.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     graphql = GraphQL(port)
     try:
@@ -105,7 +112,9 @@ def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) 
     graphql, process = server
     (repository,) = graphql(LOCATION)["repositoriesOrError"]["nodes"]
     assert repository["location"]["name"] == "modelpex"
-    assert {"deploy", "client_acme", "client_globex", "model_m", "build_model"} <= {j["name"] for j in repository["jobs"]}
+    assert {"deploy", "client_acme", "client_globex", "model_m", "build_model"} <= {
+        j["name"] for j in repository["jobs"]
+    }
     assert {s["name"] for s in repository["sensors"]} == {"modelpex_redeploy", "modelpex_failures"}
     assert {"acme_train", "acme_predict"} <= {s["name"] for s in repository["schedules"]}
     assert ["model", "m", "v1_0_0"] in [a["assetKey"]["path"] for a in repository["assetNodes"]]

@@ -1,7 +1,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from churn.model import FEATURES, predict, train
 
 

@@ -1,8 +1,7 @@
 import pyarrow as pa
 import pytest
-from pydantic import ValidationError
-
 from credit_risk.scoring import BANDS, predict, train
+from pydantic import ValidationError
 
 
 def applicants(n: int = 1000) -> pa.Table:

@@ -3,7 +3,6 @@ from datetime import date, timedelta
 import numpy as np
 import polars as pl
 import pytest
-
 from demand.forecast import predict, train
 
 

@@ -1,4 +1,7 @@
-"""Train and predict for the churn model (modelpex contract: ``train(inputs, params)``, ``predict(inputs, state, params)``)."""
+"""Train and predict for the churn model.
+
+The modelpex contract: ``train(inputs, params)`` returns a fitted state; ``predict(inputs, state, params)`` a frame.
+"""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ class Params(BaseModel):
     @field_validator("quantiles")
     @classmethod
     def _increasing(cls, value: list[float]) -> list[float]:
-        if not all(0 < a < b < 1 for a, b in zip(value, value[1:])) or not 0 < value[0] < 1:
+        if not all(0 < a < b < 1 for a, b in zip(value, value[1:], strict=False)) or not 0 < value[0] < 1:
             raise ValueError("quantiles must be strictly increasing and between 0 and 1")
         return value
 
