@@ -182,7 +182,7 @@ def _stored_state(path: str, label: str) -> Any:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     """Build or find the model version, then train and predict (or predict from a stored state) on files."""
     import pyarrow.parquet
-    from dagster import build_op_context
+    from dagster import build_op_context, op
 
     from orchestrator.run import run_model  # N.B. Imports Dagster: only when running.
 
@@ -193,19 +193,25 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     state_in = _stored_state(args.state, record.label) if args.state else None
     output = Path(args.output)
     with tempfile.TemporaryDirectory(prefix="modelpex-cli-") as tmp, err.status(f"running {record.label}"):
-        outcome = run_model(
-            build_op_context(),
-            settings.store(),
-            record,
-            action="predict" if state_in else "train_predict",
-            inputs=inputs,
-            params=params,
-            state_in=state_in,
-            state_out=None if state_in else Path(tmp) / "state",
-            python=builder.interpreter.path,
-            pex_root=settings.pex_root,
-            timeout=args.timeout or settings.timeout,
-        )
+
+        @op(name="modelpex_run")
+        def run_once(context):  # type: ignore[no-untyped-def]  # N.B. cli.py has string annotations
+            return run_model(
+                context,
+                settings.store(),
+                record,
+                action="predict" if state_in else "train_predict",
+                inputs=inputs,
+                params=params,
+                state_in=state_in,
+                state_out=None if state_in else Path(tmp) / "state",
+                python=builder.interpreter.path,
+                pex_root=settings.pex_root,
+                timeout=args.timeout or settings.timeout,
+            )
+
+        # N.B. Invoking the op directly binds a real (ephemeral) Dagster context, which Pipes needs.
+        outcome = run_once(build_op_context())
         staged = output.with_name(f".{output.name}.tmp")
         pyarrow.parquet.write_table(outcome.outputs["predictions"], staged)
         staged.replace(output)
@@ -263,7 +269,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     for column in ("asset", "model version", "rows in", "rows out", "bytes moved", "transport ms", "model s"):
         table.add_column(column, no_wrap=True)
     for event in result.get_asset_materialization_events():
-        materialization = event.asset_materialization
+        materialization = event.materialization
         meta = {k: v.value for k, v in materialization.metadata.items()}
         if "rows_in" in meta:
             table.add_row(

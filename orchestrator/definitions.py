@@ -96,8 +96,13 @@ def _keys(assets: Iterable[AssetsDefinition]) -> list[AssetKey]:
     return [key for a in assets for key in a.keys]
 
 
-def build_definitions(settings: Settings | None = None, *, schedules_running: bool = True) -> Definitions:
-    """The whole code location for one project; raises a clear error when deployments.yaml is invalid."""
+def build_definitions(
+    settings: Settings | None = None, *, schedules_running: bool = True, modelpex: ModelpexResource | None = None
+) -> Definitions:
+    """The whole code location for one project; raises a clear error when deployments.yaml is invalid.
+
+    ``modelpex`` replaces the default runner resource (one built from ``settings``), e.g. with a timeout.
+    """
     settings = settings or Settings.from_env()
     catalog = settings.catalog()
     builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
@@ -148,7 +153,7 @@ def build_definitions(settings: Settings | None = None, *, schedules_running: bo
         schedules=_schedules(deployments, client_jobs, status),
         sensors=[redeploy_sensor(deployments, version_assets, deploy, all_keys), failure_sensor()],
         resources={
-            "modelpex": ModelpexResource(project_dir=str(settings.project), store_url=settings.store_url),
+            "modelpex": modelpex or ModelpexResource(project_dir=str(settings.project), store_url=settings.store_url),
             "frames": ArrowParquetIOManager(store=frame_store),
             "frame_store": frame_store,
         },

@@ -124,11 +124,11 @@ def test_run_trains_then_predicts(cli: Cli, project: Project, tmp_path: Path) ->
         str(state),
     )
     assert result.returncode == 0, result.stderr
-    assert pq.read_table(output)["y"].to_pylist() == [4.0, 5.0, 6.0, 9.0]
+    assert pq.read_table(output)["y"].to_pylist() == [5.0, 6.0, 7.0, 10.0]  # x + mean(x) + offset
     assert "4 rows in, 4 rows out" in result.stdout
     again = cli("run", "m", "--input", f"data={data_file(tmp_path)}", "--output", str(output), "--state", str(state))
     assert again.returncode == 0, again.stderr
-    assert pq.read_table(output)["y"].to_pylist() == [3.0, 4.0, 5.0, 8.0]
+    assert pq.read_table(output)["y"].to_pylist() == [4.0, 5.0, 6.0, 9.0]  # the stored mean, no offset
 
 
 def test_run_refuses_a_tampered_state(cli: Cli, project: Project, tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from dagster import (
     AssetKey,
+    AssetSelection,
+    DagsterEventType,
     DagsterInstance,
     Definitions,
     RetryPolicy,
@@ -122,19 +124,13 @@ def two_versions(project: Project) -> Project:
 
 def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Definitions:
     settings = Settings.from_env(env={}, project=str(project.root), store_url=str(store.root))
-    defs = build_definitions(settings, schedules_running=False)
-    return (
-        defs.with_resources(
-            {"modelpex": ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)}
-        )
-        if resource
-        else defs
-    )
+    modelpex = ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)
+    return build_definitions(settings, schedules_running=False, modelpex=modelpex)
 
 
 def materialised(result) -> dict[AssetKey, dict]:
     return {
-        e.asset_materialization.asset_key: {k: v.value for k, v in e.asset_materialization.metadata.items()}
+        e.materialization.asset_key: {k: v.value for k, v in e.materialization.metadata.items()}
         for e in result.get_asset_materialization_events()
     }
 
@@ -215,8 +211,10 @@ def test_hanging_model_is_killed_at_its_timeout(project: Project, store: LocalPe
 
 def test_retry_policy_acts_on_model_failures(project: Project, store: LocalPexStore, tmp_path: Path) -> None:
     defs = defs_for(failing_project(project, flaky=str(tmp_path / "marker")), store)
-    job = define_asset_job("retrying", selection="acme/*", op_retry_policy=RetryPolicy(max_retries=1))
-    defs = Definitions.merge(defs, Definitions(jobs=[job]))
+    job = define_asset_job(
+        "retrying", selection=AssetSelection.groups("acme"), op_retry_policy=RetryPolicy(max_retries=1)
+    )
+    defs = Definitions(assets=list(defs.assets), resources=defs.resources, jobs=[job], executor=defs.executor)
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_job_def("retrying").execute_in_process(instance=instance)
     assert result.success
@@ -227,17 +225,13 @@ def test_failures_are_recorded_per_client_and_model(project: Project, store: Loc
     defs = defs_for(failing_project(project, fail=True), store)
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
-        observation = instance.get_latest_observation_event(AssetKey(["acme", "m", "state"]))
-        meta = {k: v.value for k, v in observation.asset_observation.metadata.items()}
+        (record,) = instance.fetch_observations(AssetKey(["acme", "m", "state"]), limit=1).records
+        meta = {k: v.value for k, v in record.asset_observation.metadata.items()}
         assert (meta["client"], meta["model"], meta["failed_run"]) == ("acme", "m", result.run_id)
         assert "ValueError: boom" in meta["error"]
 
         run = instance.get_run_by_id(result.run_id)
-        failure = [
-            e
-            for e in instance.all_logs(result.run_id)
-            if e.dagster_event and e.dagster_event.event_type_value == "RUN_FAILURE"
-        ][0]
+        (failure,) = instance.all_logs(result.run_id, of_type=DagsterEventType.RUN_FAILURE)
         sensor = defs.resolve_sensor_def("modelpex_failures")
         context = build_run_status_sensor_context(
             sensor_name=sensor.name, dagster_instance=instance, dagster_run=run, dagster_event=failure.dagster_event

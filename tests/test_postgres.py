@@ -8,6 +8,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def _as_postgres(command: list[str]) -> list[str]:
 
 
 @pytest.fixture
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    root = tmp_path_factory.mktemp("pg")
+def postgres() -> Iterator[dict[str, str]]:
+    # N.B. Not under pytest's tmp_path: that is private to root, and the server runs as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="modelpex-pg-"))
     data, sockets = root / "data", root / "sockets"
     sockets.mkdir()
     if os.geteuid() == 0:
@@ -52,11 +54,16 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         capture_output=True,
     )
     port = str(_free_port())
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+    # N.B. mmap dynamic shared memory keeps the server's own segments out of /dev/shm, where ours are checked.
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c dynamic_shared_memory_type=mmap"
+    # N.B. -l: the server must not inherit our pipes, or waiting for pg_ctl's output would wait for the server.
     subprocess.run(
-        _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-w", "start"]),
+        _as_postgres(
+            [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start"]
+        ),
         check=True,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        timeout=60,
     )
     try:
         subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "modelpex", "dagster"], check=True)
@@ -71,6 +78,7 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         subprocess.run(
             _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
         )
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_runs_and_metadata_live_in_postgres(

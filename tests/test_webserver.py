@@ -48,7 +48,8 @@ class GraphQL:
 @pytest.fixture
 def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[tuple[GraphQL, subprocess.Popen]]:
     m_model(project, "1.0.0")
-    write_deployments(project, {"acme": client("latest"), "globex": client("latest")})
+    schedules = {"train": "0 2 * * *", "predict": "0 * * * *"}
+    write_deployments(project, {"acme": {**client("latest"), "schedules": schedules}, "globex": client("latest")})
     shutil.copyfile(REPO / "workspace.yaml", project.root / "workspace.yaml")
     port = _free_port()
     env = {

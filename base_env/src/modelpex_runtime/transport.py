@@ -1,0 +1,222 @@
+"""Transport: frames as Arrow IPC streams in POSIX shared-memory segments, read without copying.
+
+This is the half both processes share (the orchestrator adds segment ownership and pooling on top). A segment is
+the same kind of object ``multiprocessing.shared_memory`` makes, opened with ``shm_open`` directly because the
+``SharedMemory`` class on Python 3.11 registers every segment it *attaches* to with the resource tracker (which then
+unlinks it and warns when the attaching process exits) and raises ``BufferError`` on ``close()`` while an Arrow
+buffer still points into it. Here a mapping is never closed explicitly: Arrow buffers hold the ``mmap`` object
+and the kernel unmaps it when the last of them is gone, so that error cannot happen.
+
+Writers size the segment exactly (``posix_fallocate``, which also fails cleanly with ENOSPC where a plain
+``ftruncate`` would let the writer die of SIGBUS on a full /dev/shm) and map it with ``MAP_POPULATE``, so pages are
+allocated in one kernel call rather than one fault at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from modelpex_runtime.protocol import (
+    FRAME_LIBRARIES,
+    PROTOCOL_VERSION,
+    SEGMENT_NAME,
+    FrameRef,
+    ShmSpaceError,
+    TransportError,
+)
+
+try:
+    import _posixshmem  # N.B. CPython's own binding, the one multiprocessing.shared_memory uses.
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None
+
+__all__ = [
+    "SHM_DIR",
+    "check_space",
+    "from_arrow",
+    "ipc_size",
+    "map_segment",
+    "read_frame",
+    "read_table",
+    "to_arrow",
+    "validate_segment_name",
+    "write_frame",
+    "write_table",
+]
+
+SHM_DIR = "/dev/shm"
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_SHM_FIX = (
+    "raise it: Docker `--shm-size=2g` (compose: `shm_size`), Kubernetes an emptyDir with `medium: Memory` and a "
+    "`sizeLimit` mounted at /dev/shm"
+)
+
+
+def validate_segment_name(name: str) -> str:
+    """Only names of the form ``mpx_<pid>_<16 hex>``: nothing else is ever opened, created or unlinked."""
+    if not isinstance(name, str) or not SEGMENT_NAME.fullmatch(name):
+        raise TransportError(f"{name!r} is not a modelpex shared-memory segment name (mpx_<pid>_<16 hex digits>)")
+    return name
+
+
+def _open(name: str, flags: int) -> int:
+    if _posixshmem is None:  # pragma: no cover
+        raise TransportError("POSIX shared memory is not available on this platform")
+    try:
+        return _posixshmem.shm_open("/" + validate_segment_name(name), flags, 0o600)
+    except FileNotFoundError:
+        raise TransportError(f"shared-memory segment {name} does not exist (its owner already unlinked it)") from None
+
+
+def check_space(needed: int, what: str) -> None:
+    """Fail before writing when /dev/shm cannot hold ``needed`` more bytes, saying how to make room."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # N.B. No /dev/shm to measure (macOS): the allocation itself reports ENOSPC.
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise ShmSpaceError(
+            f"{what} needs {needed / 1e6:.1f} MB of shared memory but {SHM_DIR} has {free / 1e6:.1f} MB free "
+            f"(of {stat.f_blocks * stat.f_frsize / 1e6:.1f} MB): {_SHM_FIX}"
+        )
+
+
+def allocate(fd: int, size: int, what: str) -> None:
+    """Grow the segment behind ``fd`` to at least ``size`` bytes, with real pages, or fail with ShmSpaceError."""
+    current = os.fstat(fd).st_size
+    if size <= current:
+        return
+    check_space(size - current, what)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ShmSpaceError(
+                f"{what} needs {size / 1e6:.1f} MB of shared memory and {SHM_DIR} is full: {_SHM_FIX}"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # N.B. File systems without fallocate (macOS shm): sparse growth.
+
+
+def map_segment(name: str, *, length: int | None = None, writable: bool = False, grow_to: int = 0) -> mmap.mmap:
+    """Map a segment (optionally growing it first); the mapping lives as long as something references it."""
+    fd = _open(name, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        if grow_to:
+            allocate(fd, grow_to, f"segment {name}")
+        actual = os.fstat(fd).st_size
+        length = actual if length is None else length
+        if length > actual or length <= 0:
+            raise TransportError(
+                f"segment {name} holds {actual} bytes but {length} were announced: the payload is truncated "
+                "(the writer died mid-write, or the segment was altered)"
+            )
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
+    finally:
+        os.close(fd)
+
+
+def to_arrow(frame: Any) -> pa.Table:
+    """A pandas, polars or pyarrow frame as an Arrow table, without copying column data where Arrow allows."""
+    if isinstance(frame, pa.Table):
+        return frame
+    if isinstance(frame, pa.RecordBatch):
+        return pa.Table.from_batches([frame])
+    module = type(frame).__module__.partition(".")[0]
+    if module == "pandas" and type(frame).__name__ == "DataFrame":
+        return pa.Table.from_pandas(frame)
+    if module == "polars" and type(frame).__name__ == "DataFrame":
+        import polars as pl
+
+        # N.B. The newest compat level keeps string_view; the default converts every string column (field notes).
+        return frame.to_arrow(compat_level=pl.CompatLevel.newest())
+    raise TransportError(
+        f"cannot send a {type(frame).__module__}.{type(frame).__qualname__}: return a pandas or polars DataFrame "
+        "or a pyarrow Table"
+    )
+
+
+def from_arrow(table: pa.Table, library: str) -> Any:
+    """The table in the library a model asked for: zero-copy to polars, and for numeric columns to pandas."""
+    if library == "pyarrow":
+        return table
+    if library == "polars":
+        import polars as pl
+
+        return pl.from_arrow(table, rechunk=False)
+    if library == "pandas":
+        return table.to_pandas(split_blocks=True)
+    raise TransportError(f"unknown frame library {library!r}: use one of {', '.join(FRAME_LIBRARIES)}")
+
+
+def _stream(sink: Any, table: pa.Table) -> None:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def ipc_size(table: pa.Table) -> int:
+    """Exact bytes of ``table`` as an IPC stream, measured without writing any data."""
+    sink = pa.MockOutputStream()
+    _stream(sink, table)
+    return sink.size()
+
+
+def write_table(mapping: mmap.mmap, table: pa.Table, size: int) -> None:
+    """Write ``table`` as an IPC stream at the start of a writable mapping of at least ``size`` bytes."""
+    sink = pa.FixedSizeBufferWriter(pa.py_buffer(mapping))
+    _stream(sink, table)
+    if sink.tell() != size:
+        raise TransportError(f"wrote {sink.tell()} bytes where {size} were measured: the table changed while written")
+
+
+def read_table(buffer: pa.Buffer, ref: FrameRef) -> pa.Table:
+    """Decode a segment's payload; anything but a well-formed stream of the announced rows is a TransportError."""
+    try:
+        with pa.ipc.open_stream(buffer) as reader:
+            table = reader.read_all()
+        table.validate()
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise TransportError(
+            f"segment {ref['segment']} does not hold a valid Arrow IPC stream ({exc}): the writer died mid-write "
+            "or the segment was altered"
+        ) from None
+    if table.num_rows != ref["num_rows"]:
+        raise TransportError(
+            f"segment {ref['segment']} holds {table.num_rows} rows but {ref['num_rows']} were announced"
+        )
+    return table
+
+
+def frame_ref(segment: str, size: int, table: pa.Table) -> FrameRef:
+    return FrameRef(
+        protocol=PROTOCOL_VERSION,
+        segment=segment,
+        size=size,
+        num_rows=table.num_rows,
+        columns=[f"{field.name}: {field.type}" for field in table.schema],
+    )
+
+
+def read_frame(ref: FrameRef, library: str) -> Any:
+    """Map a frame's segment read-only and return it in ``library``; its buffers are views of the mapping."""
+    if ref.get("protocol") != PROTOCOL_VERSION:
+        raise TransportError(f"frame reference speaks protocol {ref.get('protocol')!r}, not {PROTOCOL_VERSION}")
+    mapping = map_segment(ref["segment"], length=ref["size"])
+    return from_arrow(read_table(pa.py_buffer(mapping), ref), library)
+
+
+def write_frame(frame: Any, segment: str) -> FrameRef:
+    """Write a frame into the segment the orchestrator reserved, growing it to the exact size needed."""
+    table = to_arrow(frame)
+    size = ipc_size(table)
+    mapping = map_segment(segment, length=size, writable=True, grow_to=size)
+    write_table(mapping, table, size)
+    return frame_ref(segment, size, table)
