@@ -20,7 +20,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -29,6 +29,7 @@ from modelpex_runtime.transport import (
     SHM_DIR,
     _open,
     allocate,
+    forget_mapping,
     frame_ref,
     from_arrow,
     ipc_size,
@@ -63,18 +64,16 @@ def _unlink(name: str) -> None:
 
 @dataclass(eq=False)
 class Segment:
-    """A segment this process created, and a writable mapping of it kept for re-use."""
+    """A segment this process created; its writable mapping is cached by `map_segment` and re-used."""
 
     name: str
     capacity: int
-    mapping: mmap.mmap | None = field(default=None, repr=False)
 
-    def writable(self, size: int, what: str) -> mmap.mmap:
-        """A mapping of at least ``size`` bytes, growing the segment (and re-mapping) when it is too small."""
-        if self.mapping is None or len(self.mapping) < size:
-            self.mapping = map_segment(self.name, writable=True, grow_to=max(size, PAGE))
-            self.capacity = len(self.mapping)
-        return self.mapping
+    def mapping(self, size: int) -> mmap.mmap:
+        """A writable mapping of at least ``size`` bytes (populated once per process, then re-used)."""
+        mapping = map_segment(self.name, length=max(size, 1), writable=True, grow_to=size)
+        self.capacity = max(self.capacity, len(mapping))
+        return mapping
 
     def refresh(self) -> None:
         """Learn the size a model may have grown the segment to (its writes do not touch our mapping)."""
@@ -90,6 +89,7 @@ class SegmentPool:
 
     def __init__(self, max_idle_bytes: int = DEFAULT_POOL_BYTES) -> None:
         self.max_idle_bytes = max_idle_bytes
+        self.output_sizes: dict[str, int] = {}  # output name -> its last size: the next one is reserved that big
         self._idle: list[Segment] = []
         self._owned: dict[str, Segment] = {}
         self._lock = threading.Lock()
@@ -125,7 +125,7 @@ class SegmentPool:
         return segment
 
     def release(self, segment: Segment) -> None:
-        """Back to the pool while the idle budget allows, otherwise unlinked now."""
+        """Back to the pool; the least recently used idle segments are unlinked beyond the idle budget."""
         with self._lock:
             if segment.name not in self._owned or segment in self._idle:
                 return
@@ -134,18 +134,19 @@ class SegmentPool:
             except TransportError:
                 self._owned.pop(segment.name, None)
                 return
-            idle = sum(s.capacity for s in self._idle)
-            if idle + segment.capacity <= self._budget():
-                self._idle.append(segment)
-                return
-        self.destroy(segment)
+            self._idle.append(segment)
+            budget, evicted = self._budget(), []
+            while self._idle and sum(s.capacity for s in self._idle) > budget:
+                evicted.append(self._idle.pop(0))
+        for old in evicted:
+            self.destroy(old)
 
     def destroy(self, segment: Segment) -> None:
         with self._lock:
             self._owned.pop(segment.name, None)
             if segment in self._idle:
                 self._idle.remove(segment)
-        segment.mapping = None  # N.B. Dropped, never closed: a view may still hold it; the kernel unmaps later.
+        forget_mapping(segment.name)  # N.B. Dropped, never closed: a view may still use it; the kernel unmaps later.
         _unlink(segment.name)
 
     def close(self) -> None:
@@ -217,7 +218,8 @@ class FrameExchange:
     def __init__(self, pool: SegmentPool | None = None) -> None:
         self.pool = pool or default_pool()
         self._held: list[Segment] = []
-        self._outputs: dict[str, Segment] = {}
+        self._outputs: dict[str, tuple[str, Segment]] = {}  # segment name -> (output name, segment)
+        self._input_sizes: list[int] = []
 
     def __enter__(self) -> FrameExchange:
         return self
@@ -231,22 +233,29 @@ class FrameExchange:
         size = ipc_size(table)
         segment = self.pool.acquire(size, f"input frame {name!r}")
         self._held.append(segment)
-        write_table(segment.writable(size, f"input frame {name!r}"), table, size)
+        write_table(segment.mapping(size), table, size)
+        self._input_sizes.append(size)
         return frame_ref(segment.name, size, table)
 
     def reserve_output(self, name: str) -> str:
-        """A segment name for an output the model will write (and grow to the size it needs)."""
-        segment = self.pool.acquire(0, f"output frame {name!r}")
+        """A segment name for an output the model will write (and grow to the size it needs).
+
+        N.B. Reserved as big as this output was last time (or as the largest input): a re-used segment of that
+        size already has its pages, where a small one would be grown into fresh pages by the model.
+        """
+        expected = self.pool.output_sizes.get(name, max(self._input_sizes, default=0))
+        segment = self.pool.acquire(expected, f"output frame {name!r}")
         self._held.append(segment)
-        self._outputs[segment.name] = segment
+        self._outputs[segment.name] = (name, segment)
         return segment.name
 
     def get(self, ref: FrameRef, library: str) -> Any:
         """Read an output back without copying; only segments reserved by this exchange are accepted."""
-        segment = self._outputs.get(ref["segment"])
-        if segment is None:
+        if ref["segment"] not in self._outputs:
             raise TransportError(f"the model announced segment {ref['segment']!r}, which this call did not reserve")
-        lease = _Lease(map_segment(segment.name, length=ref["size"]))
+        name, segment = self._outputs[ref["segment"]]
+        self.pool.output_sizes[name] = ref["size"]
+        lease = _Lease(segment.mapping(ref["size"]))
         view = pa.foreign_buffer(lease.buffer.address, ref["size"], base=lease)
         table = read_table(view, ref)
         self._held.remove(segment)

@@ -18,6 +18,22 @@ from orchestrator.specs import load_base_env
 from orchestrator.store import LocalPexStore
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No shared-memory segment of ours may outlive the suite: the pool's idle ones go first, then we look."""
+    from modelpex_runtime.protocol import SEGMENT_NAME
+
+    from orchestrator import transport
+
+    if transport._default is not None:
+        transport._default.close()
+    left = sorted(p.name for p in Path("/dev/shm").iterdir() if SEGMENT_NAME.fullmatch(p.name))
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nshared-memory segments left in /dev/shm after the suite: {left}", file=sys.stderr)
+
+
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis")
 
 

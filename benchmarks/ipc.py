@@ -1,0 +1,261 @@
+"""IPC benchmark: the seed's round-trip table, reproduced and beaten, in one run.
+
+    python benchmarks/ipc.py --json benchmarks/results/ipc.json [--quick]
+
+Rows, each a round trip (orchestrator -> model process -> orchestrator) of the seed's frame (``a`` and ``b`` =
+range(n), ``c`` = 'c' repeated), median of several runs:
+
+- the seed's method: multiprocessing pickle through a pipe, for pandas, polars, dict and pydantic;
+- ours: the frame written into shared memory as Arrow IPC, read (zero-copy) and converted to the library by the
+  real model-side runtime (``modelpex_runtime.transport``) in a separate, long-lived process, written back, and
+  read back (zero-copy) by the orchestrator side (``orchestrator.transport``); for pandas, polars and pyarrow;
+- the physical floor: two warm memcpys of the table's bytes (there and back, written once, read zero-copy).
+
+Process start-up is not in the round trips: the worker's start-up is reported on its own line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "base_env" / "src")]
+
+SIZES = [10**k for k in range(8)]
+QUICK_SIZES = [10**k for k in range(6)]
+SLOW_LIMIT = 10**6  # dict and pydantic above this take minutes per run with pickle: skipped, as the table says
+OURS = ("pandas", "polars", "pyarrow")
+SEED = ("pandas", "polars", "dict", "pydantic")
+
+
+def seed_data(n: int) -> dict[str, list]:
+    return {"a": list(range(n)), "b": list(range(n)), "c": ["c"] * n}
+
+
+def arrow_table(n: int):
+    import numpy as np
+    import pyarrow as pa
+
+    return pa.table({"a": np.arange(n, dtype="int64"), "b": np.arange(n, dtype="int64"), "c": pa.array(["c"] * n)})
+
+
+def seed_object(kind: str, n: int):
+    if kind == "dict":
+        return seed_data(n)
+    if kind == "pydantic":
+        from pydantic import BaseModel
+
+        class Data(BaseModel):
+            a: list[int]
+            b: list[int]
+            c: list[str]
+
+        return Data(**seed_data(n)).model_dump()  # N.B. A dict of its fields: a local class does not pickle.
+    table = arrow_table(n)
+    if kind == "pandas":
+        return table.to_pandas()
+    import polars as pl
+
+    return pl.from_arrow(table)
+
+
+def _echo(connection) -> None:
+    while (item := connection.recv()) is not None:
+        connection.send(item)
+
+
+def seed_round_trips(kind: str, sizes: list[int], repeats: int) -> dict[int, float]:
+    """The seed's method: send the object to another process through a multiprocessing pipe and back."""
+    parent, child = mp.Pipe()
+    process = mp.get_context("fork").Process(target=_echo, args=(child,), daemon=True)
+    process.start()
+    results = {}
+    try:
+        for n in sizes:
+            if kind in ("dict", "pydantic") and n > SLOW_LIMIT:
+                continue
+            obj = seed_object(kind, n)
+            runs = []
+            for _ in range(repeats if n < 10**6 else 3):
+                started = time.perf_counter()
+                parent.send(obj)
+                parent.recv()
+                runs.append(time.perf_counter() - started)
+            results[n] = statistics.median(runs)
+    finally:
+        parent.send(None)
+        process.join(10)
+    return results
+
+
+def worker() -> None:
+    """The model side, kept alive: read each frame as its library asks, write it back (JSON lines on stdio)."""
+    from modelpex_runtime.transport import read_frame, write_frame
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        call = json.loads(line)
+        frame = read_frame(call["ref"], call["library"])
+        ref = write_frame(frame, call["out"])
+        del frame
+        print(json.dumps({"ref": ref}), flush=True)
+
+
+class Worker:
+    def __init__(self) -> None:
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert json.loads(self.process.stdout.readline())["ready"]
+        self.startup_seconds = time.perf_counter() - started
+
+    def round_trip(self, exchange, frame, library: str):
+        ref = exchange.put("frame", frame)
+        out = exchange.reserve_output("frame")
+        self.process.stdin.write(json.dumps({"ref": ref, "library": library, "out": out}) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        return exchange.get(answer["ref"], library)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(10)
+
+
+def our_round_trips(library: str, sizes: list[int], repeats: int, worker_: Worker) -> dict[int, float]:
+    from modelpex_runtime.transport import from_arrow
+
+    from orchestrator.transport import FrameExchange
+
+    results = {}
+    for n in sizes:
+        frame = from_arrow(arrow_table(n), library)
+        for _ in range(3):  # N.B. Warm-up: the pool's segments get their pages, as in a long-lived orchestrator.
+            with FrameExchange() as exchange:
+                back = worker_.round_trip(exchange, frame, library)
+            del back
+        runs = []
+        for _ in range(repeats if n < 10**6 else 5):
+            with FrameExchange() as exchange:
+                started = time.perf_counter()
+                back = worker_.round_trip(exchange, frame, library)
+                runs.append(time.perf_counter() - started)
+            assert len(back) == n
+            del back
+        results[n] = statistics.median(runs)
+    return results
+
+
+def memcpy_floor(sizes: list[int], repeats: int) -> tuple[dict[int, float], dict[int, int]]:
+    """Two warm memcpys of the table's IPC bytes: the floor of write once, read zero-copy, there and back."""
+    import numpy as np
+    from modelpex_runtime.transport import ipc_size
+
+    results, nbytes = {}, {}
+    for n in sizes:
+        size = ipc_size(arrow_table(n))
+        nbytes[n] = size
+        src, mid, dst = (np.ones(size, dtype="uint8") for _ in range(3))
+        runs = []
+        for _ in range(repeats + 2):
+            started = time.perf_counter()
+            np.copyto(mid, src)
+            np.copyto(dst, mid)
+            runs.append(time.perf_counter() - started)
+        results[n] = statistics.median(runs[2:])
+    return results, nbytes
+
+
+def table_text(rows: dict[str, dict[int, float]], sizes: list[int]) -> str:
+    head = f"{'':24}" + "".join(f"{n:>13,}" for n in sizes)
+    lines = [head]
+    for name, values in rows.items():
+        lines.append(f"{name:24}" + "".join(f"{values[n]:13.6f}" if n in values else f"{'skipped':>13}" for n in sizes))
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, values in rows.items():
+        sizes = sorted(values)
+        style = "--" if name.startswith("seed") else (":" if name.startswith("memcpy") else "-")
+        ax.plot(sizes, [values[n] for n in sizes], style, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rows")
+    ax.set_ylabel("round trip (s)")
+    ax.set_title("Round trip orchestrator -> model process -> orchestrator")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ipc.json")
+    parser.add_argument("--quick", action="store_true", help="sizes up to 10^5 (under a minute)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker()
+    sizes = QUICK_SIZES if args.quick else SIZES
+    repeats = 5 if args.quick else 9
+    rows: dict[str, dict[int, float]] = {}
+    for kind in SEED:
+        print(f"seed method (pickle through a pipe): {kind}", file=sys.stderr)
+        rows[f"seed pickle {kind}"] = seed_round_trips(kind, sizes, repeats)
+    worker_ = Worker()
+    try:
+        for library in OURS:
+            print(f"modelpex shared memory: {library}", file=sys.stderr)
+            rows[f"modelpex shm {library}"] = our_round_trips(library, sizes, repeats, worker_)
+    finally:
+        worker_.close()
+    rows["memcpy x2 (floor)"], nbytes = memcpy_floor(sizes, repeats)
+    print(table_text(rows, sizes))
+    skipped = [n for n in sizes if n > SLOW_LIMIT]
+    if skipped:
+        print(f"(dict and pydantic skipped above {SLOW_LIMIT:,} rows: minutes per run with pickle)")
+    print(f"worker start-up (not in the round trips): {worker_.startup_seconds:.3f} s")
+    big = max(sizes)
+    ratios = {
+        f"{lib} vs seed": rows[f"seed pickle {lib}"][big] / rows[f"modelpex shm {lib}"][big]
+        for lib in ("pandas", "polars")
+    }
+    ratios |= {f"{lib} vs memcpy": rows[f"modelpex shm {lib}"][big] / rows["memcpy x2 (floor)"][big] for lib in OURS}
+    small = [n for n in sizes if n <= 1000]
+    worst_small = {lib: max(rows[f"modelpex shm {lib}"][n] for n in small) for lib in OURS}
+    print(f"at {big:,} rows ({nbytes[big] / 1e6:.0f} MB): " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
+    print("worst round trip at <= 1,000 rows: " + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in worst_small.items()))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "sizes": sizes,
+        "bytes": nbytes,
+        "rows": rows,
+        "ratios_at_largest": ratios,
+        "worst_at_1000_rows_s": worst_small,
+        "worker_startup_s": worker_.startup_seconds,
+        "skipped_above": SLOW_LIMIT,
+        "quick": args.quick,
+    }
+    args.json.write_text(json.dumps(figures, indent=2))
+    plot(rows, args.json.with_suffix(".png"))
+    print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
