@@ -213,7 +213,7 @@ class ClientRun:
     def train(self, d: ModelDeployment) -> MaterializeResult:
         running = self.catalog.resolve(d.model, d.version)  # N.B. Now, not at load: follows `latest`.
         ensured = self.modelpex.ensure(running, self.catalog)
-        state_path = self.modelpex.state_dir() / d.client / d.model / f"{running.version}-{self.context.run_id}.state"
+        state_path = self.modelpex.state_dir() / d.client / d.model / f"{running.version}-{self.context.run.run_id}.state"
         outcome = self.modelpex.run(
             self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, state_out=state_path
         )
@@ -253,7 +253,7 @@ class ClientRun:
                 metadata={
                     "client": d.client,
                     "model": d.model,
-                    "failed_run": self.context.run_id,
+                    "failed_run": self.context.run.run_id,
                     "error": str(exc)[:MAX_ERROR_CHARS],
                 },
             )

@@ -264,7 +264,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
         DagsterInstance.get() as instance,
         err.status("materialising every asset (datasets, pexes, training, predictions)"),
     ):
-        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # N.B. The table below is the summary.
+        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
     table = Table(title=f"run {result.run_id} on {instance.root_directory}")
     for column in ("asset", "model version", "rows in", "rows out", "bytes moved", "transport ms", "model s"):
         table.add_column(column, no_wrap=True)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,9 @@ __all__ = [
     "RunOutcome",
     "run_model",
 ]
+
+# N.B. Raised by Dagster's own Pipes message handler on every session, about an attribute we never use.
+warnings.filterwarnings("ignore", message=".*expected_writer_count.*")
 
 Action = Literal["train", "predict", "train_predict"]
 # N.B. Locale, time zone and thread-count knobs only: nothing that can carry a credential.
