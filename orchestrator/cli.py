@@ -137,6 +137,11 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
             out.print(f"{'would remove' if args.dry_run else 'removed'} unindexed file {path}")
             if not args.dry_run:
                 path.unlink()
+    from orchestrator.transport import sweep_orphans
+
+    if not args.dry_run:
+        for name in sweep_orphans():
+            out.print(f"removed shared-memory segment {name} of a dead orchestrator")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
 
 
@@ -327,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="the artifacts in the store, as a table")
     listing.set_defaults(func=cmd_list)
 
-    gc = commands.add_parser("gc", help="remove artifacts that nothing references")
+    gc = commands.add_parser("gc", help="remove artifacts nothing references, and dead orchestrators' segments")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.set_defaults(func=cmd_gc)
 

@@ -8,6 +8,7 @@
 | MODELPEX_PEX_ROOT | pex's cache (unpacked bases, model venvs) when models run        | pex's own (~/.cache/pex)   |
 | MODELPEX_TIMEOUT  | seconds a model process may run before it is killed              | 3600                       |
 | DAGSTER_HOME      | Dagster's instance folder (dagster.yaml, SQLite storage)         | <project>/.dagster_home    |
+| MODELPEX_SHM_POOL_BYTES | shared memory an orchestrator keeps between calls          | 1 GiB, <= 1/4 of /dev/shm  |
 """
 
 from __future__ import annotations

@@ -156,15 +156,20 @@ def test_run_refuses_a_corrupt_artifact(cli: Cli, project: Project, store: Local
     assert not (tmp_path / "out.parquet").exists()
 
 
-def test_model_that_raises_fails_with_its_traceback(cli: Cli, project: Project, tmp_path: Path) -> None:
+def test_model_that_raises_fails_with_its_traceback(
+    cli: Cli, project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
     write_model(
         project.models,
         "m",
         code="def train(inputs, params):\n    raise KeyError('no column z')\n\ndef predict(i, s, p):\n    pass\n",
     )
     output = tmp_path / "out.parquet"
+    assert cli("build", "m").returncode == 0
+    before = store_snapshot(store)
     result = cli("run", "m", "--input", f"data={data_file(tmp_path)}", "--output", str(output))
     assert result.returncode == 1
+    assert store_snapshot(store) == before
     assert "error: model m@1.0.0 raised KeyError: 'no column z'" in result.stderr
     assert 'm/model.py", line 2, in train' in result.stderr
     assert not output.exists()
