@@ -4,8 +4,9 @@ and warm start of a layered model pex against a plain venv importing the same li
     python benchmarks/build.py --json benchmarks/results/build.json [--quick]
 
 "Cold" base build means the key is not in the store; pex's own download cache is warm (the wheels are not fetched
-again, as on any machine that built once); ``--empty-pex-cache`` also times a build that downloads everything. Warm-start runs alternate between the two contenders, so machine noise
-hits both; the figure that counts is their ratio.
+again, as on any machine that built once); ``--empty-pex-cache`` also times a build that downloads everything.
+Warm-start runs alternate between the two contenders, so machine noise hits both; the figure that counts is their
+ratio.
 """
 
 from __future__ import annotations

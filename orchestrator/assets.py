@@ -4,7 +4,7 @@
 - ``model/<name>/v<version>``: one per model version that exists; materialising builds it or fetches it.
 - ``<client>/<dataset>``: a client's input data, small and replaceable.
 - ``<client>/<model>/state`` and ``<client>/<model>/predictions``: training at run time, then inference; one
-  subsettable multi-asset per client and action, so a client's step runs exactly the models selected.
+  subsettable multi-asset per client, so a client's step runs exactly the models selected.
 """
 
 from collections.abc import Iterator, Mapping
@@ -99,19 +99,8 @@ def base_asset(base_key: str) -> AssetsDefinition:
     @asset(key=BASE_KEY, code_version=base_key, group_name="modelpex", kinds={"pex"})
     def _base(modelpex: ModelpexResource) -> MaterializeResult:
         """The shared base pex (numpy, pandas, polars, pyarrow, scikit-learn, dagster-pipes, the runtime)."""
-        result = modelpex.ensure_base()
-        modelpex.builder.store.fetch(result.record)
-        r = result.record
-        return MaterializeResult(
-            metadata={
-                "key": r.key,
-                "sha256": r.sha256,
-                "size_bytes": r.size,
-                "interpreter": r.interpreter,
-                "action": "fetched" if result.cached else "built",
-                "seconds": round(result.seconds, 3),
-            }
-        )
+        ensured = modelpex.ensure_base()
+        return MaterializeResult(metadata={**ensured.metadata, "interpreter": ensured.record.interpreter})
 
     return _base
 
@@ -213,7 +202,8 @@ class ClientRun:
     def train(self, d: ModelDeployment) -> MaterializeResult:
         running = self.catalog.resolve(d.model, d.version)  # N.B. Now, not at load: follows `latest`.
         ensured = self.modelpex.ensure(running, self.catalog)
-        state_path = self.modelpex.state_dir() / d.client / d.model / f"{running.version}-{self.context.run.run_id}.state"
+        state_dir = self.modelpex.state_dir() / d.client / d.model
+        state_path = state_dir / f"{running.version}-{self.context.run.run_id}.state"
         outcome = self.modelpex.run(
             self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, state_out=state_path
         )
@@ -296,30 +286,23 @@ def client_asset(
     """
     specs = []
     for d in client.models.values():
-        version, datasets = versions[d.model], [dataset_key(d.client, ds) for ds in d.inputs.values()]
-        specs.append(
-            AssetSpec(
-                key=state_key(d),
-                deps=[model_version_key(version), *datasets],
-                group_name=client.name,
-                tags=_tags(d, version),
-                kinds={"python"},
-                code_version=codes[d.model],
-                skippable=True,
-                description=f"{client.name}'s {d.model} ({d.version}), fitted at run time; the state's sha256 is kept.",
-            )
+        common = {"group_name": client.name, "tags": _tags(d, versions[d.model]), "skippable": True}
+        state = AssetSpec(
+            key=state_key(d),
+            deps=[model_version_key(versions[d.model]), *_deps(d)],
+            kinds={"python"},
+            code_version=codes[d.model],
+            description=f"{client.name}'s {d.model} ({d.version}), fitted at run time; the state's sha256 is kept.",
+            **common,
         )
-        specs.append(
-            AssetSpec(
-                key=predictions_key(d),
-                deps=[state_key(d), *datasets],
-                group_name=client.name,
-                tags=_tags(d, version),
-                kinds={"parquet"},
-                skippable=True,
-                description=f"{client.name}'s {d.model} predictions.",
-            ).with_io_manager_key("frames")
+        predictions = AssetSpec(
+            key=predictions_key(d),
+            deps=[state_key(d), *_deps(d)],
+            kinds={"parquet"},
+            description=f"{client.name}'s {d.model} predictions.",
+            **common,
         )
+        specs += [state, predictions.with_io_manager_key("frames")]
 
     @multi_asset(name=f"{client.name}__models", specs=specs, can_subset=True)
     def _client(context: AssetExecutionContext, modelpex: ModelpexResource, frame_store: FrameStore) -> Iterator[Any]:

@@ -25,7 +25,7 @@ from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, loc
 from orchestrator.errors import ModelpexError
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, discover_models, load_model_spec
-from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
+from orchestrator.store import LocalPexStore, referenced
 from orchestrator.versions import resolve_source
 
 __all__ = ["main"]
@@ -61,14 +61,10 @@ def all_refs(settings: Settings) -> list[ModelRef]:
     return [version.ref for version in settings.catalog().all()]
 
 
-def build_refs(builder: Builder, settings: Settings, refs: Sequence[ModelRef], *, force: bool) -> list[BuildResult]:
-    """Build (or find) each model version; tags are exported to a temporary folder for the build only."""
-    results = []
+def build_ref(builder: Builder, settings: Settings, ref: ModelRef, *, force: bool = False) -> BuildResult:
+    """Build (or find) one model version; a tag is exported to a temporary folder for the build only."""
     with tempfile.TemporaryDirectory(prefix="modelpex-tags-") as exports:
-        for ref in refs:
-            source = resolve_source(settings.project, settings.models_dir, ref, Path(exports))
-            results.append(builder.model(source, force=force))
-    return results
+        return builder.model(resolve_source(settings.project, settings.models_dir, ref, Path(exports)), force=force)
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
@@ -77,10 +73,10 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
         raise ModelpexError("nothing to build: name `base`, one or more models (`churn` or `churn@1.2.0`), or --all")
     with _builder(settings) as builder:
         if args.all or "base" in targets:
-            _report(builder.base(force=args.force and (args.all or "base" in targets)))
+            _report(builder.base(force=args.force))
         refs = all_refs(settings) if args.all else [ModelRef.parse(t) for t in targets if t != "base"]
         for ref in refs:
-            _report(build_refs(builder, settings, [ref], force=args.force)[0])
+            _report(build_ref(builder, settings, ref, force=args.force))
 
 
 def cmd_lock(args: argparse.Namespace, settings: Settings) -> None:
@@ -119,29 +115,25 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     """Remove what nothing references: artifacts of old bases or of superseded content of a version."""
-    store = settings.store()
-    builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
-    catalog = settings.catalog()
-    live = {builder.base_key}
-    live |= {builder.model_key(v.digest) for v in catalog.all()}
-    keep = referenced(store.records(), lambda r: r.key in live)
-    garbage: list[ArtifactRecord] = [r for r in store.records() if r.key not in keep]
-    for record in garbage:
-        out.print(
-            f"{'would remove' if args.dry_run else 'removed'} {record.label} key {record.key} ({_mb(record.size)})"
-        )
-        if not args.dry_run:
-            store.delete(record)
-    if isinstance(store, LocalPexStore):
-        for path in store.unindexed_files():
-            out.print(f"{'would remove' if args.dry_run else 'removed'} unindexed file {path}")
-            if not args.dry_run:
-                path.unlink()
     from orchestrator.transport import sweep_orphans
 
-    if not args.dry_run:
-        for name in sweep_orphans():
-            out.print(f"removed shared-memory segment {name} of a dead orchestrator")
+    store = settings.store()
+    builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
+    live = {builder.base_key} | {builder.model_key(v.digest) for v in settings.catalog().all()}
+    records = store.records()
+    keep = referenced(records, lambda r: r.key in live)
+    garbage = [r for r in records if r.key not in keep]
+    verb = "would remove" if args.dry_run else "removed"
+    for record in garbage:
+        out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
+        if not args.dry_run:
+            store.delete(record)
+    for path in store.unindexed_files() if isinstance(store, LocalPexStore) else []:
+        out.print(f"{verb} unindexed file {path}")
+        if not args.dry_run:
+            path.unlink()
+    for name in [] if args.dry_run else sweep_orphans():
+        out.print(f"removed shared-memory segment {name} of a dead orchestrator")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
 
 
@@ -194,7 +186,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     inputs = dict(_read_table(spec) for spec in args.input)
     params = _params(args.params)
     with _builder(settings) as builder:
-        record = build_refs(builder, settings, [ModelRef.parse(args.model)], force=False)[0].record
+        record = build_ref(builder, settings, ModelRef.parse(args.model)).record
     state_in = _stored_state(args.state, record.label) if args.state else None
     output = Path(args.output)
     with tempfile.TemporaryDirectory(prefix="modelpex-cli-") as tmp, err.status(f"running {record.label}"):

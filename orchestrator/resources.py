@@ -18,9 +18,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetKey, ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from modelpex_runtime.transport import to_arrow
 from pydantic import Field, PrivateAttr
 
-from orchestrator.build import Builder, BuildResult, Interpreter
+from orchestrator.build import Builder, Interpreter
 from orchestrator.catalog import Catalog, ModelVersion
 from orchestrator.errors import ModelpexError
 from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome, run_model
@@ -32,7 +33,7 @@ __all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource"]
 
 @dataclass(frozen=True)
 class Ensured:
-    """A model version's verified pex, and whether this call built it or found (fetched) it."""
+    """A verified pex (the base or a model version), and whether this call built it or found (fetched) it."""
 
     record: ArtifactRecord
     built: bool
@@ -91,17 +92,18 @@ class ModelpexResource(ConfigurableResource):
     def builder(self) -> Builder:
         if self._builder is None:
             settings = self.settings
-            self._builder = Builder(
-                settings.store(), settings.base_env(), Interpreter.detect(settings.python), step=lambda m: None
-            )
+            self._builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
         return self._builder
 
     def catalog(self) -> Catalog:
         """The model versions as they are now (run time), not as they were when the definitions loaded."""
         return self.settings.catalog()
 
-    def ensure_base(self) -> BuildResult:
-        return self.builder.base()
+    def ensure_base(self) -> Ensured:
+        """The base pex for the current base_env: built, or fetched and verified."""
+        result = self.builder.base()
+        self.builder.store.fetch(result.record)
+        return Ensured(result.record, not result.cached, result.seconds)
 
     def ensure(self, version: ModelVersion, catalog: Catalog | None = None) -> Ensured:
         """Build the version's pex, or fetch and verify the one in the store when that exact key exists."""
@@ -132,12 +134,6 @@ class ModelpexResource(ConfigurableResource):
             env=self.env,
             **kwargs,
         )
-
-
-def to_arrow(value: Any) -> pa.Table:
-    from modelpex_runtime.transport import to_arrow as convert
-
-    return convert(value)
 
 
 class FrameStore(ConfigurableResource):

@@ -32,6 +32,7 @@ __all__ = [
     "PexStore",
     "file_sha256",
     "open_store",
+    "referenced",
 ]
 
 Kind = Literal["base", "model"]
@@ -40,11 +41,8 @@ _KEY_CHARS = set("0123456789abcdef")
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, streamed so a 200 MB base does not sit in memory twice."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _validate_key(key: str) -> str:

@@ -39,7 +39,7 @@ from modelpex_runtime.transport import (
     write_table,
 )
 
-__all__ = ["FrameExchange", "SegmentPool", "default_pool", "sweep_orphans"]
+__all__ = ["FrameExchange", "SegmentPool", "default_pool", "private_pool", "sweep_orphans"]
 
 try:
     import _posixshmem

@@ -279,7 +279,8 @@ def test_attaching_process_neither_unlinks_nor_warns() -> None:
         ref = exchange.put("frame", pa.table({"a": np.arange(10)}))
         code = (
             f"import sys, json; sys.path.insert(0, {str(REPO / 'base_env' / 'src')!r}); "
-            "from modelpex_runtime.transport import read_frame; print(read_frame(json.loads(sys.argv[1]), 'pandas')['a'].sum())"
+            "from modelpex_runtime.transport import read_frame; "
+            "print(read_frame(json.loads(sys.argv[1]), 'pandas')['a'].sum())"
         )
         done = subprocess.run([sys.executable, "-c", code, json.dumps(ref)], capture_output=True, text=True, timeout=60)
         assert done.stdout.strip() == "45" and done.stderr == ""
