@@ -3,6 +3,7 @@
 Definitions, the redeploy sensor and ``modelpex build --all`` all need "which versions exist and what is their
 content". Released tags are immutable, so a tag's digest is cached by its git tree id: loading the catalog of a
 hundred models costs a couple of git calls and the hashing of the working trees, not an export of every tag.
+A tag whose folder is not a valid model of that version is skipped with a warning, not fatal to every definition.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -102,13 +104,23 @@ class Catalog:
         for (name, version), tree in trees.items():
             if self.specs[name].version == version:
                 continue  # N.B. The working tree describes its own version.
-            if tree not in cache:
-                with tempfile.TemporaryDirectory(prefix="modelpex-catalog-") as tmp:
-                    source = resolve_source(self.project, self.models_dir, ModelRef(name, version), Path(tmp))
-                    cache[tree] = tree_digest(source.spec.folder)
-            digests[(name, version)] = cache[tree]
+            key = f"{tree} {version}"
+            if key not in cache:
+                cache[key] = self._tag_digest(name, version)
+            if cache[key]:
+                digests[(name, version)] = cache[key]
         self._write_cache(cache)
         return digests
+
+    def _tag_digest(self, name: str, version: str) -> str:
+        """The digest of a tag's model folder; "" (remembered, so warned about once) for a tag that is not valid."""
+        with tempfile.TemporaryDirectory(prefix="modelpex-catalog-") as tmp:
+            try:
+                source = resolve_source(self.project, self.models_dir, ModelRef(name, version), Path(tmp))
+            except SpecError as exc:
+                warnings.warn(f"ignoring git tag {name}/v{version}: {exc}", stacklevel=2)
+                return ""
+            return tree_digest(source.spec.folder)
 
     def _read_cache(self) -> dict[str, str]:
         try:
