@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -176,6 +175,13 @@ def _stored_state(path: str, label: str) -> Any:
     return {**kept["state"], "path": str(Path(path).resolve())}
 
 
+def _publish(path: Path, payload: bytes) -> None:
+    """Write a file whole or not at all (next to it, then renamed)."""
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_bytes(payload)
+    staged.replace(path)
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     """Build or find the model version, then train and predict (or predict from a stored state) on files."""
     import pyarrow.parquet
@@ -213,8 +219,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
         pyarrow.parquet.write_table(outcome.outputs["predictions"], staged)
         staged.replace(output)
         if args.save_state and outcome.state:
-            shutil.copyfile(outcome.state["path"], args.save_state)
-            Path(f"{args.save_state}.json").write_text(json.dumps({"model": record.label, "state": outcome.state}))
+            sidecar = json.dumps({"model": record.label, "state": outcome.state})
+            _publish(Path(args.save_state), Path(outcome.state["path"]).read_bytes())
+            _publish(Path(f"{args.save_state}.json"), sidecar.encode())
     out.print(
         f"{record.label}: {sum(outcome.rows_in.values())} rows in, {outcome.rows_out['predictions']} rows out "
         f"-> {output} ({outcome.wall_seconds:.2f} s, transport {outcome.transport_seconds * 1000:.1f} ms)"
