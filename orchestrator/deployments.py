@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from dagster._utils.schedules import is_valid_cron_string
 
-from orchestrator.catalog import LATEST, Catalog, ModelVersion
+from orchestrator.catalog import LATEST, Catalog
 from orchestrator.errors import SpecError
 from orchestrator.specs import validate_name
 
@@ -193,7 +193,3 @@ def load_deployments(path: Path, catalog: Catalog) -> Deployments:
     except DeploymentError as exc:
         raise DeploymentError(f"{path}: {exc}") from None
     return Deployments(Path(path), clients)
-
-
-def running_version(deployment: ModelDeployment, catalog: Catalog) -> ModelVersion:
-    return catalog.resolve(deployment.model, deployment.version)
