@@ -263,7 +263,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
 
     with err.status("loading the code location"):
         defs = build_definitions(settings)
-        job = defs.resolve_job_def("deploy")
+        job = defs.resolve_implicit_global_asset_job_def()
     with (
         DagsterInstance.get() as instance,
         err.status("materialising every asset (datasets, pexes, training, predictions)"),

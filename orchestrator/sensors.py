@@ -12,6 +12,7 @@ from typing import Any
 
 from dagster import (
     AssetKey,
+    AssetSelection,
     DagsterEventType,
     DefaultSensorStatus,
     RunFailureSensorContext,
@@ -21,7 +22,6 @@ from dagster import (
     run_failure_sensor,
     sensor,
 )
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from orchestrator.assets import predictions_key, state_key
 from orchestrator.build import Builder, Interpreter
@@ -47,15 +47,16 @@ def snapshot(modelpex: ModelpexResource) -> dict[str, Any]:
 def redeploy_sensor(
     deployments: Deployments,
     version_assets: Mapping[str, AssetKey],
-    job: UnresolvedAssetJobDefinition,
-    all_keys: list[AssetKey],
     minimum_interval_seconds: int = 30,
 ):
-    """The sensor, closed over the definitions it may select from (``version_assets``: ``name@version`` -> key)."""
+    """The sensor, closed over the definitions it may select from (``version_assets``: ``name@version`` -> key).
+
+    It targets assets, not a job: Dagster runs each request's selection with its implicit asset job.
+    """
 
     @sensor(
         name="modelpex_redeploy",
-        job=job,
+        asset_selection=AssetSelection.all(),
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Rebuilds a model version whose folder, tag or stored pex changed and re-runs its followers.",
@@ -67,9 +68,7 @@ def redeploy_sensor(
             return SensorResult(skip_reason="first tick: remembered the current tree", cursor=cursor)
         before = json.loads(context.cursor)
         if now["base"] != before["base"]:
-            request = RunRequest(
-                run_key=f"base:{now['base']}", asset_selection=all_keys, tags={"modelpex/redeploy": "base"}
-            )
+            request = RunRequest(run_key=f"base:{now['base']}", tags={"modelpex/redeploy": "base"})  # N.B. Everything.
             return SensorResult(run_requests=[request], cursor=cursor)
         changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
         changed |= set(now["stored"]) - set(before["stored"])

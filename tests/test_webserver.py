@@ -113,7 +113,7 @@ def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) 
     graphql, process = server
     (repository,) = graphql(LOCATION)["repositoriesOrError"]["nodes"]
     assert repository["location"]["name"] == "modelpex"
-    assert {"deploy", "client_acme", "client_globex", "model_m", "build_model"} <= {
+    assert {"__ASSET_JOB", "client_acme", "client_globex", "model_m", "build_model"} <= {
         j["name"] for j in repository["jobs"]
     }
     assert {s["name"] for s in repository["sensors"]} == {"modelpex_redeploy", "modelpex_failures"}
