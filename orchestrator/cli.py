@@ -268,7 +268,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
         DagsterInstance.get() as instance,
         err.status("materialising every asset (datasets, pexes, training, predictions)"),
     ):
-        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # N.B. The table below is the summary.
+        # N.B. The table below is the summary, and a failure's one line: Dagster's console would repeat tracebacks.
+        quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
         result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
     table = Table(title=f"run {result.run_id} on {instance.root_directory}")
     for column in ("asset", "model version", "rows in", "rows out", "bytes moved", "transport ms", "model s"):
@@ -288,12 +289,18 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
             )
     out.print(table)
     if not result.success:
-        failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        raise ModelpexError(
-            f"deploy run {result.run_id} failed in {', '.join(failed)}: "
-            "open the UI (`modelpex ui`) for the model's error"
+        failed = "; ".join(
+            f"{e.step_key}: {_first_line(e.event_specific_data.error)}" for e in result.all_events if e.is_step_failure
         )
+        raise ModelpexError(f"deploy run {result.run_id} failed in {failed} (its tracebacks: `modelpex ui`)")
     out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui` (http://127.0.0.1:3000)")
+
+
+def _first_line(error: Any) -> str:
+    """The innermost cause of a Dagster step failure (the model's own error, not Dagster's wrapper), one line."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[0]
 
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> None:

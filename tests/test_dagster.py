@@ -4,9 +4,11 @@ per-client jobs touch only their assets, the sensor redeploys what changed, fail
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from dagster import (
@@ -30,7 +32,7 @@ from orchestrator.specs import ModelRef, load_base_env
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import resolve_source
 
-from .conftest import REPO, Project, write_model
+from .conftest import REPO, CliResult, Project, write_model
 
 M_INPUTS = (
     '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
@@ -140,12 +142,18 @@ def materialised(result) -> dict[AssetKey, dict]:
     }
 
 
-def test_deploy_materialises_two_clients_on_two_versions(two_versions: Project, store: LocalPexStore) -> None:
-    defs = defs_for(two_versions, store)
-    with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)
-    assert result.success
-    meta = materialised(result)
+def test_deploy_command_materialises_two_clients_on_two_versions(
+    two_versions: Project, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's main command: builds, then materialises every asset on the embedded SQLite instance."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    done = cli("deploy")
+    assert done.returncode == 0, done.stderr
+    assert "acme/m/predictions" in done.stdout and "deployed: run" in done.stdout
+    home = two_versions.root / ".dagster_home"
+    with DagsterInstance.from_config(str(home)) as instance:
+        latest = instance.get_latest_materialization_event
+        meta = {k: {n: v.value for n, v in latest(k).asset_materialization.metadata.items()} for k in DEPLOYED}
     acme, globex = meta[AssetKey(["acme", "m", "predictions"])], meta[AssetKey(["globex", "m", "predictions"])]
     assert (acme["model_version"], globex["model_version"]) == ("1.0.0", "1.1.0")
     assert acme["rows_in"] == acme["rows_out"] == 50
@@ -154,8 +162,27 @@ def test_deploy_materialises_two_clients_on_two_versions(two_versions: Project, 
     version_asset = meta[AssetKey(["model", "m", "v1_0_0"])]
     assert version_asset["action"] in ("built", "fetched") and len(version_asset["sha256"]) == 64
     assert meta[AssetKey(["acme", "m", "state"])]["state_format"] == "json"
-    table = result.output_for_node("acme__models", "acme__m__predictions")
+    table = pq.read_table(home / "frames" / "acme" / "m" / "predictions.parquet")
     assert set(table["version"].to_pylist()) == {"1.0.0"}
+
+
+DEPLOYED = [
+    AssetKey(["modelpex", "base"]),
+    AssetKey(["model", "m", "v1_0_0"]),
+    AssetKey(["model", "m", "v1_1_0"]),
+    *(AssetKey([c, name]) for c in ("acme", "globex") for name in ("data",)),
+    *(AssetKey([c, "m", kind]) for c in ("acme", "globex") for kind in ("state", "predictions")),
+]
+
+
+def test_deploy_command_fails_with_the_model_error(project: Project, cli: Callable[..., CliResult]) -> None:
+    failing_project(project, fail=True)
+    done = cli("deploy", env={"DAGSTER_HOME": str(project.root / "instance")})
+    assert done.returncode != 0, done.stderr
+    assert "orchestrator/" not in done.stderr, "no traceback of modelpex's own; the model's stderr may show"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: deploy run ") and "failed in acme__models: " in last, done.stderr
+    assert "model m@1.0.0 raised ValueError: boom: the model's own error" in last, done.stderr
 
 
 def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalPexStore) -> None:
