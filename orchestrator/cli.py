@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +26,9 @@ from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, discover_models, load_model_spec
 from orchestrator.store import LocalPexStore, referenced
 from orchestrator.versions import resolve_source
+
+if TYPE_CHECKING:
+    from dagster_shared.error import SerializableErrorInfo
 
 __all__ = ["main"]
 
@@ -296,7 +299,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui` (http://127.0.0.1:3000)")
 
 
-def _first_line(error: Any) -> str:
+def _first_line(error: SerializableErrorInfo) -> str:
     """The innermost cause of a Dagster step failure (the model's own error, not Dagster's wrapper), one line."""
     while error.cause is not None:
         error = error.cause

@@ -124,8 +124,9 @@ def build_definitions(
     }
     jobs = list(client_jobs.values())
     # N.B. A model's job builds or fetches its versions. Running it for every client that uses it is the redeploy
-    # sensor's run (or a tag selection in the UI): a job over each client's subset would cost about a second of
-    # load time per model at 50 clients (Dagster re-creates each client's multi-asset for the subset).
+    # sensor's run (or the selection `tag:model=<name>` in the UI): a job over each client's subset costs load time
+    # per model, as Dagster re-creates each client's multi-asset for it: 2.8 s at 100 models x 50 clients, 0.05 s
+    # (5 s for all 100) at 10 models per client.
     jobs += [
         define_asset_job(
             f"model_{model}",
