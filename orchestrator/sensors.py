@@ -1,9 +1,10 @@
 """Sensors: redeploy what changed, for the clients that run it, and record which client and model failed.
 
-The redeploy sensor's cursor is a snapshot of content keys (the base's, every model version's) and of the model
-versions in the store. A tick compares the tree with it: a changed model version requests one run of that
-version's asset and of the follower clients' assets; a changed base requests everything; an unchanged tree
-requests nothing.
+The redeploy sensor's cursor is a snapshot of content keys (the base's, every model version's), of the model
+versions in the store, and of the version each client's model resolves to. A tick compares the tree with it: a
+changed model version requests one run of that version's asset and of the follower clients' assets; a client's
+model that deployments.yaml moved to another version (or added) requests a run of that client's model; a changed
+base requests everything; an unchanged tree requests nothing.
 """
 
 import json
@@ -23,24 +24,28 @@ from dagster import (
     sensor,
 )
 
-from orchestrator.assets import predictions_key, state_key
+from orchestrator.assets import dataset_key, predictions_key, state_key
 from orchestrator.build import Builder, Interpreter
+from orchestrator.catalog import Catalog
 from orchestrator.deployments import Deployments
 from orchestrator.resources import ModelpexResource
 
 __all__ = ["failure_sensor", "redeploy_sensor", "snapshot"]
 
 
-def snapshot(modelpex: ModelpexResource) -> dict[str, Any]:
-    """Content keys of the base and of every model version as they are now, and what the store holds."""
+def snapshot(modelpex: ModelpexResource, deployments: Deployments, catalog: Catalog) -> dict[str, Any]:
+    """Content keys of the base and of every model version as they are now, what the store holds, and the version
+    each client's model resolves to."""
     settings = modelpex.settings
     builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
-    catalog = settings.catalog()
-    store = settings.store()
     return {
         "base": builder.base_key,
         "models": {f"{v.name}@{v.version}": builder.model_key(v.digest) for v in catalog.all()},
-        "stored": sorted({r.label for r in store.records() if r.kind == "model"}),
+        "stored": sorted({r.label for r in settings.store().records() if r.kind == "model"}),
+        "deployed": {
+            f"{d.client}/{d.model}": f"{d.model}@{catalog.resolve(d.model, d.version).version}"
+            for d in deployments.all()
+        },
     }
 
 
@@ -59,10 +64,14 @@ def redeploy_sensor(
         asset_selection=AssetSelection.all(),
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
-        description="Rebuilds a model version whose folder, tag or stored pex changed and re-runs its followers.",
+        description=(
+            "Rebuilds a model version whose folder, tag or stored pex changed and re-runs its followers; deploys a "
+            "client's model that deployments.yaml moved to another version (once the code location reloads)."
+        ),
     )
     def _redeploy(context: SensorEvaluationContext, modelpex: ModelpexResource) -> SensorResult:
-        now = snapshot(modelpex)
+        catalog = modelpex.catalog()
+        now = snapshot(modelpex, deployments, catalog)
         cursor = json.dumps(now, sort_keys=True)
         if not context.cursor:
             return SensorResult(skip_reason="first tick: remembered the current tree", cursor=cursor)
@@ -70,28 +79,72 @@ def redeploy_sensor(
         if now["base"] != before["base"]:
             request = RunRequest(run_key=f"base:{now['base']}", tags={"modelpex/redeploy": "base"})  # N.B. Everything.
             return SensorResult(run_requests=[request], cursor=cursor)
-        changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
-        changed |= set(now["stored"]) - set(before["stored"])
-        catalog = modelpex.catalog()
-        requests = []
-        for label in sorted(changed):
-            model, _, version = label.partition("@")
-            followers = deployments.followers(catalog, model, version) if model in catalog.specs else []
-            selection = [version_assets[label]] if label in version_assets else []
-            selection += [key for d in followers for key in (state_key(d), predictions_key(d))]
-            if not selection:
-                continue
-            context.log.info(f"redeploying {label} for {', '.join(d.client for d in followers) or 'no client'}")
-            requests.append(
-                RunRequest(
-                    run_key=f"{label}:{now['models'].get(label, 'stored')}",
-                    asset_selection=selection,
-                    tags={"modelpex/redeploy": label, "modelpex/clients": ",".join(d.client for d in followers)[:63]},
-                )
-            )
+        requests = _version_requests(before, now, deployments, catalog, version_assets)
+        requests += _moved_requests(before, now, deployments, version_assets, requests)
+        for request in requests:
+            context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
         return SensorResult(run_requests=requests, cursor=cursor, skip_reason=None if requests else "nothing changed")
 
     return _redeploy
+
+
+def _request(key: str, selection: list[AssetKey], label: str, clients: list[str]) -> RunRequest:
+    tags = {"modelpex/redeploy": label, "modelpex/clients": (",".join(clients) or "no client")[:63]}
+    return RunRequest(run_key=key, asset_selection=selection, tags=tags)
+
+
+def _version_requests(
+    before: dict[str, Any],
+    now: dict[str, Any],
+    deployments: Deployments,
+    catalog: Catalog,
+    version_assets: Mapping[str, AssetKey],
+) -> list[RunRequest]:
+    """One run per model version whose content changed or that appeared (in the tree, as a tag, or in the store):
+    that version's pex and the assets of the clients that run it."""
+    changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
+    changed |= set(now["stored"]) - set(before["stored"])
+    requests = []
+    for label in sorted(changed):
+        model, _, version = label.partition("@")
+        followers = deployments.followers(catalog, model, version) if model in catalog.specs else []
+        selection = [version_assets[label]] if label in version_assets else []
+        selection += [key for d in followers for key in (state_key(d), predictions_key(d))]
+        if selection:
+            key = f"{label}:{now['models'].get(label, 'stored')}"
+            requests.append(_request(key, selection, label, [d.client for d in followers]))
+    return requests
+
+
+def _moved_requests(
+    before: dict[str, Any],
+    now: dict[str, Any],
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+    already: list[RunRequest],
+) -> list[RunRequest]:
+    """One run per client's model that now runs another version (or is new) and no version run covers.
+
+    N.B. A cursor from before the sensor tracked deployments has no "deployed": nothing counts as moved then.
+    """
+    if "deployed" not in before:
+        return []
+    covered = {key for request in already for key in request.asset_selection or ()}
+    requests = []
+    for d in deployments.all():
+        pair, label = f"{d.client}/{d.model}", now["deployed"][f"{d.client}/{d.model}"]
+        if before["deployed"].get(pair) == label or state_key(d) in covered:
+            continue
+        selection = [version_assets[label]] if label in version_assets else []
+        if pair not in before["deployed"]:  # N.B. New: its datasets may never have been materialised.
+            selection += [dataset_key(d.client, dataset) for dataset in d.inputs.values()]
+        selection += [state_key(d), predictions_key(d)]
+        requests.append(
+            _request(
+                f"{pair}:{label}:{now['models'].get(label, 'stored')}", selection, f"{pair} -> {label}", [d.client]
+            )
+        )
+    return requests
 
 
 def failure_sensor():

@@ -3,6 +3,7 @@ per-client jobs touch only their assets, the sensor redeploys what changed, fail
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -382,3 +383,36 @@ def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project
     assert request.tags["modelpex/redeploy"] == "m@1.0.0"
     assert AssetKey(["acme", "m", "state"]) in request.asset_selection
     assert AssetKey(["globex", "m", "state"]) not in request.asset_selection
+
+
+def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions: Project, store: LocalPexStore) -> None:
+    """acme moves from 1.0.0 to 1.1.0 and initech arrives: after the reload, those two run; globex stays put."""
+    project = two_versions
+    first = tick(defs_for(project, store), project, store, None)
+    write_deployments(project, {"acme": client("1.1.0"), "globex": client("latest"), "initech": client("1.0.0")})
+    reloaded = defs_for(project, store)
+    moved = tick(reloaded, project, store, first.cursor)
+    requests = {r.tags["modelpex/redeploy"]: set(r.asset_selection) for r in moved.run_requests}
+    assert requests == {
+        "acme/m -> m@1.1.0": {
+            AssetKey(["model", "m", "v1_1_0"]),
+            AssetKey(["acme", "m", "state"]),
+            AssetKey(["acme", "m", "predictions"]),
+        },
+        "initech/m -> m@1.0.0": {
+            AssetKey(["model", "m", "v1_0_0"]),
+            AssetKey(["initech", "data"]),
+            AssetKey(["initech", "m", "state"]),
+            AssetKey(["initech", "m", "predictions"]),
+        },
+    }
+    assert not tick(reloaded, project, store, moved.cursor).run_requests
+    legacy = json.loads(first.cursor)
+    del legacy["deployed"]  # N.B. A cursor written before the sensor tracked deployments: nothing counts as moved.
+    assert not tick(reloaded, project, store, json.dumps(legacy)).run_requests
+
+    with DagsterInstance.ephemeral() as instance:
+        job = reloaded.resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(instance=instance, asset_selection=list(requests["initech/m -> m@1.0.0"]))
+    assert result.success, "a new client deploys from the sensor's request alone"
+    assert {k.path[0] for k in materialised(result)} == {"model", "initech"}
