@@ -132,7 +132,8 @@ def _moved_requests(
     covered = {key for request in already for key in request.asset_selection or ()}
     requests = []
     for d in deployments.all():
-        pair, label = f"{d.client}/{d.model}", now["deployed"][f"{d.client}/{d.model}"]
+        pair = f"{d.client}/{d.model}"
+        label = now["deployed"][pair]
         if before["deployed"].get(pair) == label or state_key(d) in covered:
             continue
         selection = [version_assets[label]] if label in version_assets else []
