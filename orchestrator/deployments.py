@@ -7,6 +7,7 @@ names its place in the file (``clients.acme.models.churn.version``) and what wou
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ class ClientDeployment:
 class Deployments:
     path: Path
     clients: Mapping[str, ClientDeployment]
+    digest: str = ""  # sha256 of the file as loaded: a sensor tells when the definitions no longer match it
+
+    def changed_on_disk(self) -> bool:
+        try:
+            return _digest(self.path.read_bytes()) != self.digest
+        except OSError:
+            return True
 
     def all(self) -> list[ModelDeployment]:
         return [d for client in self.clients.values() for d in client.models.values()]
@@ -180,7 +188,8 @@ def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployme
 def load_deployments(path: Path, catalog: Catalog) -> Deployments:
     """Parse and validate ``path``; a `DeploymentError` names the file, the place in it and the fix."""
     try:
-        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_LOADER)
+        text = Path(path).read_bytes()
+        raw = yaml.load(text.decode("utf-8"), Loader=_LOADER)
     except FileNotFoundError:
         raise DeploymentError(f"no deployments file at {path}: create one (see README, 'Deployments')") from None
     except yaml.YAMLError as exc:
@@ -192,4 +201,8 @@ def load_deployments(path: Path, catalog: Catalog) -> Deployments:
         }
     except DeploymentError as exc:
         raise DeploymentError(f"{path}: {exc}") from None
-    return Deployments(Path(path), clients)
+    return Deployments(Path(path), clients, _digest(text))
+
+
+def _digest(text: bytes) -> str:
+    return hashlib.sha256(text).hexdigest()

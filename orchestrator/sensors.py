@@ -83,9 +83,23 @@ def redeploy_sensor(
         requests += _moved_requests(before, now, deployments, version_assets, requests)
         for request in requests:
             context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
-        return SensorResult(run_requests=requests, cursor=cursor, skip_reason=None if requests else "nothing changed")
+        stale = _stale(deployments, version_assets, now)
+        if stale:
+            context.log.warning(stale)
+        skip = None if requests else "; ".join(filter(None, ["nothing changed", stale]))
+        return SensorResult(run_requests=requests, cursor=cursor, skip_reason=skip)
 
     return _redeploy
+
+
+def _stale(deployments: Deployments, version_assets: Mapping[str, AssetKey], now: dict[str, Any]) -> str:
+    """What the loaded definitions miss: a new model version has no asset, an edited deployments.yaml is not in
+    effect, until the code location reloads."""
+    missing = sorted(set(now["models"]) - set(version_assets))
+    stale = [f"model versions without an asset yet: {', '.join(missing)}"] if missing else []
+    if deployments.changed_on_disk():
+        stale.append(f"{deployments.path.name} changed since the code location loaded")
+    return f"{' and '.join(stale)}: reload the code location (UI: Deployment > Reload)" if stale else ""
 
 
 def _request(key: str, selection: list[AssetKey], label: str, clients: list[str]) -> RunRequest:

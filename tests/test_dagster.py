@@ -388,8 +388,12 @@ def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project
 def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions: Project, store: LocalPexStore) -> None:
     """acme moves from 1.0.0 to 1.1.0 and initech arrives: after the reload, those two run; globex stays put."""
     project = two_versions
-    first = tick(defs_for(project, store), project, store, None)
+    loaded = defs_for(project, store)
+    first = tick(loaded, project, store, None)
     write_deployments(project, {"acme": client("1.1.0"), "globex": client("latest"), "initech": client("1.0.0")})
+    not_yet = tick(loaded, project, store, first.cursor)
+    assert not not_yet.run_requests
+    assert "deployments.yaml changed since the code location loaded: reload" in not_yet.skip_message
     reloaded = defs_for(project, store)
     moved = tick(reloaded, project, store, first.cursor)
     requests = {r.tags["modelpex/redeploy"]: set(r.asset_selection) for r in moved.run_requests}
@@ -406,10 +410,18 @@ def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions:
             AssetKey(["initech", "m", "predictions"]),
         },
     }
-    assert not tick(reloaded, project, store, moved.cursor).run_requests
+    settled = tick(reloaded, project, store, moved.cursor)
+    assert not settled.run_requests and settled.skip_message == "nothing changed"
     legacy = json.loads(first.cursor)
     del legacy["deployed"]  # N.B. A cursor written before the sensor tracked deployments: nothing counts as moved.
     assert not tick(reloaded, project, store, json.dumps(legacy)).run_requests
+
+    project.commit_and_tag("m 1.1.0 released", "m/v1.1.0")
+    pyproject = project.models / "m" / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('version = "1.1.0"', 'version = "0.9.0"'))
+    unfollowed = tick(reloaded, project, store, settled.cursor)
+    assert not unfollowed.run_requests, "no client runs 0.9.0, and the loaded definitions have no asset for it"
+    assert "model versions without an asset yet: m@0.9.0" in unfollowed.skip_message
 
     with DagsterInstance.ephemeral() as instance:
         job = reloaded.resolve_implicit_global_asset_job_def()
