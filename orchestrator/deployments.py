@@ -72,7 +72,7 @@ class ClientDeployment:
 class Deployments:
     path: Path
     clients: Mapping[str, ClientDeployment]
-    digest: str = ""  # sha256 of the file as loaded: a sensor tells when the definitions no longer match it
+    digest: str  # sha256 of the file as loaded: the redeploy sensor tells when the definitions no longer match it
 
     def changed_on_disk(self) -> bool:
         try:

@@ -171,7 +171,7 @@ DEPLOYED = [
     AssetKey(["modelpex", "base"]),
     AssetKey(["model", "m", "v1_0_0"]),
     AssetKey(["model", "m", "v1_1_0"]),
-    *(AssetKey([c, name]) for c in ("acme", "globex") for name in ("data",)),
+    *(AssetKey([c, "data"]) for c in ("acme", "globex")),
     *(AssetKey([c, "m", kind]) for c in ("acme", "globex") for kind in ("state", "predictions")),
 ]
 
