@@ -83,9 +83,9 @@ class Deployments:
     def all(self) -> list[ModelDeployment]:
         return [d for client in self.clients.values() for d in client.models.values()]
 
-    def followers(self, catalog: Catalog, model: str, version: str) -> list[ModelDeployment]:
-        """The deployments that run ``model`` ``version`` now: pinned to it, or following ``latest`` to it."""
-        return [d for d in self.all() if d.model == model and catalog.resolve(model, d.version).version == version]
+    def running(self, catalog: Catalog) -> dict[str, str]:
+        """``client/model`` -> the ``model@version`` it runs now: the pinned one, or the newest for ``latest``."""
+        return {f"{d.client}/{d.model}": f"{d.model}@{catalog.resolve(d.model, d.version).version}" for d in self.all()}
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

@@ -26,26 +26,23 @@ from dagster import (
 
 from orchestrator.assets import dataset_key, predictions_key, state_key
 from orchestrator.build import Builder, Interpreter
-from orchestrator.catalog import Catalog
 from orchestrator.deployments import Deployments
 from orchestrator.resources import ModelpexResource
 
 __all__ = ["failure_sensor", "redeploy_sensor", "snapshot"]
 
 
-def snapshot(modelpex: ModelpexResource, deployments: Deployments, catalog: Catalog) -> dict[str, Any]:
+def snapshot(modelpex: ModelpexResource, deployments: Deployments) -> dict[str, Any]:
     """Content keys of the base and of every model version as they are now, what the store holds, and the version
     each client's model resolves to."""
-    settings = modelpex.settings
+    settings, catalog = modelpex.settings, modelpex.catalog()
+    # N.B. A fresh Builder, not the resource's: that one keeps the base_env it read first, and this tick must see now's.
     builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
     return {
         "base": builder.base_key,
         "models": {f"{v.name}@{v.version}": builder.model_key(v.digest) for v in catalog.all()},
         "stored": sorted({r.label for r in settings.store().records() if r.kind == "model"}),
-        "deployed": {
-            f"{d.client}/{d.model}": f"{d.model}@{catalog.resolve(d.model, d.version).version}"
-            for d in deployments.all()
-        },
+        "deployed": deployments.running(catalog),
     }
 
 
@@ -70,8 +67,7 @@ def redeploy_sensor(
         ),
     )
     def _redeploy(context: SensorEvaluationContext, modelpex: ModelpexResource) -> SensorResult:
-        catalog = modelpex.catalog()
-        now = snapshot(modelpex, deployments, catalog)
+        now = snapshot(modelpex, deployments)
         cursor = json.dumps(now, sort_keys=True)
         if not context.cursor:
             return SensorResult(skip_reason="first tick: remembered the current tree", cursor=cursor)
@@ -79,7 +75,7 @@ def redeploy_sensor(
         if now["base"] != before["base"]:
             request = RunRequest(run_key=f"base:{now['base']}", tags={"modelpex/redeploy": "base"})  # N.B. Everything.
             return SensorResult(run_requests=[request], cursor=cursor)
-        requests = _version_requests(before, now, deployments, catalog, version_assets)
+        requests = _version_requests(before, now, deployments, version_assets)
         requests += _moved_requests(before, now, deployments, version_assets, requests)
         for request in requests:
             context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
@@ -108,11 +104,7 @@ def _request(key: str, selection: list[AssetKey], label: str, clients: list[str]
 
 
 def _version_requests(
-    before: dict[str, Any],
-    now: dict[str, Any],
-    deployments: Deployments,
-    catalog: Catalog,
-    version_assets: Mapping[str, AssetKey],
+    before: dict[str, Any], now: dict[str, Any], deployments: Deployments, version_assets: Mapping[str, AssetKey]
 ) -> list[RunRequest]:
     """One run per model version whose content changed or that appeared (in the tree, as a tag, or in the store):
     that version's pex and the assets of the clients that run it."""
@@ -120,8 +112,7 @@ def _version_requests(
     changed |= set(now["stored"]) - set(before["stored"])
     requests = []
     for label in sorted(changed):
-        model, _, version = label.partition("@")
-        followers = deployments.followers(catalog, model, version) if model in catalog.specs else []
+        followers = [d for d in deployments.all() if now["deployed"][f"{d.client}/{d.model}"] == label]
         selection = [version_assets[label]] if label in version_assets else []
         selection += [key for d in followers for key in (state_key(d), predictions_key(d))]
         if selection:

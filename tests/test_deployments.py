@@ -19,7 +19,7 @@ def test_repository_deployments_are_valid() -> None:
     acme, globex = deployments.clients["acme"], deployments.clients["globex"]
     assert acme.models["churn"].version == "1.0.0" and globex.models["churn"].follows_latest
     assert catalog.resolve("churn", "latest").version != "1.0.0", "two clients on two versions of churn"
-    assert {d.client for d in deployments.followers(catalog, "churn", "1.0.0")} == {"acme"}
+    assert {pair for pair, label in deployments.running(catalog).items() if label == "churn@1.0.0"} == {"acme/churn"}
 
 
 def write(project: Project, clients: dict) -> Path:
