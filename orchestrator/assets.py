@@ -176,7 +176,7 @@ class ModelRunFailures(ModelpexError):
 def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) -> tuple[str, dict[str, Any]]:
     """(version, StateRef) of the latest training materialisation, from Dagster's event log."""
     event = context.instance.get_latest_materialization_event(state_key(deployment))
-    where = f"{deployment.client}/{deployment.model}"
+    where = deployment.where
     if event is None or event.asset_materialization is None:
         raise ModelpexError(f"{where}: no fitted state yet: materialise {where}/state first")
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
@@ -259,12 +259,12 @@ class ClientRun:
         failures: dict[str, ModelpexError] = {}
         for key_of, action in ((state_key, self.train), (predictions_key, self.predict)):
             for d in client.models.values():
-                if key_of(d) not in selected or f"{d.client}/{d.model}" in failures:
+                if key_of(d) not in selected or d.where in failures:
                     continue
                 try:
                     yield action(d)
                 except ModelpexError as exc:
-                    failures[f"{d.client}/{d.model}"] = exc
+                    failures[d.where] = exc
                     self._record_failure(d, key_of(d), exc)
         if len(failures) == 1:
             raise next(iter(failures.values()))

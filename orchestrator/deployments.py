@@ -57,6 +57,11 @@ class ModelDeployment:
     schedules: Mapping[str, str]  # ``train`` / ``predict`` -> cron
 
     @property
+    def where(self) -> str:
+        """``client/model``: how errors, tags and the redeploy sensor's cursor name this deployment."""
+        return f"{self.client}/{self.model}"
+
+    @property
     def follows_latest(self) -> bool:
         return self.version == LATEST
 
@@ -85,7 +90,7 @@ class Deployments:
 
     def running(self, catalog: Catalog) -> dict[str, str]:
         """``client/model`` -> the ``model@version`` it runs now: the pinned one, or the newest for ``latest``."""
-        return {f"{d.client}/{d.model}": f"{d.model}@{catalog.resolve(d.model, d.version).version}" for d in self.all()}
+        return {d.where: f"{d.model}@{catalog.resolve(d.model, d.version).version}" for d in self.all()}
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

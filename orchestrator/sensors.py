@@ -8,6 +8,7 @@ base requests everything; an unchanged tree requests nothing.
 """
 
 import json
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ from dagster import (
 
 from orchestrator.assets import dataset_key, predictions_key, state_key
 from orchestrator.build import Builder, Interpreter
-from orchestrator.deployments import Deployments
+from orchestrator.deployments import Deployments, ModelDeployment
 from orchestrator.resources import ModelpexResource
 
 __all__ = ["failure_sensor", "redeploy_sensor", "snapshot"]
@@ -110,9 +111,12 @@ def _version_requests(
     that version's pex and the assets of the clients that run it."""
     changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
     changed |= set(now["stored"]) - set(before["stored"])
+    running: dict[str, list[ModelDeployment]] = defaultdict(list)
+    for d in deployments.all():
+        running[now["deployed"][d.where]].append(d)
     requests = []
     for label in sorted(changed):
-        followers = [d for d in deployments.all() if now["deployed"][f"{d.client}/{d.model}"] == label]
+        followers = running.get(label, [])
         selection = [version_assets[label]] if label in version_assets else []
         selection += [key for d in followers for key in (state_key(d), predictions_key(d))]
         if selection:
@@ -137,19 +141,15 @@ def _moved_requests(
     covered = {key for request in already for key in request.asset_selection or ()}
     requests = []
     for d in deployments.all():
-        pair = f"{d.client}/{d.model}"
-        label = now["deployed"][pair]
-        if before["deployed"].get(pair) == label or state_key(d) in covered:
+        label = now["deployed"][d.where]
+        if before["deployed"].get(d.where) == label or state_key(d) in covered:
             continue
         selection = [version_assets[label]] if label in version_assets else []
-        if pair not in before["deployed"]:  # N.B. New: its datasets may never have been materialised.
+        if d.where not in before["deployed"]:  # N.B. New: its datasets may never have been materialised.
             selection += [dataset_key(d.client, dataset) for dataset in d.inputs.values()]
         selection += [state_key(d), predictions_key(d)]
-        requests.append(
-            _request(
-                f"{pair}:{label}:{now['models'].get(label, 'stored')}", selection, f"{pair} -> {label}", [d.client]
-            )
-        )
+        key = f"{d.where}:{label}:{now['models'].get(label, 'stored')}"
+        requests.append(_request(key, selection, f"{d.where} -> {label}", [d.client]))
     return requests
 
 
