@@ -166,7 +166,7 @@ class ArrowParquetIOManager(ConfigurableIOManager):
     store: FrameStore
 
     def handle_output(self, context: OutputContext, obj: Any) -> None:
-        table = to_arrow(obj)
+        table = to_arrow(obj, context.asset_key.to_user_string())
         path = self.store.save_table(context.asset_key, table)
         context.add_output_metadata({"path": str(path), "rows": table.num_rows, "parquet_bytes": path.stat().st_size})
 

@@ -229,7 +229,7 @@ class FrameExchange:
 
     def put(self, name: str, frame: Any) -> FrameRef:
         """Write an input frame into a segment (sized exactly, or a re-used one already big enough)."""
-        table = to_arrow(frame)
+        table = to_arrow(frame, f"input frame {name!r}")
         size = ipc_size(table)
         segment = self.pool.acquire(size, f"input frame {name!r}")
         self._held.append(segment)

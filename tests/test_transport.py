@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modelpex_runtime.protocol import SEGMENT_NAME, ShmSpaceError, TransportError
-from modelpex_runtime.transport import check_space, from_arrow, map_segment, read_frame, write_frame
+from modelpex_runtime.transport import check_space, from_arrow, map_segment, read_frame, to_arrow, write_frame
 
 from orchestrator.transport import FrameExchange, SegmentPool, private_pool, sweep_orphans
 
@@ -206,12 +206,38 @@ def test_no_room_in_shm_says_how_much_and_how_to_raise_it() -> None:
     assert "--shm-size" in message and "medium: Memory" in message
 
 
-def test_unsupported_frame_type_is_named() -> None:
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        ({"a": [1]}, "cannot write input frame 'frame', a builtins.dict: return a pandas or polars DataFrame"),
+        (pd.DataFrame([[1, 2]], columns=["a", "a"]), "Duplicate column names found.*give every column a unique name"),
+        (pd.DataFrame({"a": [1, "x"]}), "Arrow refused the pandas DataFrame.*values of one type"),
+    ],
+)
+def test_frames_arrow_cannot_hold_are_named(frame: object, message: str) -> None:
     before = ours(os.getpid())
     with private_pool() as pool, FrameExchange(pool) as exchange:
-        with pytest.raises(TransportError, match="cannot send a builtins.dict: return a pandas or polars DataFrame"):
-            exchange.put("frame", {"a": [1]})
+        with pytest.raises(TransportError, match=message):
+            exchange.put("frame", frame)
     assert ours(os.getpid()) <= before
+
+
+@pytest.mark.parametrize(
+    ("frame", "plain"),
+    [
+        (pd.DataFrame({"a": [1, 2], "b": [0.5, None], "c": ["x", None], "d": [True, False]}), True),
+        (pd.DataFrame({"a": [1, 2]}, index=pd.RangeIndex(2, name="id")), False),
+        (pd.DataFrame({"a": [1, 2]}, index=pd.RangeIndex(5, 7)), False),
+        (pd.DataFrame({0: [1, 2], 1: [3, 4]}), False),
+        (pd.DataFrame({"a": pd.array([1, None], dtype="Int64")}), False),
+    ],
+)
+def test_pandas_needs_its_metadata_only_where_arrow_types_fall_short(frame: pd.DataFrame, plain: bool) -> None:
+    """Plain frames skip from_pandas (the small-frame fast path); the others keep their index, names and dtypes."""
+    with private_pool() as pool:
+        back = round_trip(to_arrow(frame), "pandas", pool)
+    pd.testing.assert_frame_equal(back, frame)
+    assert (to_arrow(frame).schema.metadata is None) is plain
 
 
 # --- lifetimes with real processes ---------------------------------------------------------------------------

@@ -94,7 +94,10 @@ def execute(entry: Mapping[str, str], call: ModelCall, log: logging.Logger) -> M
         log.info(f"predicting with {entry['name']} {entry['version']}")
         frames = _named_outputs(predict(inputs, state, params), call["outputs"])
         lap("predict")
-        outputs = {name: write_frame(frame, call["outputs"][name]) for name, frame in frames.items()}
+        outputs = {
+            name: write_frame(frame, call["outputs"][name], f"output {name!r} of {entry['name']} {entry['version']}")
+            for name, frame in frames.items()
+        }
         lap("write")
     rows_in = {name: int(ref["num_rows"]) for name, ref in call["inputs"].items()}
     return ModelResult(protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds)
