@@ -35,6 +35,14 @@ OURS = ("pandas", "polars", "pyarrow")
 SEED = ("pandas", "polars", "dict", "pydantic")
 
 
+def timed_runs(n: int, repeats: int, big: int) -> int:
+    """How many timed round trips at ``n`` rows: small frames take a millisecond, so five times as many steady their
+    median for free; frames of a million rows and more take seconds, so ``big``."""
+    if n >= 10**6:
+        return big
+    return repeats * 5 if n <= 10**4 else repeats
+
+
 def seed_data(n: int) -> dict[str, list]:
     return {"a": list(range(n)), "b": list(range(n)), "c": ["c"] * n}
 
@@ -83,7 +91,7 @@ def seed_round_trips(kind: str, sizes: list[int], repeats: int) -> dict[int, flo
                 continue
             obj = seed_object(kind, n)
             runs = []
-            for _ in range(repeats if n < 10**6 else 3):
+            for _ in range(timed_runs(n, repeats, big=3)):
                 started = time.perf_counter()
                 parent.send(obj)
                 parent.recv()
@@ -143,7 +151,7 @@ def our_round_trips(library: str, sizes: list[int], repeats: int, worker_: Worke
                 back = worker_.round_trip(exchange, frame, library)
             del back
         runs = []
-        for _ in range(repeats if n < 10**6 else 5):
+        for _ in range(timed_runs(n, repeats, big=5)):
             with FrameExchange() as exchange:
                 started = time.perf_counter()
                 back = worker_.round_trip(exchange, frame, library)
