@@ -229,9 +229,10 @@ class FrameExchange:
 
     def put(self, name: str, frame: Any) -> FrameRef:
         """Write an input frame into a segment (sized exactly, or a re-used one already big enough)."""
-        table = to_arrow(frame, f"input frame {name!r}")
+        what = f"input frame {name!r}"
+        table = to_arrow(frame, what)
         size = ipc_size(table)
-        segment = self.pool.acquire(size, f"input frame {name!r}")
+        segment = self.pool.acquire(size, what)
         self._held.append(segment)
         write_table(segment.mapping(size), table, size)
         self._input_sizes.append(size)

@@ -194,7 +194,7 @@ def _from_plain_pandas(frame: Any) -> pa.Table | None:
 
     Plain means a default index and string-named numeric, bool and default-str columns: such a frame needs no
     pandas metadata to come back as it left. Skipping ``from_pandas``'s metadata machinery, in one pass over the
-    columns (``frame.dtypes`` alone builds a Series), is most of the <1 ms round trip at 1,000 rows.
+    columns (``frame.dtypes`` alone builds a Series), takes more than half off a small frame's conversion.
     """
     import pandas as pd
 
