@@ -208,7 +208,7 @@ class ClientRun:
             self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, state_out=state_path
         )
         if outcome.state is None:
-            raise ModelpexError(f"{d.client}/{d.model}: training reported no fitted state")
+            raise ModelpexError(f"{d.where}: training reported no fitted state")
         return MaterializeResult(
             asset_key=state_key(d),
             metadata={
@@ -225,8 +225,8 @@ class ClientRun:
         trained_version, state = _trained_state(self.context, d)
         if trained_version != running.version:
             raise ModelpexError(
-                f"{d.client}/{d.model} now runs {d.model}@{running.version} but its state was trained by "
-                f"{trained_version}: materialise {d.client}/{d.model}/state first"
+                f"{d.where} now runs {d.model}@{running.version} but its state was trained by "
+                f"{trained_version}: materialise {d.where}/state first"
             )
         ensured = self.modelpex.ensure(running, self.catalog)
         outcome = self.modelpex.run(
