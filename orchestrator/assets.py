@@ -33,7 +33,6 @@ from orchestrator.deployments import ClientDeployment, DatasetSource, ModelDeplo
 from orchestrator.errors import ModelpexError
 from orchestrator.resources import Ensured, FrameStore, ModelpexResource
 from orchestrator.run import RunOutcome
-from orchestrator.store import file_sha256
 
 __all__ = [
     "BASE_KEY",
@@ -173,20 +172,16 @@ class ModelRunFailures(ModelpexError):
     """Several models of one client failed in one step; each one's own error is listed."""
 
 
-def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) -> tuple[str, dict[str, Any]]:
-    """(version, StateRef) of the latest training materialisation, from Dagster's event log."""
+def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) -> tuple[str, str]:
+    """(version, sha256) of the latest training materialisation, from Dagster's event log."""
     event = context.instance.get_latest_materialization_event(state_key(deployment))
     where = deployment.where
     if event is None or event.asset_materialization is None:
         raise ModelpexError(f"{where}: no fitted state yet: materialise {where}/state first")
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    ref = {
-        "path": meta["state_path"],
-        "format": meta["state_format"],
-        "sha256": meta["state_sha256"],
-        "size": meta["state_bytes"],
-    }
-    return str(meta["model_version"]), ref
+    if "state_sha256" not in meta or "model_version" not in meta:
+        raise ModelpexError(f"{where}: its last training left no state record: materialise {where}/state again")
+    return str(meta["model_version"]), str(meta["state_sha256"])
 
 
 class ClientRun:
@@ -202,38 +197,37 @@ class ClientRun:
     def train(self, d: ModelDeployment) -> MaterializeResult:
         running = self.catalog.resolve(d.model, d.version)  # N.B. Now, not at load: follows `latest`.
         ensured = self.modelpex.ensure(running, self.catalog)
-        state_dir = self.modelpex.state_dir() / d.client / d.model
-        state_path = state_dir / f"{running.version}-{self.context.run.run_id}.state"
         outcome = self.modelpex.run(
-            self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, state_out=state_path
+            self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, keep_state=True
         )
         if outcome.state is None:
             raise ModelpexError(f"{d.where}: training reported no fitted state")
+        record = self.modelpex.runner.states.save(ensured.record, d.client, self.context.run.run_id, outcome.state)
         return MaterializeResult(
             asset_key=state_key(d),
             metadata={
                 **_run_metadata(outcome, ensured),
-                "state_path": str(state_path),
-                "state_sha256": file_sha256(state_path),  # N.B. Computed here: the digest predictions trust.
-                "state_format": outcome.state["format"],
-                "state_bytes": state_path.stat().st_size,
+                "state_sha256": record.sha256,  # N.B. Computed and signed here: the digest predictions trust.
+                "state_format": record.format,
+                "state_bytes": record.size,
             },
         )
 
     def predict(self, d: ModelDeployment) -> Output[pa.Table]:
         running = self.catalog.resolve(d.model, d.version)
-        trained_version, state = _trained_state(self.context, d)
+        trained_version, sha256 = _trained_state(self.context, d)
         if trained_version != running.version:
             raise ModelpexError(
                 f"{d.where} now runs {d.model}@{running.version} but its state was trained by "
                 f"{trained_version}: materialise {d.where}/state first"
             )
         ensured = self.modelpex.ensure(running, self.catalog)
+        state = self.modelpex.runner.states.load(ensured.record, sha256, d.client)
         outcome = self.modelpex.run(
             self.context, ensured.record, action="predict", inputs=self._inputs(d), params=d.params, state_in=state
         )
         table = outcome.outputs["predictions"]
-        metadata = {**_run_metadata(outcome, ensured), "state_sha256": state["sha256"], "preview": preview(table)}
+        metadata = {**_run_metadata(outcome, ensured), "state_sha256": sha256, "preview": preview(table)}
         return Output(table, output_name=predictions_key(d).to_python_identifier(), metadata=metadata)
 
     def _record_failure(self, d: ModelDeployment, key: AssetKey, exc: ModelpexError) -> None:

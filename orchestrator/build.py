@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,11 @@ def _pex_version() -> str:
 
 @dataclass(frozen=True)
 class Interpreter:
-    """The Python that runs the pexes; its identity is part of the base key (wheels are per ABI and platform)."""
+    """The Python that runs the pexes; its identity is part of the base key (wheels are per ABI and platform).
+
+    N.B. ``path`` is the real interpreter behind a venv's ``python`` symlink: model processes run it as another
+    user, outside the orchestrator's venv, which may sit in a folder that user cannot enter.
+    """
 
     path: str
     identity: str
@@ -78,7 +83,7 @@ class Interpreter:
     @classmethod
     @functools.cache
     def detect(cls, path: str | None = None) -> Interpreter:
-        path = path or sys.executable
+        path = os.path.realpath(path or sys.executable)
         probe = (
             "import json, platform, sys, sysconfig; print(json.dumps([sys.implementation.name, "
             "platform.python_version(), sysconfig.get_platform(), *platform.libc_ver()]))"
@@ -255,14 +260,11 @@ class Builder:
                 return BuildResult(existing, True, time.perf_counter() - started)
             if existing is not None:
                 self.store.delete(existing)
-            work = self.store.work_dir()
-            try:
+            with self.store.work_dir() as work:
                 self.step(f"building {record.label} (key {record.key})")
                 path = build(work)
                 finished = record.finished(path, build_seconds=round(time.perf_counter() - started, 3))
                 published = self.store.put(finished, path)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
         return BuildResult(published, False, time.perf_counter() - started)
 
     def _build_base(self, work: Path) -> Path:

@@ -7,12 +7,16 @@ traceback would only hide that line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +28,15 @@ from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, loc
 from orchestrator.errors import ModelpexError
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, discover_models, load_model_spec
-from orchestrator.store import LocalPexStore, referenced
+from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
 from orchestrator.versions import resolve_source
 
 if TYPE_CHECKING:
     from dagster_shared.error import SerializableErrorInfo
+
+    from orchestrator.run import FittedState
+    from orchestrator.runner import Runner
+    from orchestrator.states import StateRecord
 
 __all__ = ["main"]
 
@@ -116,8 +124,12 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
-    """Remove what nothing references: artifacts of old bases or of superseded content of a version."""
-    from orchestrator.transport import sweep_orphans
+    """Remove what nothing references: artifacts of old bases or of superseded content of a version, states
+    nothing can use, and what runs that died left (model folders, build folders) once they are old enough."""
+    from orchestrator.leases import sweep
+    from orchestrator.sandbox import RUN_PREFIX, RUNS
+    from orchestrator.states import StateKeeper
+    from orchestrator.store import BUILD_PREFIX
 
     store = settings.store()
     builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
@@ -134,9 +146,39 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
         out.print(f"{verb} unindexed file {path}")
         if not args.dry_run:
             path.unlink()
-    for name in [] if args.dry_run else sweep_orphans():
-        out.print(f"removed shared-memory segment {name} of a dead orchestrator")
+    states = StateKeeper(store, settings.signing_key_path)
+    for record in unused_states(states.records(), keep, settings.gc_grace):
+        out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
+        if not args.dry_run:
+            store.delete_state(record.model, record.sha256)
+    leftovers = sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
+    if isinstance(store, LocalPexStore):
+        leftovers += sweep(store.root / "work", BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
+        leftovers += [p for p in store.stray_states() if _older(p, settings.gc_grace)]
+        for path in [] if args.dry_run else store.stray_states():
+            if _older(path, settings.gc_grace):
+                path.unlink(missing_ok=True)
+    for path in leftovers:
+        out.print(f"{verb} {path}, left by a run that ended")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
+
+
+def _older(path: Path, seconds: float) -> bool:
+    return path.stat().st_mtime < time.time() - seconds
+
+
+def unused_states(records: list[StateRecord], keep: set[str], grace: float) -> list[StateRecord]:
+    """States no run will load again: of a model pex gc removes, or not the newest of their client and version."""
+    newest: dict[tuple[str, str, str], StateRecord] = {}
+    for record in sorted(records, key=lambda r: r.created_at):
+        newest[(record.client, record.model, record.version)] = record
+    cutoff = datetime.now(UTC) - timedelta(seconds=grace)
+    return [
+        r
+        for r in records
+        if (r.model_key not in keep or newest[(r.client, r.model, r.version)] is not r)
+        and datetime.fromisoformat(r.created_at) < cutoff
+    ]
 
 
 def _read_table(spec: str) -> tuple[str, Any]:
@@ -166,16 +208,13 @@ def _params(text: str) -> dict[str, Any]:
     return value
 
 
-def _stored_state(path: str, label: str) -> Any:
-    """The `StateRef` kept beside a state saved by ``--save-state``, pointed at where the file is now."""
-    sidecar = Path(f"{path}.json")
+def _stored_state(path: str, record: ArtifactRecord, runner: Runner) -> FittedState:
+    """A state saved by ``--save-state``, checked against its signed record in the store."""
     try:
-        kept = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ModelpexError(f"--state {path}: no readable {sidecar}; save states with `--save-state`") from None
-    if kept.get("model") != label:
-        raise ModelpexError(f"--state {path} was trained by {kept.get('model')}, not {label}: train {label} first")
-    return {**kept["state"], "path": str(Path(path).resolve())}
+        payload = Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelpexError(f"--state {path}: cannot read it ({exc.strerror})") from None
+    return runner.states.load(record, hashlib.sha256(payload).hexdigest(), client="", payload=payload)
 
 
 def _publish(path: Path, payload: bytes) -> None:
@@ -188,43 +227,33 @@ def _publish(path: Path, payload: bytes) -> None:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     """Build or find the model version, then train and predict (or predict from a stored state) on files."""
     import pyarrow.parquet
-    from dagster import build_op_context, op
 
-    from orchestrator.run import run_model  # N.B. Imports Dagster: only when running.
+    from orchestrator.pipes import console_link
+    from orchestrator.runner import Runner
 
     inputs = dict(_read_table(spec) for spec in args.input)
     params = _params(args.params)
     with _builder(settings) as builder:
         record = build_ref(builder, settings, ModelRef.parse(args.model)).record
-    state_in = _stored_state(args.state, record.label) if args.state else None
     output = Path(args.output)
-    with tempfile.TemporaryDirectory(prefix="modelpex-cli-") as tmp, err.status(f"running {record.label}"):
-
-        @op(name="modelpex_run")
-        def run_once(context):  # type: ignore[no-untyped-def]  # N.B. cli.py has string annotations
-            return run_model(
-                context,
-                settings.store(),
+    with Runner(settings, builder.interpreter, timeout=args.timeout) as runner:
+        state_in = _stored_state(args.state, record, runner) if args.state else None
+        with err.status(f"running {record.label}"):
+            outcome = runner.call(
                 record,
+                console_link,
                 action="predict" if state_in else "train_predict",
                 inputs=inputs,
                 params=params,
                 state_in=state_in,
-                state_out=None if state_in else Path(tmp) / "state",
-                python=builder.interpreter.path,
-                pex_root=settings.pex_root,
-                timeout=args.timeout or settings.timeout,
+                keep_state=bool(args.save_state),
             )
-
-        # N.B. Invoking the op directly binds a real (ephemeral) Dagster context, which Pipes needs.
-        outcome = run_once(build_op_context())
         staged = output.with_name(f".{output.name}.tmp")
         pyarrow.parquet.write_table(outcome.outputs["predictions"], staged)
         staged.replace(output)
         if args.save_state and outcome.state:
-            sidecar = json.dumps({"model": record.label, "state": outcome.state})
-            _publish(Path(args.save_state), Path(outcome.state["path"]).read_bytes())
-            _publish(Path(f"{args.save_state}.json"), sidecar.encode())
+            runner.states.save(record, "", f"cli-{os.getpid()}", outcome.state)
+            _publish(Path(args.save_state), outcome.state.payload)
     out.print(
         f"{record.label}: {sum(outcome.rows_in.values())} rows in, {outcome.rows_out['predictions']} rows out "
         f"-> {output} ({outcome.wall_seconds:.2f} s, transport {outcome.transport_seconds * 1000:.1f} ms)"
@@ -232,32 +261,20 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
-    """Unpack the base into PEX_ROOT and compile its bytecode, so a model's first run only links a venv."""
-    import os
-    import subprocess
+    """Unpack the base into the model processes' PEX_ROOT and compile its bytecode, so a first run only links a venv."""
+    from orchestrator.cache import ArtifactCache
 
     with _builder(settings) as builder:
         record = builder.base().record
-        path = builder.store.fetch(record)
-    env = {**os.environ, "PEX_ROOT": settings.pex_root or os.path.expanduser("~/.cache/pex")}
+    cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, builder.interpreter.path)
     started = time.perf_counter()
-    with err.status(f"unpacking base {record.key} into {env['PEX_ROOT']}"):
-        done = subprocess.run([str(path), "-c", WARM_IMPORTS], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ModelpexError(f"warming base {record.key} failed:\n{done.stderr.strip()[-2000:]}")
-    out.print(f"warmed base {record.key} in {env['PEX_ROOT']} ({time.perf_counter() - started:.1f} s)")
-
-
-WARM_IMPORTS = (
-    "import modelpex_runtime.entry, numpy, pandas, polars, pyarrow, pyarrow.parquet, scipy, sklearn.ensemble, "
-    "sklearn.linear_model"
-)
+    with err.status(f"unpacking base {record.key} into {settings.model_pex_root}"):
+        cache.warm(builder.store, record)
+    out.print(f"warmed base {record.key} in {settings.model_pex_root} ({time.perf_counter() - started:.1f} s)")
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     """The main job: build the base and every model version, then materialise every asset on the instance."""
-    import os
-
     cmd_build(argparse.Namespace(targets=[], all=True, force=False), settings)
     os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     from dagster import DagsterInstance
@@ -308,9 +325,6 @@ def _first_line(error: SerializableErrorInfo) -> str:
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> None:
     """Replace this process with `dagster dev` on the project's instance, with default signal handling."""
-    import os
-    import signal
-
     env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home), "MODELPEX_PROJECT": str(settings.project)}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # N.B. Inherited SIG_IGN would make dagster dev unstoppable (field notes).
@@ -368,8 +382,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (docker stop, Kubernetes, timeout): unwinds like Ctrl-C, so every model process, segment and
+    private folder is released on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         settings = Settings.from_env(project=args.project, store_url=args.store_url, python=args.python)
         args.func(args, settings)
@@ -379,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except Terminated:
+        err.print("terminated")
+        return 143
     return 0
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "DependencyConflictError",
     "IntegrityError",
     "ModelpexError",
+    "SandboxError",
     "SpecError",
     "StoreError",
 ]
@@ -36,3 +37,7 @@ class StoreError(ModelpexError):
 
 class IntegrityError(StoreError):
     """An artifact's bytes do not match the sha256 recorded when it was built."""
+
+
+class SandboxError(ModelpexError):
+    """A model process cannot be isolated as configured: no model user, an unreachable interpreter or cache."""

@@ -2,12 +2,15 @@
 
 `ModelpexResource` is what assets and ops talk to: it resolves a deployment to a model version, builds or fetches
 that version's pex (the same call behind the model-version asset and the ``build_or_fetch_model`` op), and runs
-it through Dagster Pipes with an allow-listed environment. `ArrowParquetIOManager` stores frames between assets
-as Parquet (never pickle) and hands them back as Arrow tables, which the transport maps into shared memory.
+it through Dagster Pipes in its sandboxed model process (`orchestrator.runner`). Within one run, one process per
+model version serves every call; the resource ends them all when the run's execution ends.
+`ArrowParquetIOManager` stores frames between assets as Parquet (never pickle) and hands them back as Arrow tables,
+which the transport writes into shared memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -17,14 +20,23 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import AssetKey, ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from dagster import (
+    AssetKey,
+    ConfigurableIOManager,
+    ConfigurableResource,
+    InitResourceContext,
+    InputContext,
+    OutputContext,
+)
 from modelpex_runtime.transport import to_arrow
 from pydantic import Field, PrivateAttr
 
 from orchestrator.build import Builder, Interpreter
 from orchestrator.catalog import Catalog, ModelVersion
 from orchestrator.errors import ModelpexError
-from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome, run_model
+from orchestrator.pipes import dagster_link
+from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome
+from orchestrator.runner import Runner
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactRecord
 
@@ -67,7 +79,7 @@ class ModelpexResource(ConfigurableResource):
     )
     python: str = Field(default="", description="Interpreter the pexes are built for and run with; '' = this Python.")
     pex_root: str = Field(
-        default="", description="PEX_ROOT for model processes (unpacked bases, model venvs); '' = pex's default."
+        default="", description="PEX_ROOT for model processes (unpacked bases, model venvs); '' = <cache>/pex_root."
     )
     timeout_seconds: float = Field(
         default=3600.0, description="A model process running longer is killed and the step fails."
@@ -79,14 +91,34 @@ class ModelpexResource(ConfigurableResource):
 
     _settings: Settings | None = PrivateAttr(default=None)
     _builder: Builder | None = PrivateAttr(default=None)
+    _runner: Runner | None = PrivateAttr(default=None)
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = Settings.from_env(
+            settings = Settings.from_env(
                 project=self.project_dir or None, store_url=self.store_url or None, python=self.python or None
             )
+            self._settings = dataclasses.replace(settings, pex_root=self.pex_root or settings.pex_root)
         return self._settings
+
+    @property
+    def runner(self) -> Runner:
+        """This run's model processes, sandbox and state keeper: made on first use, ended with the run."""
+        if self._runner is None:
+            self._runner = Runner(
+                self.settings,
+                self.builder.interpreter,
+                timeout=self.timeout_seconds,
+                env_allow=self.env_allow,
+                env=self.env,
+            )
+        return self._runner
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
     @property
     def builder(self) -> Builder:
@@ -114,26 +146,9 @@ class ModelpexResource(ConfigurableResource):
         self.builder.store.fetch(result.record)
         return Ensured(result.record, not result.cached, time.perf_counter() - started)
 
-    def state_dir(self) -> Path:
-        """Where training runs keep fitted states: beside the artifacts when the store is local."""
-        store = self.settings.store()
-        root = getattr(store, "root", None)
-        return Path(root) / "states" if root else self.settings.project / ".cache" / "states"
-
     def run(self, context: Any, record: ArtifactRecord, *, action: Action, **kwargs: Any) -> RunOutcome:
-        settings = self.settings
-        return run_model(
-            context,
-            settings.store(),
-            record,
-            action=action,
-            python=self.builder.interpreter.path,
-            pex_root=self.pex_root or settings.pex_root,
-            timeout=self.timeout_seconds,
-            env_allow=self.env_allow,
-            env=self.env,
-            **kwargs,
-        )
+        """One call of a model version in its model process; the call is a Pipes session on ``context``."""
+        return self.runner.call(record, lambda: dagster_link(context), action=action, **kwargs)
 
 
 class FrameStore(ConfigurableResource):

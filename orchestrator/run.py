@@ -1,52 +1,67 @@
-"""Run: one call of a model pex as a subprocess against its verified base, through Dagster Pipes.
+"""Run: model processes, one per model version within a run, each serving that version's calls over its channel.
 
-The orchestrator owns everything the call touches (shared-memory segments, a private working directory, the
-process group) and releases all of it on every path: success, the model raising, a crash, a timeout, or the
-orchestrator itself being interrupted. The model process gets an explicit environment built from an allow-list,
-never the orchestrator's own (which holds database and cloud credentials).
+A `ModelProcess` is started in the sandbox (`orchestrator.sandbox`) from a prepared venv (`orchestrator.cache`)
+with an environment built from an allow-list, never the orchestrator's own. It imports the model once, then answers
+calls: train, predict, for every client of the run, each call a Pipes session of its own (`orchestrator.pipes`).
+Its frames and fitted states cross in segments handed over as descriptors (`orchestrator.transport`).
+
+Containment, on every path:
+- the process's lifeline (`modelpex_runtime.entry`) makes the kernel kill its whole process group the moment this
+  orchestrator's end closes: on `close`, on a timeout, and when this process dies, kill -9 included;
+- after every call, success included, every other process of the model's group (or, with a uid of its own, of its
+  uid, which also catches a child that escaped with ``setsid``) is killed; no call waits on a pipe a child holds;
+- a call past its timeout, a crash, or a malformed answer ends the process; the next call starts a fresh one.
+
+This module imports no Dagster: the CLI runs models without paying for it.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
-from dagster import (
-    AssetExecutionContext,
-    OpExecutionContext,
-    PipesTempFileContextInjector,
-    PipesTempFileMessageReader,
-    open_pipes_session,
+from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.protocol import (
+    CHANNEL_FD_ENV,
+    LIFELINE_FD_ENV,
+    MODEL_ENV,
+    PROTOCOL_VERSION,
+    SANDBOXED_ENV,
+    CallError,
+    ModelCall,
+    ModelFailure,
+    StateRef,
+    TransportError,
 )
-from modelpex_runtime.protocol import PROTOCOL_VERSION, ModelCall, ModelFailure, ModelResult, StateRef
 
+from orchestrator.cache import SYSTEM_PATH, Prepared
 from orchestrator.errors import ModelpexError
-from orchestrator.store import ArtifactRecord, PexStore
+from orchestrator.sandbox import Identity, Sandbox
+from orchestrator.transport import FrameExchange, SegmentPool
 
 __all__ = [
     "DEFAULT_ENV_ALLOW",
+    "FittedState",
     "ModelCrashError",
+    "ModelProcess",
+    "ModelProcesses",
     "ModelRaisedError",
     "ModelTimeoutError",
+    "PipesLink",
     "RunOutcome",
-    "run_model",
 ]
-
-# N.B. Raised by Dagster's own Pipes message handler on every session, about an attribute we never use.
-warnings.filterwarnings("ignore", message=".*expected_writer_count.*")
 
 Action = Literal["train", "predict", "train_predict"]
 # N.B. Locale, time zone and thread-count knobs only: nothing that can carry a credential.
@@ -61,9 +76,8 @@ DEFAULT_ENV_ALLOW = (
     "MKL_NUM_THREADS",
     "POLARS_MAX_THREADS",
 )
-SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 STDERR_TAIL_LINES = 40
-KILL_GRACE_SECONDS = 3.0
+STATE_OUTPUT = "fitted state"
 
 
 class ModelRunError(ModelpexError):
@@ -76,16 +90,25 @@ class ModelRaisedError(ModelRunError):
     def __init__(self, label: str, failure: ModelFailure) -> None:
         self.failure = failure
         super().__init__(
-            f"model {label} raised {failure['type']}: {failure['message']}\n\nmodel traceback:\n{failure['traceback']}"
+            f"model {label} raised {failure.get('type')}: {failure.get('message')}\n\n"
+            f"model traceback:\n{failure.get('traceback')}"
         )
 
 
 class ModelCrashError(ModelRunError):
-    """The model process died or exited without reporting a result (it never spoke the protocol)."""
+    """The model process died, or answered something that is not the protocol."""
 
 
 class ModelTimeoutError(ModelRunError):
     """The model process ran past its timeout and was killed."""
+
+
+@dataclass(frozen=True)
+class FittedState:
+    """A fitted state's bytes and format (see `modelpex_runtime.state`), as the orchestrator holds it."""
+
+    format: str
+    payload: bytes
 
 
 @dataclass
@@ -93,7 +116,7 @@ class RunOutcome:
     """What one call produced, with the figures the Dagster materialisation shows."""
 
     outputs: dict[str, Any]
-    state: StateRef | None
+    state: FittedState | None
     rows_in: dict[str, int]
     rows_out: dict[str, int]
     bytes_in: int
@@ -101,6 +124,7 @@ class RunOutcome:
     transport_seconds: float
     model_seconds: dict[str, float]
     wall_seconds: float
+    process_started: bool = False
     stderr_tail: list[str] = field(default_factory=list)
 
     @property
@@ -108,178 +132,374 @@ class RunOutcome:
         return self.bytes_in + self.bytes_out
 
 
-def model_env(
-    workdir: Path, python: str, pex_root: str | None, allow: Sequence[str], extra: Mapping[str, str]
-) -> dict[str, str]:
+class PipesLink(Protocol):
+    """One call's Pipes session as the runner sees it: parameters for the model, and where its messages go."""
+
+    bootstrap: Mapping[str, str]
+
+    def handle(self, message: Mapping[str, Any]) -> None: ...
+
+
+def model_env(workdir: Path, python: Path, allow: Sequence[str], extra: Mapping[str, str]) -> dict[str, str]:
     """The model process's whole environment: allow-listed names, our fixed values, then the caller's."""
     env = {name: os.environ[name] for name in allow if name in os.environ}
-    env.update(
-        PATH=f"{Path(python).parent}:{SYSTEM_PATH}",
-        HOME=str(workdir),
-        TMPDIR=str(workdir),
-        # N.B. Explicit, or sh-boot would look under the private HOME above and unpack the base on every run.
-        PEX_ROOT=pex_root or os.path.expanduser("~/.cache/pex"),
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(PATH=f"{python.parent}:{SYSTEM_PATH}", HOME=str(workdir), TMPDIR=str(workdir))
     env.update(extra)
     return env
 
 
-@contextmanager
-def _workdir(base_path: Path, base: ArtifactRecord) -> Iterator[Path]:
-    """A private directory holding the verified base under the name the model pex was built against."""
-    workdir = Path(tempfile.mkdtemp(prefix="modelpex-run-"))
-    try:
-        (workdir / base.filename).symlink_to(base_path)
-        yield workdir
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def _pump(stream: IO[bytes], sink: IO[str], tail: deque[str]) -> None:
     """Forward a child's output line by line (Dagster captures it) and keep the last lines for errors."""
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace")
-        tail.append(line.rstrip("\n"))
-        sink.write(line)
-        sink.flush()
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate the model's whole process group, then kill it if it does not go quietly."""
-    if process.poll() is not None:
-        return
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _launch(model_path: Path, workdir: Path, env: dict[str, str], timeout: float, label: str) -> tuple[int, list[str]]:
-    process = subprocess.Popen(
-        [str(model_path)],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-    pumps = [
-        threading.Thread(target=_pump, args=(process.stdout, sys.stdout, deque(maxlen=1)), daemon=True),
-        threading.Thread(target=_pump, args=(process.stderr, sys.stderr, tail), daemon=True),
-    ]
-    for pump in pumps:
-        pump.start()
     try:
-        returncode = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop(process)
-        raise ModelTimeoutError(
-            f"model {label} ran longer than its timeout of {timeout:g} s and was killed: raise the timeout "
-            "(MODELPEX_TIMEOUT, or the runner's timeout_seconds) or make the model faster"
-        ) from None
-    finally:
-        _stop(process)
-        for pump in pumps:
-            pump.join(timeout=5)
-    return returncode, list(tail)
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            tail.append(line.rstrip("\n"))
+            sink.write(line)
+            sink.flush()
+    except (OSError, ValueError):
+        pass  # N.B. Our end was closed while a straggler held the other: nothing more to forward.
 
 
-def _result(label: str, messages: Sequence[Any], returncode: int, tail: list[str]) -> ModelResult:
-    for message in messages:
-        if isinstance(message, dict) and "modelpex_error" in message:
-            raise ModelRaisedError(label, message["modelpex_error"])
-    results = [m["modelpex_result"] for m in messages if isinstance(m, dict) and "modelpex_result" in m]
-    if returncode == 0 and results:
-        return results[-1]
-    how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
-    if returncode == 0:
-        how = "exited without reporting a result (it never opened Dagster Pipes)"
-    stderr = "\n".join(tail[-15:]) or "(no output)"
-    raise ModelCrashError(f"model {label} {how}; last lines of its stderr:\n{stderr}")
+def _members(*, pgid: int | None = None, uid: int | None = None) -> list[int]:
+    """Processes in process group ``pgid`` or owned by ``uid`` (real uid), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        try:
+            if (pgid is not None and int(fields["NSpgid"].split()[-1]) == pgid) or (
+                uid is not None and int(fields["Uid"].split()[0]) == uid
+            ):
+                found.append(int(entry))
+        except (KeyError, ValueError, IndexError):
+            continue
+    return found
 
 
-def run_model(
-    context: OpExecutionContext | AssetExecutionContext,
-    store: PexStore,
-    model: ArtifactRecord,
-    *,
-    action: Action,
-    inputs: Mapping[str, Any],
-    params: Mapping[str, Any] | None = None,
-    state_in: StateRef | None = None,
-    state_out: Path | None = None,
-    outputs: Sequence[str] = ("predictions",),
-    output_library: str = "pyarrow",
-    python: str | None = None,
-    pex_root: str | None = None,
-    timeout: float = 3600.0,
-    env_allow: Sequence[str] = DEFAULT_ENV_ALLOW,
-    env: Mapping[str, str] | None = None,
-) -> RunOutcome:
-    """Run ``action`` of a model version on ``inputs`` and return its outputs read back from shared memory.
+def _kill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
-    Both artifacts are verified against the index before the process starts; a model that raises surfaces as
-    `ModelRaisedError` with its own traceback, one that dies or never reports as `ModelCrashError`.
-    """
-    from orchestrator.transport import FrameExchange  # N.B. pyarrow and shared memory: only when a model runs.
 
-    started = time.perf_counter()
-    if model.base_key is None:
-        raise ModelpexError(f"{model.label} has no base key in the index: rebuild it with `modelpex build`")
-    base = store.record("base", "base", model.base_key)
-    if base is None:
-        raise ModelpexError(
-            f"{model.label} was built against base {model.base_key}, which is not in {store.url}: "
-            f"rebuild the model with `modelpex build {model.label}`"
+class ModelProcess:
+    """One running model process of one model version; `call` as often as needed, then `close`."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        sandbox: Sandbox,
+        *,
+        env_allow: Sequence[str] = DEFAULT_ENV_ALLOW,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 600.0,
+    ) -> None:
+        self.prepared = prepared
+        self.sandbox = sandbox
+        self.pool = SegmentPool()
+        self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._stack = ExitStack()
+        self._calls = 0
+        try:
+            self._start(env_allow, env or {}, startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def label(self) -> str:
+        return self.prepared.label
+
+    def _start(self, env_allow: Sequence[str], extra: Mapping[str, str], timeout: float) -> None:
+        self.identity: Identity = self._stack.enter_context(self.sandbox.identity())
+        workdir = self._stack.enter_context(self.sandbox.workdir(self.identity))
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lifeline_read, self._lifeline = os.pipe()
+        self.channel = Channel(parent)
+        self._stack.callback(self.channel.close)
+        env = model_env(workdir, self.prepared.python, env_allow, extra)
+        env.update(
+            {
+                CHANNEL_FD_ENV: str(child.fileno()),
+                LIFELINE_FD_ENV: str(lifeline_read),
+                MODEL_ENV: json.dumps(self.prepared.entry),
+            }
         )
-    model_path, base_path = store.fetch(model), store.fetch(base)
-    python = python or sys.executable
-    want_outputs = list(outputs) if action != "train" else []
-    with _workdir(base_path, base) as workdir, FrameExchange() as exchange:
-        transport_started = time.perf_counter()
-        refs = {name: exchange.put(name, frame) for name, frame in inputs.items()}
-        call = ModelCall(
-            protocol=PROTOCOL_VERSION,
-            action=action,
-            inputs=dict(refs),
-            outputs={name: exchange.reserve_output(name) for name in want_outputs},
-            params=dict(params or {}),
-            state_in=state_in,
-            state_out=str(state_out) if state_out else None,
-        )
-        transport_seconds = time.perf_counter() - transport_started
-        with open_pipes_session(
-            context=context,
-            context_injector=PipesTempFileContextInjector(),
-            message_reader=PipesTempFileMessageReader(),
-            extras={"modelpex": call},
-        ) as session:
-            child_env = model_env(
-                workdir, python, pex_root, env_allow, {**(env or {}), **session.get_bootstrap_env_vars()}
+        if self.sandbox.bwrap:
+            env[SANDBOXED_ENV] = "1"
+        try:
+            self.process = subprocess.Popen(
+                self.sandbox.command([str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"], workdir),
+                pass_fds=(child.fileno(), lifeline_read),
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                **self.sandbox.popen_kwargs(self.identity),  # type: ignore[arg-type]
             )
-            returncode, tail = _launch(model_path, workdir, child_env, timeout, model.label)
-        result = _result(model.label, session.get_custom_messages(), returncode, tail)
-        transport_started = time.perf_counter()
-        frames = {name: exchange.get(ref, output_library) for name, ref in result["outputs"].items()}
-        transport_seconds += time.perf_counter() - transport_started
-    return RunOutcome(
-        outputs=frames,
-        state=result["state"],
-        rows_in=result["rows_in"],
-        rows_out={name: int(ref["num_rows"]) for name, ref in result["outputs"].items()},
-        bytes_in=sum(int(ref["size"]) for ref in refs.values()),
-        bytes_out=sum(int(ref["size"]) for ref in result["outputs"].values()),
-        transport_seconds=transport_seconds + sum(result["seconds"].get(k, 0.0) for k in ("read", "write")),
-        model_seconds={k: v for k, v in result["seconds"].items() if k not in ("read", "write")},
-        wall_seconds=time.perf_counter() - started,
-        stderr_tail=tail,
-    )
+        finally:
+            child.close()
+            os.close(lifeline_read)
+        self._pumps = [
+            threading.Thread(target=_pump, args=(self.process.stdout, sys.stdout, deque(maxlen=1)), daemon=True),
+            threading.Thread(target=_pump, args=(self.process.stderr, sys.stderr, self.tail), daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
+        message = self._next(0, None, time.monotonic() + timeout, "starting")
+        if message.get("kind") != "ready":
+            raise ModelCrashError(f"model {self.label} answered {message.get('kind')!r} instead of 'ready'")
+        self.import_seconds = float(message.get("seconds", {}).get("import", 0.0))
+
+    def _crashed(self, doing: str) -> ModelCrashError:
+        try:
+            returncode = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        how = (
+            "closed its channel"
+            if returncode is None
+            else f"was killed by signal {-returncode}"
+            if returncode < 0
+            else f"exited with code {returncode}"
+        )
+        time.sleep(0.05)  # N.B. Let the pumps forward the last lines of stderr.
+        stderr = "\n".join(list(self.tail)[-15:]) or "(no output)"
+        return ModelCrashError(f"model {self.label} {how} while {doing}; last lines of its stderr:\n{stderr}")
+
+    def _next(self, call_id: int, link: PipesLink | None, deadline: float, doing: str) -> dict[str, Any]:
+        """The next message that ends a call (or the start-up), forwarding the call's Pipes messages on the way."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.channel.sock.settimeout(remaining)
+            try:
+                message, fds = self.channel.receive()
+            except ChannelClosed:
+                raise self._crashed(doing) from None
+            except CallError as exc:
+                raise ModelCrashError(f"model {self.label} broke the protocol while {doing}: {exc}") from None
+            for fd in fds:  # N.B. Nothing a model sends us is a descriptor we asked for.
+                os.close(fd)
+            kind = message.get("kind")
+            if kind == "failed" and message.get("id") == call_id:
+                raise ModelRaisedError(self.label, message.get("failure") or {})
+            if kind == "pipes" and message.get("id") == call_id and link is not None:
+                pipes_message = message.get("message")
+                if not isinstance(pipes_message, dict):
+                    raise ModelCrashError(f"model {self.label} sent a malformed Pipes message while {doing}")
+                link.handle(pipes_message)
+            elif kind in ("ready", "done"):
+                return message
+
+    def call(
+        self,
+        link: PipesLink,
+        *,
+        action: Action,
+        inputs: Mapping[str, Any],
+        params: Mapping[str, Any],
+        timeout: float,
+        state_in: FittedState | None = None,
+        keep_state: bool = False,
+        outputs: Sequence[str] = ("predictions",),
+        output_library: str = "pyarrow",
+    ) -> RunOutcome:
+        """One call; the frames come back copied out of shared memory, in ``output_library``."""
+        started = time.perf_counter()
+        self._calls += 1
+        call_id = self._calls
+        want = list(outputs) if action != "train" else []
+        with FrameExchange(self.pool) as exchange:
+            refs = {name: exchange.put(name, frame) for name, frame in inputs.items()}
+            call = ModelCall(
+                protocol=PROTOCOL_VERSION,
+                action=action,
+                inputs=refs,
+                outputs={name: exchange.reserve(name) for name in want},
+                params=dict(params),
+                state_in=None
+                if state_in is None
+                else StateRef(
+                    slot=exchange.put_bytes(state_in.payload, "the fitted state"),
+                    format=state_in.format,
+                    size=len(state_in.payload),
+                ),
+                state_out=exchange.reserve(STATE_OUTPUT) if keep_state and action != "predict" else None,
+            )
+            sent = time.perf_counter()
+            try:
+                self.channel.send(
+                    {"kind": "call", "id": call_id, "call": call, "pipes": dict(link.bootstrap)}, exchange.fds
+                )
+                reply = self._next(call_id, link, time.monotonic() + timeout, f"answering call {call_id}")
+            except TimeoutError:
+                raise ModelTimeoutError(
+                    f"model {self.label} ran longer than its timeout of {timeout:g} s and was killed: raise the "
+                    "timeout (MODELPEX_TIMEOUT, or the resource's timeout_seconds) or make the model faster"
+                ) from None
+            except (BrokenPipeError, ConnectionResetError):
+                raise self._crashed(f"receiving call {call_id}") from None
+            answered = time.perf_counter()
+            try:
+                frames, state, result = self._read(exchange, reply.get("result"), call, want, output_library)
+            except (TransportError, KeyError, TypeError, ValueError) as exc:
+                raise ModelCrashError(f"model {self.label} answered call {call_id} malformed: {exc}") from None
+            done = time.perf_counter()
+        self.kill_stragglers()
+        seconds = {k: float(v) for k, v in result.get("seconds", {}).items()}
+        return RunOutcome(
+            outputs=frames,
+            state=state,
+            rows_in={name: ref["num_rows"] for name, ref in refs.items()},
+            rows_out={name: _rows(frame) for name, frame in frames.items()},
+            bytes_in=sum(ref["size"] for ref in refs.values()),
+            bytes_out=sum(int(ref["size"]) for ref in result["outputs"].values()),
+            transport_seconds=(sent - started)
+            + (done - answered)
+            + seconds.get("read", 0.0)
+            + seconds.get("write", 0.0),
+            model_seconds={k: v for k, v in seconds.items() if k not in ("read", "write")},
+            wall_seconds=time.perf_counter() - started,
+            process_started=self._calls == 1,
+            stderr_tail=list(self.tail),
+        )
+
+    def _read(
+        self, exchange: FrameExchange, result: Any, call: ModelCall, want: list[str], library: str
+    ) -> tuple[dict[str, Any], FittedState | None, dict[str, Any]]:
+        if not isinstance(result, dict) or not isinstance(result.get("outputs"), dict):
+            raise TypeError("the result carries no outputs")
+        missing = sorted(set(want) - set(result["outputs"]))
+        if missing:
+            raise ValueError(f"outputs {missing} were asked for and not written")
+        frames = {
+            name: exchange.get(name, ref, library, f"output {name!r} of {self.label}")
+            for name, ref in result["outputs"].items()
+        }
+        state = None
+        if call["state_out"] is not None:
+            ref = result.get("state")
+            if not isinstance(ref, dict) or ref.get("format") not in ("json", "arrow", "skops", "pickle"):
+                raise ValueError(f"the fitted state reference {ref!r} is not one modelpex knows")
+            payload = exchange.get_bytes(STATE_OUTPUT, ref.get("slot"), ref.get("size"), f"the state of {self.label}")
+            state = FittedState(ref["format"], payload)
+        return frames, state, result
+
+    def kill_stragglers(self) -> None:
+        """Every process the model left behind: its group, or with a uid of its own, everything of that uid.
+
+        N.B. In a bubblewrap sandbox the model process does this itself, in the PID namespace only it lives in,
+        which dies with it: from here its children cannot be told from the sandbox's own init.
+        """
+        if self.sandbox.bwrap:
+            return
+        own_uid = self.identity.lock is not None
+        pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
+        _kill([pid for pid in pids if pid != self.process.pid])
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        """End the process and everything it started, then release its segments, folder and uid."""
+        lifeline = getattr(self, "_lifeline", None)
+        if lifeline is not None:
+            os.close(lifeline)  # N.B. The kernel now sends SIGKILL to the model's whole process group.
+            self._lifeline = None
+        process = getattr(self, "process", None)
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill_stragglers()
+            for pump in self._pumps:
+                pump.join(timeout=0.5)
+            for stream in (process.stdout, process.stderr):
+                if stream is not None and not any(p.is_alive() for p in self._pumps):
+                    stream.close()
+        self.pool.close()
+        self._stack.close()
+
+
+def _rows(frame: Any) -> int:
+    return frame.num_rows if hasattr(frame, "num_rows") else len(frame)
+
+
+class ModelProcesses:
+    """The model processes of one run, by model version: started on first use, re-used, all closed at the end."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        *,
+        env_allow: Sequence[str] = DEFAULT_ENV_ALLOW,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.env_allow = list(env_allow)
+        self.env = dict(env or {})
+        self._running: dict[str, ModelProcess] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ModelProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _process(self, prepared: Prepared, timeout: float) -> ModelProcess:
+        with self._lock:
+            process = self._running.pop(prepared.record.sha256, None)
+        if process is not None and process.alive:
+            return process
+        if process is not None:
+            process.close()
+        return ModelProcess(prepared, self.sandbox, env_allow=self.env_allow, env=self.env, startup_timeout=timeout)
+
+    def call(
+        self,
+        prepared: Prepared,
+        link: Callable[[], AbstractContextManager[PipesLink]],
+        *,
+        timeout: float,
+        **kwargs: Any,
+    ) -> RunOutcome:
+        """Run one call on the version's process; a process that crashed or timed out is replaced next time."""
+        process = self._process(prepared, timeout)
+        healthy = False
+        try:
+            with link() as pipes:
+                outcome = process.call(pipes, timeout=timeout, **kwargs)
+            healthy = True
+            return outcome
+        except ModelRaisedError:
+            healthy = True  # N.B. The model raised and answered: its process is still sound.
+            raise
+        finally:
+            if healthy and prepared.reuse and process.alive:
+                with self._lock:
+                    self._running[prepared.record.sha256] = process
+            else:
+                process.close()
+
+    def close(self) -> None:
+        with self._lock:
+            running, self._running = list(self._running.values()), {}
+        for process in running:
+            process.close()

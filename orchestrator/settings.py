@@ -1,29 +1,64 @@
 """Settings: every environment variable modelpex reads, in one place, with its default.
 
-| variable          | meaning                                                         | default                    |
-| ----------------- | --------------------------------------------------------------- | -------------------------- |
-| MODELPEX_PROJECT  | the repository with base_env/, model_packages/, deployments.yaml | found upwards from the cwd |
-| MODELPEX_STORE    | artifact store URL or directory                                  | <project>/pex_builds       |
-| MODELPEX_PYTHON   | the interpreter the pexes are built for and run with             | the orchestrator's Python  |
-| MODELPEX_PEX_ROOT | pex's cache (unpacked bases, model venvs) when models run        | pex's own (~/.cache/pex)   |
-| MODELPEX_TIMEOUT  | seconds a model process may run before it is killed              | 3600                       |
-| DAGSTER_HOME      | Dagster's instance folder (dagster.yaml, SQLite storage)         | <project>/.dagster_home    |
-| MODELPEX_SHM_POOL_BYTES | shared memory an orchestrator keeps between calls          | 1 GiB, <= 1/4 of /dev/shm  |
+| variable                  | meaning                                          | default                    |
+| ------------------------- | ------------------------------------------------ | -------------------------- |
+| MODELPEX_PROJECT          | the repository (base_env/, model_packages/)      | found upwards from the cwd |
+| MODELPEX_STORE            | artifact store URL or directory                  | <project>/pex_builds       |
+| MODELPEX_PYTHON           | the interpreter pexes are built for and run with | the orchestrator's         |
+| MODELPEX_ISOLATION        | auto, user (switch users or fail), none          | auto                       |
+| MODELPEX_SANDBOX          | auto, bwrap (namespaces or fail), none           | auto                       |
+| MODELPEX_MODEL_USER       | the unprivileged user models run as              | modelpex-model             |
+| MODELPEX_CACHE            | verified artifacts, venvs, model folders         | /var/cache/modelpex (*)    |
+| MODELPEX_PEX_ROOT         | PEX_ROOT of model processes                      | <cache>/pex_root           |
+| MODELPEX_SIGNING_KEY_FILE | the key fitted states are signed with            | ~/.config/modelpex/...     |
+| MODELPEX_TIMEOUT          | seconds a model call may run                     | 3600                       |
+| MODELPEX_SHM_POOL_BYTES   | shared memory kept between calls                 | 1G, <= 1/4 of /dev/shm     |
+| MODELPEX_GC_GRACE         | seconds before gc removes a dead run's leftovers | 3600                       |
+| DAGSTER_HOME              | Dagster's instance folder                        | <project>/.dagster_home    |
+
+(*) when models run as another user; ~/.cache/modelpex otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.catalog import Catalog
-from orchestrator.errors import SpecError
+from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.specs import BaseEnv, load_base_env
 from orchestrator.store import PexStore, open_store
 
-__all__ = ["Settings", "find_project_root"]
+__all__ = ["Settings", "find_project_root", "parse_seconds", "parse_size"]
+
+
+def parse_seconds(text: str | None, name: str, default: float) -> float:
+    """A positive, finite number of seconds, or one line naming the variable and what it takes."""
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ModelpexError(f"{name}={text!r} is not a positive number of seconds: set it to e.g. 600, or unset it")
+    return value
+
+
+def parse_size(text: str | None, name: str, default: int) -> int:
+    """A byte count (``1073741824``, or with a K/M/G suffix), or one line naming the variable."""
+    if text is None or text == "":
+        return default
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    digits, unit = text.strip().upper().rstrip("B").rstrip("I"), ""
+    if digits and digits[-1] in units:
+        digits, unit = digits[:-1], digits[-1]
+    if not digits.isdigit():
+        raise ModelpexError(f"{name}={text!r} is not a size in bytes: set it to e.g. 1073741824 or 1G, or unset it")
+    return int(digits) * units[unit]
 
 
 def find_project_root(start: Path) -> Path:
@@ -46,6 +81,12 @@ class Settings:
     python: str | None = None
     pex_root: str | None = None
     timeout: float = 3600.0
+    isolation: str = "auto"
+    sandbox: str = "auto"
+    model_user: str = "modelpex-model"
+    cache: str | None = None
+    signing_key_file: str | None = None
+    gc_grace: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -57,7 +98,13 @@ class Settings:
             store_url=str(overrides.get("store_url") or env.get("MODELPEX_STORE") or project / "pex_builds"),
             python=str(overrides.get("python") or env.get("MODELPEX_PYTHON") or "") or None,
             pex_root=env.get("MODELPEX_PEX_ROOT") or None,
-            timeout=float(env.get("MODELPEX_TIMEOUT", 3600)),
+            timeout=parse_seconds(env.get("MODELPEX_TIMEOUT"), "MODELPEX_TIMEOUT", 3600.0),
+            isolation=env.get("MODELPEX_ISOLATION") or "auto",
+            sandbox=env.get("MODELPEX_SANDBOX") or "auto",
+            model_user=env.get("MODELPEX_MODEL_USER") or "modelpex-model",
+            cache=env.get("MODELPEX_CACHE") or None,
+            signing_key_file=env.get("MODELPEX_SIGNING_KEY_FILE") or None,
+            gc_grace=parse_seconds(env.get("MODELPEX_GC_GRACE"), "MODELPEX_GC_GRACE", 3600.0),
         )
 
     @property
@@ -75,6 +122,30 @@ class Settings:
         home.mkdir(parents=True, exist_ok=True)
         (home / "dagster.yaml").touch(exist_ok=True)  # N.B. Dagster refuses a DAGSTER_HOME without one.
         return home
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where verified artifacts, model venvs and model processes' folders live: outside any home folder when
+        models run as another user (a mode-0700 /root would hide them), in the user's cache otherwise."""
+        if self.cache:
+            return Path(self.cache)
+        from orchestrator.sandbox import can_switch_users
+
+        if self.isolation != "none" and can_switch_users():
+            return Path("/var/cache/modelpex")
+        return Path(os.path.expanduser("~/.cache/modelpex"))
+
+    @property
+    def model_pex_root(self) -> Path:
+        return Path(self.pex_root) if self.pex_root else self.cache_dir / "pex_root"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The orchestrator's own secret: never beside the states it signs, never readable by the model user."""
+        if self.signing_key_file:
+            return Path(self.signing_key_file)
+        config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        return Path(config) / "modelpex" / "signing.key"
 
     def base_env(self) -> BaseEnv:
         return load_base_env(self.project / "base_env")

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelpex_runtime.protocol import STATE_FORMATS
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
@@ -45,6 +46,7 @@ LOCK_FILE = "pex.lock"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _VERSION_RE = re.compile(r"^[0-9][0-9a-z.+]{0,62}$")
 _CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_TYPE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # Files that never change what a pex contains; everything else in a model folder is part of its key.
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "build", "dist"}
 _IGNORED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
@@ -106,6 +108,9 @@ class ModelSpec:
     frames: str
     requirements: tuple[str, ...]
     inputs: tuple[str, ...] = ()  # the input frames the model reads; empty means "not declared"
+    state: str = "auto"  # how the fitted state is persisted (modelpex_runtime.state)
+    trusted_types: tuple[str, ...] = ()  # types skops may load beyond its defaults
+    reuse: bool = True  # False: a process per call, for a model that keeps data in module globals
 
     @property
     def source_dir(self) -> Path:
@@ -128,6 +133,9 @@ class ModelSpec:
                 "train": self.train,
                 "predict": self.predict,
                 "frames": self.frames,
+                "state": self.state,
+                "trusted_types": list(self.trusted_types),
+                "reuse": self.reuse,
             },
             sort_keys=True,
         )
@@ -192,7 +200,21 @@ def load_model_spec(folder: Path) -> ModelSpec:
     inputs = table.get("inputs", [])
     if not isinstance(inputs, list) or not all(isinstance(i, str) and i.isidentifier() for i in inputs):
         raise SpecError(f'{path}: [tool.modelpex] inputs = {inputs!r} must be a list of names such as ["customers"]')
-    spec = ModelSpec(name, version, folder, train, predict, frames, requirements, tuple(inputs))
+    state = table.get("state", "auto")
+    if state not in ("auto", *STATE_FORMATS):
+        raise SpecError(f"{path}: [tool.modelpex] state = {state!r} is not one of auto, {', '.join(STATE_FORMATS)}")
+    trusted = table.get("trusted_types", [])
+    if not isinstance(trusted, list) or not all(isinstance(t, str) and _TYPE_RE.fullmatch(t) for t in trusted):
+        raise SpecError(
+            f"{path}: [tool.modelpex] trusted_types = {trusted!r} must be a list of dotted type names such as "
+            '["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]'
+        )
+    reuse = table.get("reuse", True)
+    if not isinstance(reuse, bool):
+        raise SpecError(f"{path}: [tool.modelpex] reuse = {reuse!r} must be true or false")
+    spec = ModelSpec(
+        name, version, folder, train, predict, frames, requirements, tuple(inputs), state, tuple(trusted), reuse
+    )
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")
     return spec

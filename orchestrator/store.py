@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 from filelock import FileLock
 
 from orchestrator.errors import IntegrityError, StoreError
+from orchestrator.leases import lease_dir
 from orchestrator.specs import validate_name, validate_version
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 Kind = Literal["base", "model"]
+BUILD_PREFIX = "build-"
 _KEY_CHARS = set("0123456789abcdef")
 
 
@@ -134,6 +137,22 @@ class PexStore(ABC):
         """Remove the record first, then the bytes, so a reader never finds a record without its file."""
 
     @abstractmethod
+    def put_state(self, model: str, sha256: str, payload: bytes, record: str) -> None:
+        """Publish a fitted state's bytes, then its record (JSON text): whole or not at all, record last."""
+
+    @abstractmethod
+    def state(self, model: str, sha256: str) -> tuple[str, bytes] | None:
+        """A fitted state's record text and bytes, or ``None`` when there is no record."""
+
+    @abstractmethod
+    def state_records(self) -> list[tuple[str, str]]:
+        """(model, record text) of every fitted state."""
+
+    @abstractmethod
+    def delete_state(self, model: str, sha256: str) -> None:
+        """Remove a state's record first, then its bytes."""
+
+    @abstractmethod
     def lock(self, name: str) -> FileLock:
         """An inter-process lock for building ``name`` once even when two processes try at the same time."""
 
@@ -193,10 +212,12 @@ class LocalPexStore(PexStore):
     def _index_path(self, kind: Kind, name: str, key: str) -> Path:
         return self.root / "index" / ("base" if kind == "base" else validate_name(name)) / f"{_validate_key(key)}.json"
 
-    def work_dir(self) -> Path:
-        """A fresh directory on the store's file system for building into, removed by the caller."""
+    @contextmanager
+    def work_dir(self) -> Iterator[Path]:
+        """A fresh directory on the store's file system to build into, leased while the build runs."""
         (self.root / "work").mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="build-", dir=self.root / "work"))
+        with lease_dir(self.root / "work", BUILD_PREFIX) as folder:
+            yield folder
 
     def put(self, record: ArtifactRecord, path: Path) -> ArtifactRecord:
         existing = self.record(record.kind, record.name, record.key)
@@ -242,15 +263,47 @@ class LocalPexStore(PexStore):
         files = [*self.root.glob("bases/*.pex"), *self.root.glob("models/*/*.pex")]
         return sorted(p for p in files if p not in indexed)
 
+    def _state_path(self, model: str, sha256: str, suffix: str) -> Path:
+        if len(sha256) != 64 or not set(sha256) <= _KEY_CHARS:
+            raise StoreError(f"{sha256!r} is not a sha256 digest")
+        return self.root / "states" / validate_name(model) / f"{sha256}{suffix}"
+
+    def put_state(self, model: str, sha256: str, payload: bytes, record: str) -> None:
+        folder = self._state_path(model, sha256, "").parent
+        # N.B. States hold what was learnt from a client's data: readable by the orchestrator only.
+        for directory in (folder.parent, folder):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _atomic_write(self._state_path(model, sha256, ".state"), payload)
+        _atomic_write(self._state_path(model, sha256, ".json"), record.encode())
+
+    def state(self, model: str, sha256: str) -> tuple[str, bytes] | None:
+        try:
+            record = self._state_path(model, sha256, ".json").read_text(encoding="utf-8")
+            return record, self._state_path(model, sha256, ".state").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def state_records(self) -> list[tuple[str, str]]:
+        return [(p.parent.name, p.read_text(encoding="utf-8")) for p in sorted(self.root.glob("states/*/*.json"))]
+
+    def delete_state(self, model: str, sha256: str) -> None:
+        self._state_path(model, sha256, ".json").unlink(missing_ok=True)
+        self._state_path(model, sha256, ".state").unlink(missing_ok=True)
+
+    def stray_states(self) -> list[Path]:
+        """State bytes without a record: leftovers of a crash between the two writes."""
+        return sorted(p for p in self.root.glob("states/*/*.state") if not p.with_suffix(".json").exists())
+
     def lock(self, name: str) -> FileLock:
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(self.root / "locks" / f"{name}.lock")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
-        tmp.write(text)
+    payload = data.encode() if isinstance(data, str) else data
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(payload)
         tmp.flush()
         os.fsync(tmp.fileno())
     os.replace(tmp.name, path)

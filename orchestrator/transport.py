@@ -1,105 +1,145 @@
-"""Transport, orchestrator side: owns every shared-memory segment of a model call, and re-uses them.
+"""Transport, orchestrator side: every shared-memory segment of a model call, created, reused and released by us.
 
-The orchestrator creates every segment, inputs and outputs alike (a model only writes into, and may grow, the
-output segments it was given), so one process owns every unlink. Segments go back to a per-process pool after a
-call and are re-used while their pages are still populated: page faults on fresh tmpfs pages, not copying,
-dominate a naive transport (field notes). The pool is emptied when the process exits; segments of a process that
-was killed (kill -9) are removed by `sweep_orphans`, which only touches ``mpx_<pid>_...`` names whose pid is dead.
+Segments are unnamed files on /dev/shm (``O_TMPFILE``, or ``memfd_create`` where /dev/shm cannot make them): no
+other process can open one by name, and the kernel frees it when its last descriptor and mapping are gone, so a
+crash or a kill -9 of either side leaks nothing and there is nothing for a sweeper to get wrong. A model process
+receives each as a descriptor: an input through a read-only one (reopened from ``/proc/self/fd``), an output or a
+state through the writable one it may grow.
 
-An output read back is a zero-copy view of its segment. The segment returns to the pool only when the last Arrow
-buffer referring to it is garbage: the view is an Arrow "foreign buffer" whose base object carries a finalizer.
+Each model process has a pool of its own (`SegmentPool`): a segment it was handed is only ever handed to it again,
+so a mapping a model kept from an earlier call never shows it another model's data. Idle segments stay allocated
+between calls, because writing into already-populated pages is several times faster than into fresh tmpfs pages
+(field notes); a process-wide budget (`MODELPEX_SHM_POOL_BYTES`) caps what all pools keep idle together.
+
+Outputs are copied out of their segment before they are parsed: a model process that lives on may still write
+into a segment after it answered, and the orchestrator never decodes memory someone else can change.
 """
 
 from __future__ import annotations
 
-import atexit
+import errno
 import mmap
 import os
-import secrets
 import threading
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import OrderedDict
 from typing import Any
 
 import pyarrow as pa
-from modelpex_runtime.protocol import SEGMENT_NAME, SEGMENT_PREFIX, FrameRef, TransportError
+from modelpex_runtime.protocol import FrameRef, TransportError
 from modelpex_runtime.transport import (
     SHM_DIR,
-    _open,
     allocate,
-    forget_mapping,
     frame_ref,
     from_arrow,
     ipc_size,
-    map_segment,
+    map_fd,
     read_table,
     to_arrow,
     write_table,
 )
 
-__all__ = ["FrameExchange", "SegmentPool", "default_pool", "private_pool", "sweep_orphans"]
-
-try:
-    import _posixshmem
-except ImportError:  # pragma: no cover
-    _posixshmem = None
+__all__ = ["FrameExchange", "Segment", "SegmentPool", "idle_budget"]
 
 PAGE = mmap.PAGESIZE
-# N.B. Idle segments stay allocated between calls; at most this much, and at most a quarter of /dev/shm.
-DEFAULT_POOL_BYTES = int(os.environ.get("MODELPEX_SHM_POOL_BYTES", 1 << 30))
+DEFAULT_POOL_BYTES = 1 << 30
 
 
-def _new_name() -> str:
-    return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(8)}"
-
-
-def _unlink(name: str) -> None:
+def _create_fd() -> int:
     try:
-        _posixshmem.shm_unlink("/" + name)
-    except FileNotFoundError:
-        pass
+        return os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EACCES):
+            raise
+        return os.memfd_create("modelpex", os.MFD_CLOEXEC)  # N.B. Not counted against /dev/shm's size.
 
 
-@dataclass(eq=False)
 class Segment:
-    """A segment this process created; its writable mapping is cached by `map_segment` and re-used."""
+    """One segment this process created: its writable descriptor, and a writable mapping re-used across calls."""
 
-    name: str
-    capacity: int
+    def __init__(self, size: int, what: str) -> None:
+        self.fd = _create_fd()
+        try:
+            allocate(self.fd, max(size, PAGE), what)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.capacity = os.fstat(self.fd).st_size
+        self._mapping: mmap.mmap | None = None
+
+    def read_only(self) -> int:
+        """A new read-only descriptor of this segment, for a model's input."""
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def mapping(self, size: int) -> mmap.mmap:
-        """A writable mapping of at least ``size`` bytes (populated once per process, then re-used)."""
-        mapping = map_segment(self.name, length=max(size, 1), writable=True, grow_to=size)
-        self.capacity = max(self.capacity, len(mapping))
-        return mapping
+        """A writable mapping of at least ``size`` bytes, populated once and kept while it is big enough."""
+        if self._mapping is None or len(self._mapping) < size:
+            allocate(self.fd, size, "a segment")
+            self.capacity = max(self.capacity, os.fstat(self.fd).st_size)
+            self._mapping = map_fd(self.fd, self.capacity, writable=True)
+        return self._mapping
 
     def refresh(self) -> None:
-        """Learn the size a model may have grown the segment to (its writes do not touch our mapping)."""
-        fd = _open(self.name, os.O_RDONLY)
+        """Learn the size a model may have grown the segment to."""
+        self.capacity = os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        self._mapping = None  # N.B. Dropped, not closed: the kernel unmaps it when nothing refers to it.
+        os.close(self.fd)
+
+
+class _IdleBudget:
+    """What every pool of this process keeps idle, least recently used first; beyond the budget, segments close."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._idle: OrderedDict[Segment, SegmentPool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _limit(self) -> int:
         try:
-            self.capacity = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+            stat = os.statvfs(SHM_DIR)
+            return min(self.max_bytes, stat.f_blocks * stat.f_frsize // 4)
+        except OSError:
+            return self.max_bytes
+
+    def add(self, segment: Segment, pool: SegmentPool) -> None:
+        with self._lock:
+            self._idle[segment] = pool
+            limit, evicted = self._limit(), []
+            while self._idle and sum(s.capacity for s in self._idle) > limit:
+                evicted.append(self._idle.popitem(last=False))
+        for old, owner in evicted:
+            owner.discard(old)
+
+    def remove(self, segment: Segment) -> None:
+        with self._lock:
+            self._idle.pop(segment, None)
+
+
+def _pool_bytes() -> int:
+    from orchestrator.settings import parse_size
+
+    return parse_size(os.environ.get("MODELPEX_SHM_POOL_BYTES"), "MODELPEX_SHM_POOL_BYTES", DEFAULT_POOL_BYTES)
+
+
+_budget: _IdleBudget | None = None
+
+
+def idle_budget() -> _IdleBudget:
+    global _budget
+    if _budget is None:
+        _budget = _IdleBudget(_pool_bytes())
+    return _budget
 
 
 class SegmentPool:
-    """Segments owned by this process: leased to one call at a time, idle between calls, unlinked on close."""
+    """The segments of one model process: leased to one call at a time, idle between calls, closed with it."""
 
-    def __init__(self, max_idle_bytes: int = DEFAULT_POOL_BYTES) -> None:
-        self.max_idle_bytes = max_idle_bytes
+    def __init__(self) -> None:
         self.output_sizes: dict[str, int] = {}  # output name -> its last size: the next one is reserved that big
         self._idle: list[Segment] = []
-        self._owned: dict[str, Segment] = {}
+        self._owned: set[Segment] = set()
         self._lock = threading.Lock()
-
-    def _budget(self) -> int:
-        try:
-            stat = os.statvfs(SHM_DIR)
-            return min(self.max_idle_bytes, stat.f_blocks * stat.f_frsize // 4)
-        except OSError:
-            return self.max_idle_bytes
 
     def acquire(self, size: int, what: str) -> Segment:
         """An idle segment that already holds ``size`` bytes of pages, or a new one of exactly that size."""
@@ -108,117 +148,55 @@ class SegmentPool:
             if fits:
                 segment = min(fits, key=lambda s: s.capacity)
                 self._idle.remove(segment)
+                idle_budget().remove(segment)
                 return segment
-        name = _new_name()
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        segment = Segment(name, 0)
+        segment = Segment(size, what)
         with self._lock:
-            self._owned[name] = segment
-        try:
-            allocate(fd, max(size, PAGE), what)
-            segment.capacity = os.fstat(fd).st_size
-        except BaseException:
-            self.destroy(segment)
-            raise
-        finally:
-            os.close(fd)
+            self._owned.add(segment)
         return segment
 
     def release(self, segment: Segment) -> None:
-        """Back to the pool; the least recently used idle segments are unlinked beyond the idle budget."""
         with self._lock:
-            if segment.name not in self._owned or segment in self._idle:
+            if segment not in self._owned or segment in self._idle:
                 return
-            try:
-                segment.refresh()
-            except TransportError:
-                self._owned.pop(segment.name, None)
-                return
+            segment.refresh()
             self._idle.append(segment)
-            budget, evicted = self._budget(), []
-            while self._idle and sum(s.capacity for s in self._idle) > budget:
-                evicted.append(self._idle.pop(0))
-        for old in evicted:
-            self.destroy(old)
+        idle_budget().add(segment, self)
 
-    def destroy(self, segment: Segment) -> None:
+    def discard(self, segment: Segment) -> None:
         with self._lock:
-            self._owned.pop(segment.name, None)
+            if segment not in self._owned:
+                return
+            self._owned.discard(segment)
             if segment in self._idle:
                 self._idle.remove(segment)
-        forget_mapping(segment.name)  # N.B. Dropped, never closed: a view may still use it; the kernel unmaps later.
-        _unlink(segment.name)
+        idle_budget().remove(segment)
+        segment.close()
 
     def close(self) -> None:
-        """Unlink every segment this pool created, leased or idle."""
         with self._lock:
-            owned = list(self._owned.values())
+            owned = list(self._owned)
         for segment in owned:
-            self.destroy(segment)
+            self.discard(segment)
 
-    def names(self) -> set[str]:
+    def held_bytes(self) -> int:
         with self._lock:
-            return set(self._owned)
-
-
-_default: SegmentPool | None = None
-_default_lock = threading.Lock()
-
-
-def default_pool() -> SegmentPool:
-    """This process's pool; the first use sweeps segments left by dead orchestrators and arms the exit cleanup."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            sweep_orphans()
-            _default = SegmentPool()
-            atexit.register(_default.close)
-        return _default
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink segments named ``mpx_<pid>_...`` whose pid is dead; never anything else. Returns what it removed."""
-    try:
-        entries = os.listdir(shm_dir)
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
-        match = SEGMENT_NAME.fullmatch(entry)
-        if match and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
-            _unlink(entry)
-            removed.append(entry)
-    return removed
-
-
-class _Lease:
-    """Base object of a zero-copy output view: when Arrow drops the last buffer, the segment goes back."""
-
-    def __init__(self, mapping: mmap.mmap) -> None:
-        self.buffer = pa.py_buffer(mapping)
+            return sum(s.capacity for s in self._owned)
 
 
 class FrameExchange:
-    """The segments of one model call: inputs written, outputs reserved, all released on ``close``.
+    """The segments of one call, in slot order: inputs written, outputs reserved, all released on ``close``.
 
     Use it as a context manager: whatever happens inside (the model raising, dying, timing out, or this process
-    raising between steps), every segment goes back to the pool or is unlinked.
+    raising between steps), every segment goes back to the pool and every descriptor opened for the call closes.
     """
 
-    def __init__(self, pool: SegmentPool | None = None) -> None:
-        self.pool = pool or default_pool()
-        self._held: list[Segment] = []
-        self._outputs: dict[str, tuple[str, Segment]] = {}  # segment name -> (output name, segment)
+    def __init__(self, pool: SegmentPool) -> None:
+        self.pool = pool
+        self.fds: list[int] = []  # the call's descriptors; slot i is fds[i]
+        self._segments: list[Segment] = []
+        self._opened: list[int] = []  # read-only descriptors we opened for this call
+        self._reserved: dict[int, str] = {}  # slot -> output name
         self._input_sizes: list[int] = []
 
     def __enter__(self) -> FrameExchange:
@@ -227,55 +205,88 @@ class FrameExchange:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def put(self, name: str, frame: Any) -> FrameRef:
-        """Write an input frame into a segment (sized exactly, or a re-used one already big enough)."""
-        what = f"input frame {name!r}"
-        table = to_arrow(frame, what)
+    def _slot(self, segment: Segment, fd: int) -> int:
+        self._segments.append(segment)
+        self.fds.append(fd)
+        return len(self.fds) - 1
+
+    def _write(self, table: pa.Table, what: str) -> tuple[int, int]:
         size = ipc_size(table)
         segment = self.pool.acquire(size, what)
-        self._held.append(segment)
-        write_table(segment.mapping(size), table, size)
+        try:
+            write_table(segment.mapping(size), table, size)
+            fd = segment.read_only()
+        except BaseException:
+            self.pool.release(segment)
+            raise
+        self._opened.append(fd)
         self._input_sizes.append(size)
-        return frame_ref(segment.name, size, table)
+        return self._slot(segment, fd), size
 
-    def reserve_output(self, name: str) -> str:
-        """A segment name for an output the model will write (and grow to the size it needs).
+    def put(self, name: str, frame: Any) -> FrameRef:
+        """Write an input frame into a segment the model will get read-only."""
+        what = f"input frame {name!r}"
+        table = to_arrow(frame, what)
+        slot, size = self._write(table, what)
+        return frame_ref(slot, size, table)
+
+    def put_bytes(self, payload: bytes, what: str) -> int:
+        """Write raw bytes (a fitted state) into a segment the model will get read-only; returns its slot."""
+        segment = self.pool.acquire(len(payload), what)
+        try:
+            if payload:
+                segment.mapping(len(payload))[: len(payload)] = payload
+            fd = segment.read_only()
+        except BaseException:
+            self.pool.release(segment)
+            raise
+        self._opened.append(fd)
+        return self._slot(segment, fd)
+
+    def reserve(self, name: str) -> int:
+        """A writable segment for an output (or the state) that the model will write and may grow; its slot.
 
         N.B. Reserved as big as this output was last time (or as the largest input): a re-used segment of that
         size already has its pages, where a small one would be grown into fresh pages by the model.
         """
         expected = self.pool.output_sizes.get(name, max(self._input_sizes, default=0))
-        segment = self.pool.acquire(expected, f"output frame {name!r}")
-        self._held.append(segment)
-        self._outputs[segment.name] = (name, segment)
-        return segment.name
+        segment = self.pool.acquire(expected, f"output {name!r}")
+        slot = self._slot(segment, segment.fd)
+        self._reserved[slot] = name
+        return slot
 
-    def get(self, ref: FrameRef, library: str) -> Any:
-        """Read an output back without copying; only segments reserved by this exchange are accepted."""
-        if ref["segment"] not in self._outputs:
-            raise TransportError(f"the model announced segment {ref['segment']!r}, which this call did not reserve")
-        name, segment = self._outputs[ref["segment"]]
-        self.pool.output_sizes[name] = ref["size"]
-        lease = _Lease(segment.mapping(ref["size"]))
-        view = pa.foreign_buffer(lease.buffer.address, ref["size"], base=lease)
-        table = read_table(view, ref)
-        self._held.remove(segment)
-        del self._outputs[segment.name]
-        weakref.finalize(lease, self.pool.release, segment)
-        del lease, view
-        return from_arrow(table, library)
+    def _payload(self, slot: object, size: object, name: str, what: str) -> pa.Buffer:
+        """A private copy of what the model wrote into the segment reserved for ``name``."""
+        if not isinstance(slot, int) or self._reserved.get(slot) != name:
+            raise TransportError(f"{what}: the model announced slot {slot!r}, which this call did not reserve for it")
+        segment = self._segments[slot]
+        segment.refresh()
+        if not isinstance(size, int) or not 0 <= size <= segment.capacity:
+            raise TransportError(f"{what}: the model announced {size!r} bytes but its segment holds {segment.capacity}")
+        self.pool.output_sizes[name] = size
+        copy = pa.allocate_buffer(size)
+        if size:
+            view = memoryview(segment.mapping(size))[:size]
+            try:
+                memoryview(copy).cast("B")[:] = view
+            finally:
+                view.release()
+        return copy
+
+    def get(self, name: str, ref: FrameRef, library: str, what: str) -> Any:
+        """Read an output back: copied out of its segment, then validated and decoded."""
+        if not isinstance(ref, dict):
+            raise TransportError(f"{what}: the model answered {ref!r} instead of a frame reference")
+        payload = self._payload(ref.get("slot"), ref.get("size"), name, what)
+        return from_arrow(read_table(payload, ref, what), library)
+
+    def get_bytes(self, name: str, slot: object, size: object, what: str) -> bytes:
+        return self._payload(slot, size, name, what).to_pybytes()
 
     def close(self) -> None:
-        held, self._held, self._outputs = self._held, [], {}
-        for segment in held:
+        opened, self._opened = self._opened, []
+        for fd in opened:
+            os.close(fd)
+        segments, self._segments, self.fds, self._reserved = self._segments, [], [], {}
+        for segment in segments:
             self.pool.release(segment)
-
-
-@contextmanager
-def private_pool() -> Iterator[SegmentPool]:
-    """A pool that keeps nothing idle, closed on exit: for one-shot callers and tests of the unlink paths."""
-    pool = SegmentPool(max_idle_bytes=0)
-    try:
-        yield pool
-    finally:
-        pool.close()

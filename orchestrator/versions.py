@@ -92,6 +92,18 @@ def _unknown_model(name: str, models_dir: Path) -> str:
     return f"unknown model {name!r}: no folder {models_dir / name} (known models: {', '.join(known) or 'none'})"
 
 
+def _extract(tar: tarfile.TarFile, destination: Path, tag: str) -> None:
+    """Extract with the "data" filter; Pythons before 3.11.4 lack it, so check the members ourselves there."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(destination, filter="data")
+        return
+    for member in tar.getmembers():
+        name = Path(member.name)
+        if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+            raise SpecError(f"git tag {tag} holds {member.name!r}, which is not a plain file or folder inside it")
+    tar.extractall(destination)  # noqa: S202 - every member was checked above
+
+
 def _export_tag(repo: Path, models_dir: Path, ref: ModelRef, export_root: Path) -> ModelSpec:
     tag = tag_name(ref.name, ref.version or "")
     top = _git(repo, "rev-parse", "--show-toplevel")
@@ -102,7 +114,7 @@ def _export_tag(repo: Path, models_dir: Path, ref: ModelRef, export_root: Path) 
     destination = export_root / f"{ref.name}-v{ref.version}" / ref.name
     destination.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:  # type: ignore[arg-type]
-        tar.extractall(destination, filter="data")
+        _extract(tar, destination, tag)
     spec = load_model_spec(destination)
     if spec.version != ref.version:
         raise SpecError(f"git tag {tag} holds {ref.name} version {spec.version}, not {ref.version}: fix the tag")

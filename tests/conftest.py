@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,18 +21,24 @@ from orchestrator.store import LocalPexStore
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shm_used() -> int:
+    """Bytes in use on /dev/shm: our segments are unnamed, so what they hold shows only here."""
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+SHM_AT_START = shm_used()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """No shared-memory segment of ours may outlive the suite: the pool's idle ones go first, then we look."""
-    from modelpex_runtime.protocol import SEGMENT_NAME
+    """No shared memory of ours may outlive the suite: every test closed its model processes and pools."""
+    import gc
 
-    from orchestrator import transport
-
-    if transport._default is not None:
-        transport._default.close()
-    left = sorted(p.name for p in Path("/dev/shm").iterdir() if SEGMENT_NAME.fullmatch(p.name))
-    if left:
+    gc.collect()
+    grown = shm_used() - SHM_AT_START
+    if grown > 1 << 20:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        print(f"\nshared-memory segments left in /dev/shm after the suite: {left}", file=sys.stderr)
+        print(f"\n/dev/shm holds {grown / 1e6:.1f} MB more than when the suite started", file=sys.stderr)
 
 
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis")
@@ -184,6 +191,20 @@ def store_snapshot(store: LocalPexStore) -> dict[str, int]:
         for p in sorted((store.root / folder).rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.fixture
+def fresh_cache() -> Iterator[dict[str, str]]:
+    """Settings for an empty artifact cache (so artifacts come from the store again) on the shared PEX_ROOT.
+
+    N.B. Outside pytest's mode-0700 temporary folder: model processes' private folders live in the cache.
+    """
+    from orchestrator.settings import Settings
+
+    folder = Path(tempfile.mkdtemp(prefix="modelpex-test-cache-"))
+    folder.chmod(0o755)
+    yield {"MODELPEX_CACHE": str(folder), "MODELPEX_PEX_ROOT": str(Settings.from_env(env={}).model_pex_root)}
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,9 +1,17 @@
-"""Entry: the model process's main, run as ``python -m modelpex_runtime`` inside every model pex.
+"""Entry: a model process's main, run as ``python -m modelpex_runtime`` inside a model version's venv.
 
-It reads which model it is from ``MODELPEX_MODEL`` (frozen into the pex at build time), the call from the
-``modelpex`` Pipes extra, maps the input frames out of shared memory, calls the model's ``train``/``predict``,
-writes the outputs and fitted state back, and reports a `ModelResult` or the model's own exception as Pipes
-custom messages, so the orchestrator can show the model's traceback rather than an exit code.
+It learns which model it is from ``MODELPEX_MODEL`` (frozen into the pex at build time), imports the model's
+``train``/``predict`` once, then serves calls from its orchestrator over the channel until the orchestrator closes
+it: each call maps its input frames out of the segments it was handed, calls the model, writes outputs and the
+fitted state into the segments it was given, and streams the call's Dagster Pipes messages back.
+
+Before anything else it arms its *lifeline*: a pipe whose other end only the orchestrator holds. When that end
+closes, however the orchestrator died (kill -9 included), the kernel sends SIGKILL to this process's whole process
+group (``O_ASYNC`` with ``F_SETSIG``), whatever the model's code is doing, even holding the GIL.
+
+Between calls nothing is kept: inputs, outputs and states are fresh objects per call, and the segments of one call
+are not mapped in the next. What a model keeps in its own module globals stays, which is why a model that does so
+declares ``reuse = false`` and gets a process per call.
 """
 
 from __future__ import annotations
@@ -12,25 +20,62 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
-from modelpex_runtime.protocol import PROTOCOL_VERSION, CallError, ModelCall, ModelFailure, ModelResult
-from modelpex_runtime.state import load_state, save_state
+from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.protocol import (
+    CHANNEL_FD_ENV,
+    LIFELINE_FD_ENV,
+    MODEL_ENV,
+    PROTOCOL_VERSION,
+    SANDBOXED_ENV,
+    CallError,
+    FrameRef,
+    ModelCall,
+    ModelFailure,
+    ModelResult,
+    StateRef,
+)
 
-__all__ = ["execute", "main"]
+__all__ = ["Model", "execute", "main"]
 
 PREDICTIONS = "predictions"
+# N.B. Linux's F_SETSIG, which Python's fcntl module does not name.
+_F_SETSIG = 10
+_PR_SET_DUMPABLE = 4
 
 
-def _entry() -> dict[str, str]:
+def _arm_lifeline(fd: int) -> None:
+    """SIGKILL for this process group as soon as the orchestrator's end of the lifeline closes."""
+    import fcntl
+
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)  # N.B. In a sandbox's PID namespace our group's leader is outside: lead our own.
+
+    fcntl.fcntl(fd, _F_SETSIG, signal.SIGKILL)
+    fcntl.fcntl(fd, fcntl.F_SETOWN, -os.getpgrp())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
     try:
-        return json.loads(os.environ["MODELPEX_MODEL"])
-    except (KeyError, json.JSONDecodeError):
-        raise CallError("MODELPEX_MODEL is missing or not JSON: run a pex built by `modelpex build`") from None
+        if os.read(fd, 1) == b"":  # N.B. Closed before we armed it: no signal will come, so act now.
+            os.killpg(0, signal.SIGKILL)
+    except BlockingIOError:
+        pass
+
+
+def _not_dumpable() -> None:
+    """Other processes of this user (another model) may not ptrace this one or read its /proc files."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
 
 
 def _callable(target: str) -> Callable[..., Any]:
@@ -38,19 +83,44 @@ def _callable(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attribute)
 
 
-def _call(extras: Mapping[str, Any]) -> ModelCall:
-    call = extras.get("modelpex")
-    if not isinstance(call, dict):
-        raise CallError("the Pipes extras carry no 'modelpex' call: launch models through modelpex's runner")
-    if call.get("protocol") != PROTOCOL_VERSION:
-        raise CallError(
-            f"the orchestrator speaks modelpex protocol {call.get('protocol')!r}, this base speaks "
-            f"{PROTOCOL_VERSION}: rebuild the base and the model with the orchestrator's version"
+class Model:
+    """The model this process serves: its identity from ``MODELPEX_MODEL`` and its two callables."""
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        self.entry = entry
+        self.label = f"{entry['name']} {entry['version']}"
+        self.train = _callable(entry["train"])
+        self.predict = _callable(entry["predict"])
+
+    @classmethod
+    def from_env(cls) -> Model:
+        try:
+            entry = json.loads(os.environ[MODEL_ENV])
+        except (KeyError, json.JSONDecodeError):
+            raise CallError(f"{MODEL_ENV} is missing or not JSON: run a pex built by `modelpex build`") from None
+        return cls(entry)
+
+    def encode(self, state: Any) -> tuple[str, bytes]:
+        from modelpex_runtime.state import encode_state
+
+        return encode_state(
+            state, model=self.label, fmt=self.entry.get("state", "auto"), trusted=self.entry.get("trusted_types", [])
         )
-    return call  # type: ignore[return-value]
+
+    def decode(self, fmt: str, payload: bytes) -> Any:
+        from modelpex_runtime.state import decode_state
+
+        return decode_state(
+            fmt,
+            payload,
+            model=self.label,
+            frames=self.entry["frames"],
+            trusted=self.entry.get("trusted_types", []),
+            allow_pickle=self.entry.get("state") == "pickle",
+        )
 
 
-def _named_outputs(result: Any, wanted: Mapping[str, str]) -> dict[str, Any]:
+def _named_outputs(result: Any, wanted: Mapping[str, int]) -> dict[str, Any]:
     """``predict`` returns one frame (the ``predictions`` output) or a mapping of output name to frame."""
     frames = dict(result) if isinstance(result, Mapping) else {PREDICTIONS: result}
     unknown = sorted(set(frames) - set(wanted))
@@ -59,10 +129,21 @@ def _named_outputs(result: Any, wanted: Mapping[str, str]) -> dict[str, Any]:
     return frames
 
 
-def execute(entry: Mapping[str, str], call: ModelCall, log: logging.Logger) -> ModelResult:
-    """Run one call of the model in this process; everything the orchestrator needs comes back in the result."""
-    from modelpex_runtime.transport import read_frame, write_frame
+def _slot(fds: list[int], slot: int, what: str) -> int:
+    if not isinstance(slot, int) or not 0 <= slot < len(fds):
+        raise CallError(f"{what} names descriptor slot {slot!r} but the call came with {len(fds)}")
+    return fds[slot]
 
+
+def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) -> ModelResult:
+    """Run one call of the model in this process; everything the orchestrator needs comes back in the result."""
+    from modelpex_runtime.transport import read_bytes, read_frame, write_bytes, write_frame
+
+    if call.get("protocol") != PROTOCOL_VERSION:
+        raise CallError(
+            f"the orchestrator speaks modelpex protocol {call.get('protocol')!r}, this base speaks "
+            f"{PROTOCOL_VERSION}: rebuild the base and the model with the orchestrator's version"
+        )
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -72,32 +153,37 @@ def execute(entry: Mapping[str, str], call: ModelCall, log: logging.Logger) -> M
         seconds[name] = seconds.get(name, 0.0) + now - clock
         clock = now
 
-    train, predict = _callable(entry["train"]), _callable(entry["predict"])
-    lap("import")
-    inputs = {name: read_frame(ref, entry["frames"]) for name, ref in call["inputs"].items()}
+    frames = model.entry["frames"]
+    inputs = {
+        name: read_frame(ref, _slot(fds, ref["slot"], f"input {name!r}"), frames, f"input {name!r} of {model.label}")
+        for name, ref in call["inputs"].items()
+    }
     lap("read")
     params, state_ref = call["params"], None
     if call["action"] in ("train", "train_predict"):
-        log.info(f"training {entry['name']} {entry['version']} on {', '.join(inputs) or 'no inputs'}")
-        state = train(inputs, params)
+        log.info(f"training {model.label} on {', '.join(inputs) or 'no inputs'}")
+        state = model.train(inputs, params)
         lap("train")
-        if call["state_out"]:
-            state_ref = save_state(state, call["state_out"])
+        if call["state_out"] is not None:
+            fmt, payload = model.encode(state)
+            write_bytes(_slot(fds, call["state_out"], "state_out"), payload, f"the fitted state of {model.label}")
+            state_ref = StateRef(slot=call["state_out"], format=fmt, size=len(payload))
             lap("state")
     else:
-        if call["state_in"] is None:
+        ref = call["state_in"]
+        if ref is None:
             raise CallError("predict needs a fitted state: train first, or pass the state of a training run")
-        state = load_state(call["state_in"])
+        state = model.decode(ref["format"], read_bytes(_slot(fds, ref["slot"], "state_in"), ref["size"]))
         lap("state")
-    outputs = {}
+    outputs: dict[str, FrameRef] = {}
     if call["action"] in ("predict", "train_predict"):
-        log.info(f"predicting with {entry['name']} {entry['version']}")
-        frames = _named_outputs(predict(inputs, state, params), call["outputs"])
+        log.info(f"predicting with {model.label}")
+        produced = _named_outputs(model.predict(inputs, state, params), call["outputs"])
         lap("predict")
-        outputs = {
-            name: write_frame(frame, call["outputs"][name], f"output {name!r} of {entry['name']} {entry['version']}")
-            for name, frame in frames.items()
-        }
+        for name, frame in produced.items():
+            slot = call["outputs"][name]
+            what = f"output {name!r} of {model.label}"
+            outputs[name] = write_frame(frame, _slot(fds, slot, what), slot, what)
         lap("write")
     rows_in = {name: int(ref["num_rows"]) for name, ref in call["inputs"].items()}
     return ModelResult(protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds)
@@ -109,21 +195,83 @@ def _failure(exc: BaseException) -> ModelFailure:
     return ModelFailure(type=name, message=str(exc), traceback="".join(traceback.format_exception(exc)))
 
 
-def main() -> int:
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+@contextmanager
+def _pipes(channel: Channel, call_id: int, bootstrap: Mapping[str, str]) -> Iterator[Any]:
+    """A Dagster Pipes context for one call, whose messages travel over the channel; the model's loggers too."""
+    from modelpex_runtime.pipes import open_call_pipes
 
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+    pipes = open_call_pipes(channel, call_id, bootstrap)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handlers = list(pipes.log.handlers)
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        yield pipes
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+        pipes.close()
+
+
+def _answer(channel: Channel, model: Model, message: Mapping[str, Any], fds: list[int]) -> dict[str, Any]:
+    call_id = message.get("id")
+    if message.get("kind") != "call" or not isinstance(message.get("call"), dict):
+        raise CallError(f"expected a call on the channel, got {message.get('kind')!r}")
+    with _pipes(channel, call_id, message.get("pipes") or {}) as pipes:
+        try:
+            result = execute(model, message["call"], fds, pipes.log)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported with its traceback
+            return {"kind": "failed", "id": call_id, "failure": _failure(exc)}
+    return {"kind": "done", "id": call_id, "result": result}
+
+
+def _end_children() -> None:
+    """In a PID namespace of our own, every other process is a child the model left: end and reap them all."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (1, os.getpid()):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def serve(channel: Channel, model: Model, sandboxed: bool = False) -> int:
+    """Answer calls until the orchestrator closes the channel; no process the model started outlives a call."""
+    while True:
+        try:
+            message, fds = channel.receive()
+        except ChannelClosed:
+            return 0
+        try:
+            reply = _answer(channel, model, message, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            if sandboxed:
+                _end_children()
+        channel.send(reply)
+
+
+def main() -> int:
+    if CHANNEL_FD_ENV not in os.environ or LIFELINE_FD_ENV not in os.environ:
         sys.stderr.write("modelpex: a model pex is started by the orchestrator: use `modelpex run MODEL ...`\n")
         return 2
-    with open_dagster_pipes() as pipes:
-        root = logging.getLogger()
-        root.setLevel(logging.INFO)
-        for handler in pipes.log.handlers:  # N.B. The model's own loggers reach Dagster too.
-            root.addHandler(handler)
-        try:
-            result = execute(_entry(), _call(pipes.extras), pipes.log)
-        except BaseException as exc:
-            pipes.report_custom_message({"modelpex_error": _failure(exc)})
-            raise
-        pipes.report_custom_message({"modelpex_result": result})
-    return 0
+    _arm_lifeline(int(os.environ.pop(LIFELINE_FD_ENV)))
+    _not_dumpable()
+    channel = Channel.from_fd(int(os.environ.pop(CHANNEL_FD_ENV)))
+    started = time.perf_counter()
+    try:
+        model = Model.from_env()
+    except BaseException as exc:  # noqa: BLE001 - the model's modules fail to import: its own traceback
+        channel.send({"kind": "failed", "id": 0, "failure": _failure(exc)})
+        return 1
+    channel.send({"kind": "ready", "seconds": {"import": time.perf_counter() - started}})
+    # N.B. Only inside a PID namespace of our own (our parent is its init) may "every other process" mean ours.
+    sandboxed = os.environ.pop(SANDBOXED_ENV, "") == "1" and os.getppid() == 1
+    return serve(channel, model, sandboxed=sandboxed)

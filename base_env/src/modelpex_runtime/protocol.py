@@ -1,22 +1,31 @@
-"""Protocol: the messages that cross the process boundary between the orchestrator and the model process.
+"""Protocol: the messages that cross the process boundary between the orchestrator and a model process.
 
-Standard library only, so both sides import it: the orchestrator sends a `ModelCall` (as the ``modelpex`` Dagster
-Pipes extra) whose frames are `FrameRef`s to shared-memory segments; the model answers with a `ModelResult` or a
-`ModelFailure` (Pipes custom messages). ``PROTOCOL_VERSION`` changes when a message changes shape, independently
-of the package version, so a base and an orchestrator that do not speak the same protocol refuse each other.
+Standard library only, so both sides import it. The orchestrator starts a model process once and sends it one
+`ModelCall` per call over a Unix socket (`modelpex_runtime.channel`), with the call's shared-memory segments
+attached as file descriptors: inputs read-only, outputs writable. A frame or a state is named by its *slot*, its
+position in the descriptors that came with the call, never by a path or a segment name, so a model process can
+reach no segment it was not handed. The model answers with a `ModelResult` or a `ModelFailure`, and streams Dagster
+Pipes messages for the call in between. ``PROTOCOL_VERSION`` changes when a message changes shape, independently of
+the package version, so a base and an orchestrator that do not speak the same protocol refuse each other.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, TypedDict
 
-PROTOCOL_VERSION = 1
-# N.B. `mpx_<owner pid>_<64 random bits>`: unguessable, attributable to the process that must unlink it, and within
-# macOS's 31-character limit for POSIX shared-memory names.
-SEGMENT_PREFIX = "mpx_"
-SEGMENT_NAME = re.compile(r"^mpx_(?P<pid>[0-9]{1,10})_[0-9a-f]{16}$")
+PROTOCOL_VERSION = 2
 FRAME_LIBRARIES = ("pandas", "polars", "pyarrow")
+# N.B. How a fitted state is persisted: plain data as JSON, frames as Arrow IPC, scikit-learn objects with skops
+# (only the types skops trusts plus those the model declares), pickle only for a model that opts in.
+STATE_FORMATS = ("json", "arrow", "skops", "pickle")
+
+# Environment of a model process: where its channel and lifeline are, and which model it is.
+CHANNEL_FD_ENV = "MODELPEX_CHANNEL_FD"
+LIFELINE_FD_ENV = "MODELPEX_LIFELINE_FD"
+MODEL_ENV = "MODELPEX_MODEL"
+SANDBOXED_ENV = "MODELPEX_SANDBOXED"  # set when the process has a PID namespace of its own
+# N.B. The messages-params marker the orchestrator's Pipes reader hands out: messages travel over the channel.
+PIPES_CHANNEL_PARAMS = {"modelpex": "channel"}
 
 
 class ModelpexError(Exception):
@@ -24,7 +33,7 @@ class ModelpexError(Exception):
 
 
 class StateError(ModelpexError):
-    """A fitted state file is missing, altered, or in a format this runtime cannot read."""
+    """A fitted state cannot be saved or loaded: a type nobody trusts, an unknown format, a failed check."""
 
 
 class CallError(ModelpexError):
@@ -32,63 +41,65 @@ class CallError(ModelpexError):
 
 
 class TransportError(ModelpexError):
-    """A frame could not be moved through shared memory: a bad name, a malformed payload, a missing segment."""
+    """A frame could not be moved through shared memory: a malformed payload, a missing descriptor."""
 
 
 class ShmSpaceError(TransportError):
     """/dev/shm has less free space than a frame needs."""
 
 
-# --- frames: one Arrow IPC stream in one shared-memory segment ------------------------------------------------
-
-
 class FrameRef(TypedDict):
     """Where a frame is and what it holds; the payload is an Arrow IPC stream at the start of the segment."""
 
     protocol: int
-    segment: str  # a SEGMENT_NAME, created and unlinked by the orchestrator
+    slot: int  # index into the descriptors sent with the call
     size: int  # payload bytes
     num_rows: int
     columns: list[str]  # "name: arrow type", for error messages and the UI; the IPC stream carries the schema
 
 
-# --- run-level messages: one model call and its answer --------------------------------------------------------
-
-
 class StateRef(TypedDict):
-    """A fitted state file and the digest it must have when it is loaded again."""
+    """A fitted state in a segment: its format and length (the orchestrator hashes and signs the bytes itself)."""
 
-    path: str
-    format: Literal["json", "pickle"]
-    sha256: str
+    slot: int
+    format: str  # one of STATE_FORMATS
     size: int
 
 
 class ModelCall(TypedDict):
-    """What the orchestrator asks of one model process (sent as the ``modelpex`` Pipes extra)."""
+    """What the orchestrator asks of a model process in one call."""
 
     protocol: int
     action: Literal["train", "predict", "train_predict"]
-    inputs: dict[str, Any]  # name -> FrameRef
-    outputs: dict[str, str]  # name -> segment name pre-assigned by the orchestrator
+    inputs: dict[str, FrameRef]
+    outputs: dict[str, int]  # output name -> slot of a writable segment
     params: dict[str, Any]
-    state_in: StateRef | None
-    state_out: str | None  # where ``train`` writes the fitted state
+    state_in: StateRef | None  # a read-only segment holding the fitted state, for predict
+    state_out: int | None  # slot of a writable segment for the state ``train`` returns
 
 
 class ModelResult(TypedDict):
-    """What the model process reports back (a Pipes custom message ``{"modelpex_result": ...}``)."""
+    """What a call produced: output frames and the fitted state in the segments it was given."""
 
     protocol: int
-    outputs: dict[str, Any]  # name -> FrameRef
+    outputs: dict[str, FrameRef]
     state: StateRef | None
     rows_in: dict[str, int]
     seconds: dict[str, float]
 
 
 class ModelFailure(TypedDict):
-    """The model's own exception (a Pipes custom message ``{"modelpex_error": ...}``)."""
+    """The model's own exception."""
 
     type: str
     message: str
     traceback: str
+
+
+# --- channel messages: {"kind": ...} -----------------------------------------------------------------------------
+# orchestrator -> model: {"kind": "call", "id": int, "call": ModelCall, "pipes": {env name: encoded params}}
+# model -> orchestrator: {"kind": "ready", "seconds": {...}} once, after the model's modules are imported;
+#                        {"kind": "pipes", "id": int, "message": a Dagster Pipes message} during a call;
+#                        {"kind": "done", "id": int, "result": ModelResult} or
+#                        {"kind": "failed", "id": int, "failure": ModelFailure} to end it.
+# A failure before the first call (the model's modules do not import) is {"kind": "failed", "id": 0, ...}.

@@ -1,63 +1,115 @@
-"""State: the fitted state a model's ``train`` returns, persisted between a training run and inference runs.
+"""State: the fitted state a model's ``train`` returns, as bytes that can be loaded again without running code.
 
-Plain data (dicts, lists, numbers, strings) is written as JSON and never needs trusting. Anything else (a
-scikit-learn pipeline) can only be written with pickle, so such a file is loaded only after its sha256 matches the
-digest the orchestrator recorded when the training run produced it: a file swapped or altered at rest is refused
-before a single byte is unpickled.
+Formats, tried in this order unless the model names one (``state = "..."`` in ``[tool.modelpex]``):
+
+- ``json``: plain data that comes back equal (dicts, lists, numbers, strings);
+- ``arrow``: a pandas, polars or Arrow frame, as an Arrow IPC stream (loaded in the model's frame library);
+- ``skops``: scikit-learn estimators and pipelines, numpy arrays and containers of them. Loading trusts skops'
+  own defaults plus exactly the types the model declares in ``trusted_types``; a state that needs any other type
+  fails when it is *saved*, naming the types, so a bad state is caught at training rather than at inference;
+- ``pickle``: only for a model that opts in with ``state = "pickle"``. The orchestrator signs such a state with a
+  key the model cannot read and refuses to hand it back unless the signature holds.
+
+The orchestrator hashes and signs the bytes; this module only turns objects into bytes and back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import pickle
-import tempfile
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from modelpex_runtime.protocol import StateError, StateRef
+from modelpex_runtime.protocol import STATE_FORMATS, StateError
 
-__all__ = ["load_state", "save_state"]
+__all__ = ["decode_state", "encode_state"]
 
 
-def _encode(state: Any) -> tuple[str, bytes]:
-    """JSON when it gives the same value back (so tuples and numpy scalars fall back to pickle)."""
+def _json(state: Any) -> bytes | None:
     try:
-        text = json.dumps(state, sort_keys=True)
-        if json.loads(text) == state:
-            return "json", text.encode()
+        text = json.dumps(state, sort_keys=True, allow_nan=False)
+        return text.encode() if json.loads(text) == state else None
     except (TypeError, ValueError):
-        pass
-    return "pickle", pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return None
 
 
-def save_state(state: Any, path: str | os.PathLike[str]) -> StateRef:
-    """Write ``state`` to ``path`` atomically and return its reference (format, sha256, size)."""
-    fmt, payload = _encode(state)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".state-", delete=False) as tmp:
-        tmp.write(payload)
-    os.replace(tmp.name, target)
-    return StateRef(path=str(target), format=fmt, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+def _is_frame(state: Any) -> bool:
+    module, kind = type(state).__module__.partition(".")[0], type(state).__name__
+    return (module in ("pandas", "polars") and kind == "DataFrame") or (module == "pyarrow" and kind == "Table")
 
 
-def load_state(ref: StateRef) -> Any:
-    """Read a state file, refusing it unless its bytes hash to ``ref['sha256']``."""
-    path = Path(ref["path"])
+def _arrow(state: Any) -> bytes:
+    import pyarrow as pa
+
+    from modelpex_runtime.transport import to_arrow
+
+    table = to_arrow(state, "the fitted state")
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _skops(state: Any, model: str, trusted: Sequence[str]) -> bytes:
+    import skops.io as sio
+
     try:
-        payload = path.read_bytes()
-    except OSError as exc:
-        raise StateError(f"fitted state {path} cannot be read ({exc.strerror}): run training again") from None
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != ref["sha256"]:
+        payload = sio.dumps(state)
+    except Exception as exc:  # noqa: BLE001 - skops raises many kinds for objects it cannot persist
         raise StateError(
-            f"refusing to load fitted state {path}: its sha256 is {digest} but the training run recorded "
-            f"{ref['sha256']}; the file was altered or replaced. Run training again"
+            f"{model}: train returned a {type(state).__module__}.{type(state).__qualname__}, which is not plain "
+            f"data, a frame, or an object skops can persist ({exc}). Return one of those, or opt into signed "
+            'pickle with state = "pickle" in [tool.modelpex]'
+        ) from None
+    untrusted = sorted(set(sio.get_untrusted_types(data=payload)) - set(trusted))
+    if untrusted:
+        raise StateError(
+            f"{model}: the fitted state needs types that skops does not trust by default: {untrusted}. If they "
+            f"are yours to trust, add them to [tool.modelpex] trusted_types in the model's pyproject.toml"
         )
-    if ref["format"] == "json":
+    return payload
+
+
+def encode_state(state: Any, *, model: str, fmt: str = "auto", trusted: Sequence[str] = ()) -> tuple[str, bytes]:
+    """(format, bytes) of a fitted state, in ``fmt`` or the first format of json, arrow, skops that fits."""
+    if fmt == "pickle":
+        import pickle
+
+        return "pickle", pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    if fmt in ("auto", "json") and (payload := _json(state)) is not None:
+        return "json", payload
+    if fmt == "json":
+        raise StateError(f'{model}: state = "json" but train returned a {type(state).__name__}, not plain data')
+    if fmt in ("auto", "arrow") and _is_frame(state):
+        return "arrow", _arrow(state)
+    if fmt == "arrow":
+        raise StateError(f'{model}: state = "arrow" but train returned a {type(state).__name__}, not a frame')
+    return "skops", _skops(state, model, trusted)
+
+
+def decode_state(
+    fmt: str, payload: bytes, *, model: str, frames: str, trusted: Sequence[str] = (), allow_pickle: bool = False
+) -> Any:
+    """The state object back from its bytes; skops loads only its defaults and ``trusted``, pickle only if allowed."""
+    if fmt == "json":
         return json.loads(payload)
-    if ref["format"] == "pickle":
-        return pickle.loads(payload)  # N.B. Safe only because the digest above matched the recorded one.
-    raise StateError(f"fitted state {path} has unknown format {ref['format']!r}: run training again")
+    if fmt == "arrow":
+        import pyarrow as pa
+
+        from modelpex_runtime.transport import from_arrow
+
+        with pa.ipc.open_stream(pa.py_buffer(payload)) as reader:
+            return from_arrow(reader.read_all(), frames)
+    if fmt == "skops":
+        import skops.io as sio
+
+        try:
+            return sio.loads(payload, trusted=list(trusted))
+        except Exception as exc:  # noqa: BLE001 - skops' UntrustedTypesFoundException and its parse errors
+            raise StateError(f"{model}: refusing to load the fitted state with skops: {exc}") from None
+    if fmt == "pickle" and allow_pickle:
+        import pickle
+
+        return pickle.loads(payload)  # N.B. The orchestrator verified its signature before handing it over.
+    if fmt == "pickle":
+        raise StateError(f'{model}: refusing a pickled state: the model does not opt in with state = "pickle"')
+    raise StateError(f"{model}: unknown state format {fmt!r}; expected one of {', '.join(STATE_FORMATS)}")

@@ -1,13 +1,13 @@
-"""Transport: frames as Arrow IPC streams in POSIX shared-memory segments, read without copying.
+"""Transport: frames as Arrow IPC streams in shared-memory segments, handed over as file descriptors.
 
-This is the half both processes share (the orchestrator adds segment ownership and pooling on top). A segment is
-the same kind of object ``multiprocessing.shared_memory`` makes, opened with ``shm_open`` directly because the
-``SharedMemory`` class on Python 3.11 registers every segment it *attaches* to with the resource tracker (which then
-unlinks it and warns when the attaching process exits) and raises ``BufferError`` on ``close()`` while an Arrow
-buffer still points into it. Here a mapping is never closed explicitly: Arrow buffers hold the ``mmap`` object
-and the kernel unmaps it when the last of them is gone, so that error cannot happen.
+This is the half both processes share (the orchestrator adds segment ownership and pooling on top). A segment is an
+unnamed file on /dev/shm's tmpfs (``O_TMPFILE``): it has no name another process could open, it counts against
+/dev/shm's size like any segment, and the kernel frees it when the last descriptor and mapping are gone, so no path,
+crash included, can leak it. A model process receives each segment as a descriptor: inputs read-only, outputs
+writable. It maps inputs without copying; a mapping is never closed explicitly, Arrow buffers hold the ``mmap``
+object and the kernel unmaps it when the last of them is gone.
 
-Writers size the segment exactly (``posix_fallocate``, which also fails cleanly with ENOSPC where a plain
+Writers size a segment exactly (``posix_fallocate``, which also fails cleanly with ENOSPC where a plain
 ``ftruncate`` would let the writer die of SIGBUS on a full /dev/shm) and map it with ``MAP_POPULATE``, so pages are
 allocated in one kernel call rather than one fault at a time.
 """
@@ -22,31 +22,21 @@ from typing import Any
 
 import pyarrow as pa
 
-from modelpex_runtime.protocol import (
-    FRAME_LIBRARIES,
-    PROTOCOL_VERSION,
-    SEGMENT_NAME,
-    FrameRef,
-    ShmSpaceError,
-    TransportError,
-)
-
-try:
-    import _posixshmem  # N.B. CPython's own binding, the one multiprocessing.shared_memory uses.
-except ImportError:  # pragma: no cover - Windows
-    _posixshmem = None
+from modelpex_runtime.protocol import FRAME_LIBRARIES, PROTOCOL_VERSION, FrameRef, ShmSpaceError, TransportError
 
 __all__ = [
     "SHM_DIR",
+    "allocate",
     "check_space",
+    "frame_ref",
     "from_arrow",
     "ipc_size",
-    "forget_mapping",
-    "map_segment",
+    "map_fd",
+    "read_bytes",
     "read_frame",
     "read_table",
     "to_arrow",
-    "validate_segment_name",
+    "write_bytes",
     "write_frame",
     "write_table",
 ]
@@ -61,28 +51,12 @@ _SHM_FIX = (
 )
 
 
-def validate_segment_name(name: str) -> str:
-    """Only names of the form ``mpx_<pid>_<16 hex>``: nothing else is ever opened, created or unlinked."""
-    if not isinstance(name, str) or not SEGMENT_NAME.fullmatch(name):
-        raise TransportError(f"{name!r} is not a modelpex shared-memory segment name (mpx_<pid>_<16 hex digits>)")
-    return name
-
-
-def _open(name: str, flags: int) -> int:
-    if _posixshmem is None:  # pragma: no cover
-        raise TransportError("POSIX shared memory is not available on this platform")
-    try:
-        return _posixshmem.shm_open("/" + validate_segment_name(name), flags, 0o600)
-    except FileNotFoundError:
-        raise TransportError(f"shared-memory segment {name} does not exist (its owner already unlinked it)") from None
-
-
 def check_space(needed: int, what: str) -> None:
     """Fail before writing when /dev/shm cannot hold ``needed`` more bytes, saying how to make room."""
     try:
         stat = os.statvfs(SHM_DIR)
     except OSError:
-        return  # N.B. No /dev/shm to measure (macOS): the allocation itself reports ENOSPC.
+        return  # N.B. No /dev/shm to measure: the allocation itself reports ENOSPC.
     free = stat.f_bavail * stat.f_frsize
     if needed > free:
         raise ShmSpaceError(
@@ -106,53 +80,19 @@ def allocate(fd: int, size: int, what: str) -> None:
             ) from None
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        os.ftruncate(fd, size)  # N.B. File systems without fallocate (macOS shm): sparse growth.
+        os.ftruncate(fd, size)  # N.B. File systems without fallocate: sparse growth.
 
 
-# N.B. Mappings by segment name, re-used while the segment exists and is big enough: a long-lived process that
-# sees the orchestrator's pooled segments again skips populating their page tables (13 ms per 200 MB here).
-_MAPPINGS: dict[str, tuple[bool, mmap.mmap]] = {}
-
-
-def _cached(name: str, length: int | None, writable: bool) -> mmap.mmap | None:
-    hit = _MAPPINGS.get(name)
-    if hit is None or (writable and not hit[0]) or length is None or len(hit[1]) < length:
-        return None
-    return hit[1]
-
-
-def forget_mapping(name: str) -> None:
-    """Drop the cached mapping of a segment about to be unlinked (views still using it keep it mapped)."""
-    _MAPPINGS.pop(name, None)
-
-
-def map_segment(name: str, *, length: int | None = None, writable: bool = False, grow_to: int = 0) -> mmap.mmap:
-    """Map a segment (optionally growing it first); the mapping lives as long as something references it."""
-    if (cached := _cached(validate_segment_name(name), max(length or 0, grow_to) or None, writable)) is not None:
-        return cached
-    mapping = _map(name, length, writable, grow_to)
-    for stale in [n for n in _MAPPINGS if not os.path.exists(os.path.join(SHM_DIR, n))]:
-        del _MAPPINGS[stale]  # N.B. Unlinked by its owner: let the kernel unmap it once no view uses it.
-    _MAPPINGS[name] = (writable, mapping)
-    return mapping
-
-
-def _map(name: str, length: int | None, writable: bool, grow_to: int) -> mmap.mmap:
-    fd = _open(name, os.O_RDWR if writable else os.O_RDONLY)
-    try:
-        if grow_to:
-            allocate(fd, grow_to, f"segment {name}")
-        actual = os.fstat(fd).st_size
-        length = actual if length is None else length
-        if length > actual or length <= 0:
-            raise TransportError(
-                f"segment {name} holds {actual} bytes but {length} were announced: the payload is truncated "
-                "(the writer died mid-write, or the segment was altered)"
-            )
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
-    finally:
-        os.close(fd)
+def map_fd(fd: int, length: int, *, writable: bool = False, what: str = "segment") -> mmap.mmap:
+    """Map the first ``length`` bytes of a segment; announcing more than it holds is a TransportError."""
+    actual = os.fstat(fd).st_size
+    if length > actual or length <= 0:
+        raise TransportError(
+            f"{what} holds {actual} bytes but {length} were announced: the payload is truncated "
+            "(the writer died mid-write, or the segment was altered)"
+        )
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
 
 
 def to_arrow(frame: Any, what: str = "the frame") -> pa.Table:
@@ -262,7 +202,7 @@ def write_table(mapping: mmap.mmap, table: pa.Table, size: int) -> None:
         raise TransportError(f"wrote {sink.tell()} bytes where {size} were measured: the table changed while written")
 
 
-def read_table(buffer: pa.Buffer, ref: FrameRef) -> pa.Table:
+def read_table(buffer: pa.Buffer, ref: FrameRef, what: str = "the frame") -> pa.Table:
     """Decode a segment's payload; anything but a well-formed stream of the announced rows is a TransportError."""
     try:
         with pa.ipc.open_stream(buffer) as reader:
@@ -270,38 +210,47 @@ def read_table(buffer: pa.Buffer, ref: FrameRef) -> pa.Table:
         table.validate()
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise TransportError(
-            f"segment {ref['segment']} does not hold a valid Arrow IPC stream ({exc}): the writer died mid-write "
-            "or the segment was altered"
+            f"{what} is not a valid Arrow IPC stream ({exc}): the writer died mid-write or the segment was altered"
         ) from None
     if table.num_rows != ref["num_rows"]:
-        raise TransportError(
-            f"segment {ref['segment']} holds {table.num_rows} rows but {ref['num_rows']} were announced"
-        )
+        raise TransportError(f"{what} holds {table.num_rows} rows but {ref['num_rows']} were announced")
     return table
 
 
-def frame_ref(segment: str, size: int, table: pa.Table) -> FrameRef:
+def frame_ref(slot: int, size: int, table: pa.Table) -> FrameRef:
     return FrameRef(
         protocol=PROTOCOL_VERSION,
-        segment=segment,
+        slot=slot,
         size=size,
         num_rows=table.num_rows,
         columns=[f"{field.name}: {field.type}" for field in table.schema],
     )
 
 
-def read_frame(ref: FrameRef, library: str) -> Any:
+def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") -> Any:
     """Map a frame's segment read-only and return it in ``library``; its buffers are views of the mapping."""
     if ref.get("protocol") != PROTOCOL_VERSION:
-        raise TransportError(f"frame reference speaks protocol {ref.get('protocol')!r}, not {PROTOCOL_VERSION}")
-    mapping = map_segment(ref["segment"], length=ref["size"])
-    return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref), library)
+        raise TransportError(f"{what}: frame reference speaks protocol {ref.get('protocol')!r}, not {PROTOCOL_VERSION}")
+    mapping = map_fd(fd, ref["size"], what=what)
+    return from_arrow(read_table(pa.py_buffer(mapping), ref, what), library)
 
 
-def write_frame(frame: Any, segment: str, what: str = "the frame") -> FrameRef:
-    """Write a frame into the segment the orchestrator reserved, growing it to the exact size needed."""
+def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
+    """Write a frame into a writable segment, growing it to the exact size needed."""
     table = to_arrow(frame, what)
     size = ipc_size(table)
-    mapping = map_segment(segment, length=size, writable=True, grow_to=size)
-    write_table(mapping, table, size)
-    return frame_ref(segment, size, table)
+    allocate(fd, size, what)
+    write_table(map_fd(fd, size, writable=True, what=what), table, size)
+    return frame_ref(slot, size, table)
+
+
+def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
+    """A copy of the first ``size`` bytes of a segment (states are small; their bytes are decoded, not viewed)."""
+    return bytes(map_fd(fd, size, what=what)) if size else b""
+
+
+def write_bytes(fd: int, payload: bytes, what: str = "the state") -> None:
+    """Write ``payload`` at the start of a writable segment, growing it as needed."""
+    if payload:
+        allocate(fd, len(payload), what)
+        map_fd(fd, len(payload), writable=True, what=what)[:] = payload

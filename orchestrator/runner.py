@@ -1,0 +1,81 @@
+"""Runner: what one orchestrator process needs to run model versions, assembled once from the settings.
+
+The Dagster resource and the command line both run models through a `Runner`: it finds a version's base in the
+store, prepares the pair in the cache (verified, venv warm), hands the call to the version's model process (started
+in the sandbox on first use, re-used after), and keeps fitted states with signed records. ``close`` ends every model
+process it started; use it as a context manager.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from orchestrator.build import Interpreter
+from orchestrator.cache import ArtifactCache, Prepared
+from orchestrator.errors import ModelpexError
+from orchestrator.run import DEFAULT_ENV_ALLOW, ModelProcesses, PipesLink, RunOutcome
+from orchestrator.sandbox import Sandbox
+from orchestrator.settings import Settings
+from orchestrator.states import StateKeeper
+from orchestrator.store import ArtifactRecord
+
+__all__ = ["Runner"]
+
+log = logging.getLogger("modelpex")
+_described: set[str] = set()
+
+
+class Runner:
+    """Runs model versions for one project and store; one per Dagster run or CLI command."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        interpreter: Interpreter,
+        *,
+        timeout: float | None = None,
+        env_allow: Sequence[str] = DEFAULT_ENV_ALLOW,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.timeout = timeout or settings.timeout
+        self.store = settings.store()
+        self.sandbox = Sandbox.create(settings.cache_dir, settings.isolation, settings.model_user, settings.sandbox)
+        self.sandbox.check_reachable(settings.model_pex_root, "PEX_ROOT")
+        self.sandbox.check_reachable(interpreter.path, "the interpreter")
+        self.cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, interpreter.path)
+        self.processes = ModelProcesses(self.sandbox, env_allow=env_allow, env=env)
+        self.states = StateKeeper(self.store, settings.signing_key_path)
+        if (described := self.sandbox.describe()) not in _described:
+            _described.add(described)
+            (log.info if self.sandbox.switching else log.warning)(f"modelpex isolation: {described}")
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def prepare(self, model: ArtifactRecord) -> Prepared:
+        """The model version and its base, verified and unpacked, ready for a model process."""
+        if model.base_key is None:
+            raise ModelpexError(f"{model.label} has no base key in the index: rebuild it with `modelpex build`")
+        base = self.store.record("base", "base", model.base_key)
+        if base is None:
+            raise ModelpexError(
+                f"{model.label} was built against base {model.base_key}, which is not in {self.store.url}: "
+                f"rebuild the model with `modelpex build {model.label}`"
+            )
+        return self.cache.prepare(self.store, model, base)
+
+    def call(
+        self, model: ArtifactRecord, link: Callable[[], AbstractContextManager[PipesLink]], **kwargs: Any
+    ) -> RunOutcome:
+        """One call of ``model`` (see `ModelProcess.call` for the keyword arguments)."""
+        return self.processes.call(self.prepare(model), link, timeout=self.timeout, **kwargs)
+
+    def close(self) -> None:
+        self.processes.close()

@@ -1,0 +1,291 @@
+"""Sandbox: who a model process runs as, where it may write, and which guarantees hold where.
+
+When the orchestrator can switch users (it runs as root, or holds CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_KILL),
+every model process runs as an unprivileged user of its own: a uid taken from the model user's subordinate range
+in ``/etc/subuid`` (the model user's own uid when it has none), in the model user's group, with no supplementary
+groups and umask 077. Two model processes then cannot signal, trace or read each other, and neither can touch the
+orchestrator, its environment or its files. Its one writable folder is a private directory under the cache's
+``runs/``, owned by that uid; the orchestrator holds a lock beside it while the process lives, so `modelpex gc`
+removes only folders whose owner is gone, even from another PID namespace.
+
+Where bubblewrap is installed (``MODELPEX_SANDBOX=auto``, the default, uses it when it works), the process also runs
+in namespaces of its own: no network (not even loopback services such as the Dagster webserver), a read-only view
+of the file system with private /tmp, /var/tmp, /dev/shm and /run, its own /proc in which the orchestrator does not
+exist, and a PID namespace that dies with it, taking along any child that escaped its process group with setsid.
+
+When it cannot switch users, the model runs as the orchestrator's own user and only the guarantees that do not
+depend on a second user hold; `guarantees` says which, and the runner logs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from orchestrator.errors import SandboxError
+from orchestrator.leases import lease_dir, try_lock
+
+__all__ = ["RUN_PREFIX", "RUNS", "Identity", "Sandbox", "can_switch_users", "guarantees"]
+
+log = logging.getLogger("modelpex")
+
+# N.B. Capability bits (linux/capability.h): what switching users, handing over a folder and ending a process need.
+_NEEDED_CAPS = {"CAP_CHOWN": 0, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
+DEFAULT_MODEL_USER = "modelpex-model"
+SUBUID_FILE = Path("/etc/subuid")
+RUNS = "runs"
+RUN_PREFIX = "run-"
+Mode = Literal["user", "none"]
+
+
+def _effective_caps() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def can_switch_users() -> bool:
+    """Root, or an unprivileged process granted every capability a user switch needs."""
+    if os.geteuid() == 0:
+        return True
+    caps = _effective_caps()
+    return all(caps >> bit & 1 for bit in _NEEDED_CAPS.values())
+
+
+def guarantees(mode: Mode, bwrap: bool, own_uids: bool) -> list[tuple[str, bool]]:
+    """Each isolation guarantee and whether it holds: the runner logs the ones that do not, README lists them."""
+    user = mode == "user"
+    return [
+        (
+            "the model cannot read the orchestrator's environment, memory or descriptors (/proc/<pid>/...)",
+            user or bwrap,
+        ),
+        ("the model cannot write the store, PEX_ROOT, the verified artifacts or the project", user),
+        ("the model cannot open a shared-memory segment it was not handed (segments have no names)", True),
+        ("the model cannot write its input segments", user),
+        ("two model processes cannot signal, trace or read each other", user and (own_uids or bwrap)),
+        ("the model cannot read the signing key, so it cannot forge a fitted state", user),
+        ("the model can write nowhere but its private folder and private /tmp, /var/tmp, /dev/shm", bwrap),
+        ("the model has no network, not even services on this host's loopback", bwrap),
+        ("the model process and its children die with the orchestrator (lifeline) and after every call", True),
+        ("a child that escapes its process group with setsid still dies with its model process", bwrap or own_uids),
+    ]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The uid and gid one model process runs as; ``lock`` holds its uid slot while the process lives."""
+
+    uid: int
+    gid: int
+    lock: int | None = field(default=None, compare=False)
+
+
+def _subuid_range(user: pwd.struct_passwd) -> range | None:
+    """The model user's first subordinate uid range, if ``/etc/subuid`` grants one."""
+    try:
+        lines = SUBUID_FILE.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (user.pw_name, str(user.pw_uid)) and parts[1].isdigit():
+            start, count = int(parts[1]), int(parts[2])
+            if count > 0 and start > 0:
+                return range(start, start + count)
+    return None
+
+
+def _ensure_dir(path: Path, mode: int) -> Path:
+    """A directory owned by this user with exactly ``mode``; refuse one that someone else could have planted."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise SandboxError(
+            f"{path} is not a directory owned by uid {os.geteuid()} (owner {info.st_uid}): remove it, or point "
+            "MODELPEX_CACHE elsewhere"
+        )
+    if stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+    return path
+
+
+class Sandbox:
+    """How this orchestrator starts model processes: as whom, in which folder, with which guarantees."""
+
+    def __init__(
+        self, cache: Path, mode: Mode, user: pwd.struct_passwd | None = None, bwrap: str | None = None
+    ) -> None:
+        self.cache = cache
+        self.mode = mode
+        self.user = user
+        self.bwrap = bwrap
+        self.uids = _subuid_range(user) if user is not None else None
+        _ensure_dir(cache, 0o755)
+        self.runs = _ensure_dir(cache / RUNS, 0o711)  # N.B. Traversable, not listable: a uid finds only its folder.
+        self._uid_locks = _ensure_dir(cache / "uids", 0o700)
+
+    @classmethod
+    def create(
+        cls, cache: Path, isolation: str = "auto", user: str = DEFAULT_MODEL_USER, sandbox: str = "auto"
+    ) -> Sandbox:
+        """``isolation``: ``user`` (switch users or fail), ``none`` (never), ``auto`` (switch when possible);
+        ``sandbox``: ``bwrap`` (namespaces or fail), ``none``, ``auto`` (bubblewrap when it is installed and works)."""
+        if isolation not in ("auto", "user", "none"):
+            raise SandboxError(f"MODELPEX_ISOLATION={isolation!r} is not one of auto, user, none")
+        if sandbox not in ("auto", "bwrap", "none"):
+            raise SandboxError(f"MODELPEX_SANDBOX={sandbox!r} is not one of auto, bwrap, none")
+        switch = isolation == "user" or (isolation == "auto" and can_switch_users())
+        account = cls._model_user(user, isolation) if switch else None
+        return cls(cache, "user" if switch else "none", account, _bubblewrap(sandbox, account))
+
+    @staticmethod
+    def _model_user(user: str, isolation: str) -> pwd.struct_passwd:
+        if not can_switch_users():
+            raise SandboxError(
+                f"MODELPEX_ISOLATION={isolation} but this process cannot switch users: run it as root, or grant "
+                f"{', '.join(_NEEDED_CAPS)} (a Kubernetes securityContext or file capabilities)"
+            )
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            raise SandboxError(
+                f"model user {user!r} does not exist: create it (`useradd --system --user-group --shell "
+                f"/usr/sbin/nologin {user}`, which .ci/setup and the Dockerfile do), or set MODELPEX_MODEL_USER, "
+                "or MODELPEX_ISOLATION=none to run models as this user"
+            ) from None
+        if account.pw_uid == 0 or account.pw_gid == 0:
+            raise SandboxError(f"model user {user!r} is root or in group root: give models an unprivileged user")
+        return account
+
+    @property
+    def switching(self) -> bool:
+        return self.mode == "user"
+
+    def describe(self) -> str:
+        """One paragraph for the log: who models run as, and each guarantee that does not hold."""
+        if self.switching:
+            assert self.user is not None
+            who = f"model processes run as user {self.user.pw_name!r}" + (
+                f" with a uid of their own from {self.uids.start}-{self.uids.stop - 1}"
+                if self.uids
+                else " (one shared uid: add a range to /etc/subuid to give each process its own)"
+            )
+        else:
+            who = f"model processes run as this process's own user (uid {os.geteuid()}): it cannot switch users"
+        who += ", in a bubblewrap sandbox" if self.bwrap else ", without a namespace sandbox (install bubblewrap)"
+        missing = [text for text, holds in guarantees(self.mode, bool(self.bwrap), bool(self.uids)) if not holds]
+        return who + ("; these guarantees do NOT hold: " + "; ".join(missing) if missing else "")
+
+    def check_reachable(self, path: Path, what: str) -> None:
+        """Fail clearly when the model user could not reach ``path`` (a folder under a mode-0700 home, say)."""
+        if not self.switching:
+            return
+        for folder in [*reversed(Path(path).parents), Path(path)]:
+            info = folder.stat()
+            if not info.st_mode & stat.S_IXOTH:
+                raise SandboxError(
+                    f"{what} {path} is out of the model user's reach: {folder} is mode "
+                    f"{stat.S_IMODE(info.st_mode):o}. Use one outside it (an interpreter such as /usr/bin/python3, "
+                    "or MODELPEX_PYTHON / MODELPEX_CACHE pointing elsewhere)"
+                )
+
+    @contextmanager
+    def identity(self) -> Iterator[Identity]:
+        """The identity of one model process, held until it ends."""
+        if not self.switching:
+            yield Identity(os.geteuid(), os.getegid())
+            return
+        assert self.user is not None
+        if not self.uids:
+            yield Identity(self.user.pw_uid, self.user.pw_gid)
+            return
+        offset = secrets.randbelow(len(self.uids))
+        for index in range(len(self.uids)):
+            uid = self.uids[(offset + index) % len(self.uids)]
+            fd = try_lock(self._uid_locks / str(uid))
+            if fd is None:
+                continue
+            try:
+                yield Identity(uid, self.user.pw_gid, fd)
+            finally:
+                os.close(fd)
+            return
+        raise SandboxError(f"every uid of {self.user.pw_name}'s range in {SUBUID_FILE} is in use: widen the range")
+
+    @contextmanager
+    def workdir(self, identity: Identity) -> Iterator[Path]:
+        """A private folder owned by ``identity``, leased while the process lives, removed afterwards."""
+        with lease_dir(self.runs, RUN_PREFIX) as folder:
+            if self.switching:
+                os.chown(folder, identity.uid, identity.gid)
+            yield folder
+
+    def command(self, argv: list[str], workdir: Path) -> list[str]:
+        """``argv`` as the sandbox runs it: inside bubblewrap's namespaces when there is one."""
+        if not self.bwrap:
+            return argv
+        return [self.bwrap, *_bwrap_args(workdir), "--", *argv]
+
+    def popen_kwargs(self, identity: Identity) -> dict[str, object]:
+        """What `subprocess.Popen` needs to start a process as ``identity``, in a session of its own."""
+        kwargs: dict[str, object] = {"start_new_session": True, "umask": 0o077}
+        if self.switching:
+            kwargs.update(user=identity.uid, group=identity.gid, extra_groups=[])
+        return kwargs
+
+
+def _bwrap_args(workdir: Path) -> list[str]:
+    """Every namespace; the file system read-only but for the private folder and fresh temporary mounts."""
+    return [
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--tmpfs", "/tmp",
+        "--tmpfs", "/var/tmp",
+        "--tmpfs", "/run",
+        "--bind", str(workdir), str(workdir),
+        "--chdir", str(workdir),
+    ]  # fmt: skip
+
+
+@functools.cache
+def _bubblewrap(choice: str, account: pwd.struct_passwd | None) -> str | None:
+    """bubblewrap's path when the sandbox should and can use it; one trial run as the model user proves it."""
+    if choice == "none":
+        return None
+    found = shutil.which("bwrap")
+    if found is not None:
+        user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []} if account else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chmod(tmp, 0o755)
+            trial = subprocess.run(
+                [found, *_bwrap_args(Path(tmp)), "--", "/bin/true"], capture_output=True, text=True, check=False, **user
+            )
+        if trial.returncode == 0:
+            return found
+        problem = f"bubblewrap cannot start a sandbox here: {trial.stderr.strip()}"
+    else:
+        problem = "bubblewrap is not installed (Debian: apt-get install bubblewrap)"
+    if choice == "bwrap":
+        raise SandboxError(f"MODELPEX_SANDBOX=bwrap but {problem}")
+    log.warning(f"modelpex runs models without a namespace sandbox: {problem}")
+    return None
