@@ -1,9 +1,21 @@
-# modelpex runtime layer: Python (runtime) + the orchestrator + the base pex, built and pre-unpacked into a persistent
-# PEX_ROOT, so a model's first run only links a venv (about 2 s here) instead of unpacking the base (8-20 s).
+# modelpex runtime layer: Python (runtime) + the orchestrator + the base pex, built and pre-unpacked into the model
+# processes' PEX_ROOT, so a model's first run only links a venv (about 2 s here) instead of unpacking the base (8-20 s).
 # Models are not baked in: they change often, are built or fetched at run time, and only their own bytes move.
 #
 #   docker build -t modelpex .
 #   docker run --rm -p 3000:3000 --shm-size=2g modelpex
+#
+# Who runs what. Models are untrusted code: each model process runs as an unprivileged uid of its own (from
+# modelpex-model's range in /etc/subuid, in its group), reads PEX_ROOT and the verified artifacts but cannot write
+# them, and writes only its private folder. Starting a process as another user takes CAP_SETUID and CAP_SETGID, and a
+# process holding those can make itself root whatever its own uid, so running the orchestrator as uid 1000 with those
+# capabilities added would buy nothing over root while adding a capability launcher to maintain. The orchestrator
+# therefore runs as root inside the container (put it in a user namespace, rootless Docker or Kubernetes
+# `hostUsers: false`, to make that root unprivileged on the host), and it needs only these capabilities:
+#   --cap-drop ALL --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add KILL --cap-add SETUID --cap-add SETGID
+# bubblewrap (no network, read-only file system, private /tmp, a PID namespace per model process) additionally needs
+# user namespaces, which Docker's default seccomp profile refuses: without them modelpex logs which guarantees do not
+# hold and runs models with the user switch alone (README, "How a model runs").
 #
 # --shm-size: frames cross to the model process through /dev/shm (Arrow IPC in shared memory). Docker's default is
 # 64 MB, which does not hold a 10M-row frame; size it to your largest input plus output. On Kubernetes, mount an
@@ -16,17 +28,19 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODELPEX_PROJECT=/app \
+    MODELPEX_CACHE=/var/cache/modelpex \
     MODELPEX_PEX_ROOT=/var/cache/modelpex/pex_root \
-    PEX_ROOT=/var/cache/modelpex/pex_root \
+    MODELPEX_MODEL_USER=modelpex-model \
     DAGSTER_HOME=/app/.dagster_home \
     PATH=/opt/venv/bin:$PATH
 
-# git: model versions are per-model git tags (`churn/v1.0.0`).
+# git: model versions are per-model git tags (`churn/v1.0.0`). bubblewrap: the namespace sandbox, where allowed.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends git \
+ && apt-get install -y --no-install-recommends git bubblewrap \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --create-home --uid 1000 modelpex
+ && useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin modelpex-model \
+ && echo "modelpex-model:100000:4096" >> /etc/subuid
 
 WORKDIR /app
 COPY pyproject.toml README.md workspace.yaml deployments.yaml ./
@@ -34,13 +48,12 @@ COPY base_env/ base_env/
 COPY orchestrator/ orchestrator/
 RUN python -m venv /opt/venv \
  && pip install --no-cache-dir ./base_env . \
- && mkdir -p /var/cache/modelpex /app/pex_builds /app/.dagster_home \
- && chown -R modelpex /var/cache/modelpex /app
+ && mkdir -p /app/pex_builds \
+ && install -d -m 0700 /app/.dagster_home
 
-USER 1000
 # The same commands the tests run (tests/test_dockerfile.py): build the base by its content key, then unpack it.
 RUN modelpex build base && modelpex warm
 
-COPY --chown=1000 model_packages/ model_packages/
+COPY model_packages/ model_packages/
 EXPOSE 3000
 CMD ["modelpex", "ui", "--host", "0.0.0.0", "--port", "3000"]

@@ -156,12 +156,18 @@ class FrameStore(ConfigurableResource):
 
     base_dir: str = Field(default="", description="Folder for the Parquet files; '' = <project>/.dagster_home/frames.")
 
+    @property
+    def root(self) -> Path:
+        return Path(self.base_dir) if self.base_dir else Settings.from_env().project / ".dagster_home" / "frames"
+
     def path(self, key: AssetKey) -> Path:
-        root = Path(self.base_dir) if self.base_dir else Settings.from_env().project / ".dagster_home" / "frames"
-        return root.joinpath(*key.path).with_suffix(".parquet")
+        return self.root.joinpath(*key.path).with_suffix(".parquet")
 
     def save_table(self, key: AssetKey, table: pa.Table) -> Path:
         path = self.path(key)
+        # N.B. Every client's data: readable by the orchestrator only, never by a model process.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.chmod(0o700)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             pq.write_table(table, tmp.name)

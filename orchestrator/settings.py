@@ -119,7 +119,8 @@ class Settings:
     def dagster_home(self) -> Path:
         """Dagster's instance folder: DAGSTER_HOME, or the embedded SQLite default inside the project."""
         home = Path(os.environ.get("DAGSTER_HOME") or self.project / ".dagster_home")
-        home.mkdir(parents=True, exist_ok=True)
+        # N.B. The instance holds every client's run metadata: private to the orchestrator when it creates it.
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
         (home / "dagster.yaml").touch(exist_ok=True)  # N.B. Dagster refuses a DAGSTER_HOME without one.
         return home
 

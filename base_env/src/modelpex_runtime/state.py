@@ -64,7 +64,8 @@ def _skops(state: Any, model: str, trusted: Sequence[str]) -> bytes:
     if untrusted:
         raise StateError(
             f"{model}: the fitted state needs types that skops does not trust by default: {untrusted}. If they "
-            f"are yours to trust, add them to [tool.modelpex] trusted_types in the model's pyproject.toml"
+            "are yours to trust, add them to [tool.modelpex] trusted_types in the model's pyproject.toml (or opt "
+            'into signed pickle with state = "pickle")'
         )
     return payload
 
