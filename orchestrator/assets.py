@@ -7,6 +7,7 @@
   subsettable multi-asset per client, so a client's step runs exactly the models selected.
 """
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -79,7 +80,9 @@ def preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> MetadataValue:
     return MetadataValue.md("\n".join(lines))
 
 
-def _run_metadata(outcome: RunOutcome, ensured: Ensured) -> dict[str, Any]:
+def _run_metadata(outcome: RunOutcome, ensured: Ensured, started: float) -> dict[str, Any]:
+    """What a call did; ``orchestrator_seconds`` is the step's own time for it: everything but the model's code."""
+    model_seconds = sum(outcome.model_seconds.values())
     return {
         "model": ensured.record.name,
         "model_version": ensured.record.version,
@@ -89,8 +92,10 @@ def _run_metadata(outcome: RunOutcome, ensured: Ensured) -> dict[str, Any]:
         "rows_out": sum(outcome.rows_out.values()),
         "bytes_moved": outcome.bytes_moved,
         "transport_seconds": round(outcome.transport_seconds, 4),
-        "model_seconds": round(sum(outcome.model_seconds.values()), 4),
+        "model_seconds": round(model_seconds, 4),
         "wall_seconds": round(outcome.wall_seconds, 3),
+        "orchestrator_seconds": round(time.perf_counter() - started - model_seconds, 4),
+        "process": "started" if outcome.process_started else "warm",
     }
 
 
@@ -195,6 +200,7 @@ class ClientRun:
         return {name: self.frame_store.load_table(dataset_key(d.client, ds)) for name, ds in d.inputs.items()}
 
     def train(self, d: ModelDeployment) -> MaterializeResult:
+        started = time.perf_counter()
         running = self.catalog.resolve(d.model, d.version)  # N.B. Now, not at load: follows `latest`.
         ensured = self.modelpex.ensure(running, self.catalog)
         outcome = self.modelpex.run(
@@ -206,7 +212,7 @@ class ClientRun:
         return MaterializeResult(
             asset_key=state_key(d),
             metadata={
-                **_run_metadata(outcome, ensured),
+                **_run_metadata(outcome, ensured, started),
                 "state_sha256": record.sha256,  # N.B. Computed and signed here: the digest predictions trust.
                 "state_format": record.format,
                 "state_bytes": record.size,
@@ -214,6 +220,7 @@ class ClientRun:
         )
 
     def predict(self, d: ModelDeployment) -> Output[pa.Table]:
+        started = time.perf_counter()
         running = self.catalog.resolve(d.model, d.version)
         trained_version, sha256 = _trained_state(self.context, d)
         if trained_version != running.version:
@@ -227,7 +234,7 @@ class ClientRun:
             self.context, ensured.record, action="predict", inputs=self._inputs(d), params=d.params, state_in=state
         )
         table = outcome.outputs["predictions"]
-        metadata = {**_run_metadata(outcome, ensured), "state_sha256": sha256, "preview": preview(table)}
+        metadata = {**_run_metadata(outcome, ensured, started), "state_sha256": sha256, "preview": preview(table)}
         return Output(table, output_name=predictions_key(d).to_python_identifier(), metadata=metadata)
 
     def _record_failure(self, d: ModelDeployment, key: AssetKey, exc: ModelpexError) -> None:

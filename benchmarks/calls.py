@@ -1,0 +1,294 @@
+"""Calls benchmark: what the orchestrator adds to a model call, cold and warm, side by side in one run.
+
+    python benchmarks/calls.py --json benchmarks/results/calls.json [--quick]
+
+All with the churn model (scikit-learn on pandas) as the project's store has it, in the sandbox this machine
+allows (the JSON records which):
+
+- overhead per call (launch to result, minus the model's own train/predict time) for a cold process (a process
+  per call), a warm process's first call, and its later calls;
+- a redeploy of one model for 20 clients (train, then predict, per client), one process per call against one warm
+  process;
+- ``modelpex run`` of a 100-row frame end to end, against the model process's own wall time (start-up to answer);
+- inside a Dagster run (20 clients, in process), the orchestrator's own time per call, from each materialisation's
+  ``orchestrator_seconds``;
+- what was taken off every call: hashing the 186 MB base (now a stat of the verified copy) and importing Dagster
+  in the CLI (it no longer does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from orchestrator.build import Builder, Interpreter  # noqa: E402
+from orchestrator.datasets import customers  # noqa: E402
+from orchestrator.pipes import console_link  # noqa: E402
+from orchestrator.run import ModelProcess  # noqa: E402
+from orchestrator.runner import Runner  # noqa: E402
+from orchestrator.settings import Settings  # noqa: E402
+from orchestrator.specs import ModelRef  # noqa: E402
+from orchestrator.store import file_sha256  # noqa: E402
+from orchestrator.versions import resolve_source  # noqa: E402
+
+TARGETS = {"later_warm_overhead_s": 0.05, "redeploy_speedup": 5.0, "dagster_orchestrator_s": 0.3, "cli_extra_s": 1.0}
+
+
+def overhead(outcome) -> float:
+    return outcome.wall_seconds - sum(outcome.model_seconds.values())
+
+
+def per_call(runner: Runner, record, inputs: dict, state, repeats: int) -> dict:
+    prepared = runner.prepare(record)
+    cold = dataclasses.replace(prepared, entry={**prepared.entry, "reuse": False})
+    kwargs = {"action": "predict", "inputs": inputs, "params": {}, "state_in": state}
+    cold_overheads = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        outcome = runner.processes.call(cold, console_link, timeout=600, **kwargs)
+        cold_overheads.append(time.perf_counter() - started - sum(outcome.model_seconds.values()))
+    first, later = [], []
+    for _ in range(max(2, repeats // 2)):
+        process = ModelProcess(prepared, runner.sandbox)
+        try:
+            for index in range(6):
+                with console_link() as link:
+                    outcome = process.call(link, timeout=600, **kwargs)
+                (first if index == 0 else later).append(overhead(outcome))
+        finally:
+            process.close()
+    return {
+        "cold_process_s": statistics.median(cold_overheads),
+        "warm_first_call_s": statistics.median(first),
+        "later_warm_calls_s": statistics.median(later),
+        "later_warm_calls_max_s": max(later),
+    }
+
+
+def redeploy(runner: Runner, record, clients: int) -> dict:
+    """Train then predict for each client; every client its own data; one process per call against one warm one."""
+    prepared = runner.prepare(record)
+    datasets = [{"customers": customers(2000, seed=i)} for i in range(clients)]
+
+    def run(target) -> float:
+        started = time.perf_counter()
+        for data in datasets:
+            trained = runner.processes.call(
+                target, console_link, timeout=600, action="train", inputs=data, params={}, keep_state=True
+            )
+            runner.processes.call(
+                target, console_link, timeout=600, action="predict", inputs=data, params={}, state_in=trained.state
+            )
+        return time.perf_counter() - started
+
+    per_call_s = run(dataclasses.replace(prepared, entry={**prepared.entry, "reuse": False}))
+    warm_s = run(prepared)
+    runner.processes.close()
+    return {
+        "clients": clients,
+        "process_per_call_s": per_call_s,
+        "warm_process_s": warm_s,
+        "speedup": per_call_s / warm_s,
+    }
+
+
+def cli_run(settings: Settings, runner: Runner, record, workdir: Path, repeats: int) -> dict:
+    """`modelpex run` of 100 rows against the model process's own wall time: start-up, then its answer."""
+    data = workdir / "customers.parquet"
+    pq.write_table(customers(100), data)
+    command = [
+        str(Path(sys.executable).with_name("modelpex")),
+        "run",
+        "churn",
+        "--input",
+        f"customers={data}",
+        "--output",
+        str(workdir / "out.parquet"),
+    ]
+    env = {**os.environ, "MODELPEX_PROJECT": str(settings.project), "MODELPEX_STORE": settings.store_url}
+    prepared = runner.prepare(record)
+    inputs = {"customers": customers(100)}
+    cli, model = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        cli.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        process = ModelProcess(prepared, runner.sandbox)
+        try:
+            with console_link() as link:
+                outcome = process.call(link, timeout=600, action="train_predict", inputs=inputs, params={})
+            answered = time.perf_counter() - started
+            model.append(
+                answered - (outcome.wall_seconds - sum(outcome.model_seconds.values()) - outcome.transport_seconds)
+            )
+        finally:
+            process.close()
+    return {
+        "cli_s": statistics.median(cli),
+        "model_process_s": statistics.median(model),
+        "extra_s": statistics.median(cli) - statistics.median(model),
+    }
+
+
+DEPLOYMENTS = """
+clients:
+{clients}
+"""
+
+
+def dagster_run(settings: Settings, workdir: Path, clients: int) -> dict:
+    """A Dagster run over ``clients`` clients of churn, in process: the orchestrator's own time per call."""
+    from dagster import DagsterInstance
+
+    from orchestrator.definitions import build_definitions
+
+    project = workdir / "project"
+    shutil.copytree(REPO / "base_env", project / "base_env", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        REPO / "model_packages" / "churn",
+        project / "model_packages" / "churn",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+    )
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    block = "".join(
+        f"  c{i}:\n    datasets:\n      customers: {{generate: customers, rows: 2000, seed: {i}}}\n"
+        f"    models:\n      churn: {{version: latest, inputs: {{customers: customers}}}}\n"
+        for i in range(clients)
+    )
+    (project / "deployments.yaml").write_text(DEPLOYMENTS.format(clients=block))
+    local = dataclasses.replace(settings, project=project)
+    defs = build_definitions(local, schedules_running=False)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)
+    seconds = [
+        e.materialization.metadata["orchestrator_seconds"].value
+        for e in result.get_asset_materialization_events()
+        if "orchestrator_seconds" in e.materialization.metadata
+    ]
+    return {"calls": len(seconds), "median_s": statistics.median(seconds), "max_s": max(seconds), "first_s": seconds[0]}
+
+
+def removed(runner: Runner, record) -> dict:
+    """Hashing the base as every call did, against trusting its verified copy; importing Dagster in the CLI."""
+    base = runner.store.record("base", "base", record.base_key)
+    started = time.perf_counter()
+    file_sha256(runner.store.local_path(base))
+    hashed = time.perf_counter() - started
+    started = time.perf_counter()
+    runner.cache.artifact(runner.store, base)
+    trusted = time.perf_counter() - started
+
+    def imports(modules: str) -> float:
+        code = f"import time; t = time.perf_counter(); import {modules}; print(time.perf_counter() - t)"
+        return float(
+            subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+        )
+
+    cli_path = "orchestrator.cli, orchestrator.runner, orchestrator.pipes, pyarrow.parquet"
+    dagster_free = (
+        subprocess.run(
+            [sys.executable, "-c", f"import sys, {cli_path}; print('dagster' in sys.modules)"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout.strip()
+        == "False"
+    )
+    return {
+        "hash_base_s": hashed,
+        "trusted_copy_s": trusted,
+        "import_dagster_s": imports("dagster"),
+        "import_cli_path_s": imports(cli_path),
+        "cli_path_imports_dagster": not dagster_free,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "calls.json")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and clients")
+    args = parser.parse_args()
+    repeats, clients = (3, 5) if args.quick else (7, 20)
+    settings = Settings.from_env(project=str(REPO))
+    builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
+    with tempfile.TemporaryDirectory(prefix="modelpex-bench-") as tmp:
+        record = builder.model(resolve_source(REPO, settings.models_dir, ModelRef("churn"), Path(tmp))).record
+    with (
+        Runner(settings, builder.interpreter, timeout=600) as runner,
+        tempfile.TemporaryDirectory(prefix="modelpex-bench-") as tmp,
+    ):
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        inputs = {"customers": customers(2000)}
+        state = runner.call(record, console_link, action="train", inputs=inputs, params={}, keep_state=True).state
+        figures = {
+            "model": record.label,
+            "sandbox": runner.sandbox.describe(),
+            "per_call": per_call(runner, record, inputs, state, repeats),
+            "redeploy": redeploy(runner, record, clients),
+            "cli_100_rows": cli_run(settings, runner, record, workdir, repeats),
+            "dagster": dagster_run(settings, workdir, clients),
+            "removed": removed(runner, record),
+        }
+    figures["targets"] = TARGETS
+    figures["met"] = {
+        "later_warm_overhead_s": figures["per_call"]["later_warm_calls_s"] <= TARGETS["later_warm_overhead_s"],
+        "redeploy_speedup": figures["redeploy"]["speedup"] >= TARGETS["redeploy_speedup"],
+        "dagster_orchestrator_s": figures["dagster"]["median_s"] <= TARGETS["dagster_orchestrator_s"],
+        "cli_extra_s": figures["cli_100_rows"]["extra_s"] <= TARGETS["cli_extra_s"],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2))
+    plot(figures, args.json.with_suffix(".png"))
+    print(json.dumps(figures, indent=2))
+
+
+def plot(figures: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    calls = figures["per_call"]
+    labels = ["cold process", "warm, first call", "warm, later calls", "Dagster step (median)", "CLI extra over model"]
+    values = [
+        calls["cold_process_s"],
+        calls["warm_first_call_s"],
+        calls["later_warm_calls_s"],
+        figures["dagster"]["median_s"],
+        figures["cli_100_rows"]["extra_s"],
+    ]
+    left.barh(labels, values, color=["#888", "#dd8452", "#4c72b0", "#55a868", "#c44e52"])
+    left.set_xscale("log")
+    left.set_xlabel("seconds the orchestrator adds per call (log)")
+    left.set_title("overhead per call")
+    redeploy = figures["redeploy"]
+    right.bar(
+        ["process per call", "one warm process"],
+        [redeploy["process_per_call_s"], redeploy["warm_process_s"]],
+        color=["#888", "#4c72b0"],
+    )
+    right.set_ylabel("seconds")
+    right.set_title(f"redeploy of one model for {redeploy['clients']} clients: {redeploy['speedup']:.1f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
