@@ -6,9 +6,10 @@ Rows, each a round trip (orchestrator -> model process -> orchestrator) of the s
 range(n), ``c`` = 'c' repeated), median of several runs:
 
 - the seed's method: multiprocessing pickle through a pipe, for pandas, polars, dict and pydantic;
-- ours: the frame written into shared memory as Arrow IPC, read (zero-copy) and converted to the library by the
-  real model-side runtime (``modelpex_runtime.transport``) in a separate, long-lived process, written back, and
-  read back (zero-copy) by the orchestrator side (``orchestrator.transport``); for pandas, polars and pyarrow;
+- ours: the frame written into shared memory as Arrow IPC, its segments handed over as descriptors on the real
+  channel (``modelpex_runtime.channel``), read (zero-copy) and converted to the library by the real model-side
+  runtime (``modelpex_runtime.transport``) in a separate, long-lived process, written back, and copied out and read
+  by the orchestrator side (``orchestrator.transport``); for pandas, polars and pyarrow;
 - the physical floor: two warm memcpys of the table's bytes (there and back, written once, read zero-copy).
 
 Process start-up is not in the round trips: the worker's start-up is reported on its own line.
@@ -103,62 +104,78 @@ def seed_round_trips(kind: str, sizes: list[int], repeats: int) -> dict[int, flo
     return results
 
 
-def worker() -> None:
-    """The model side, kept alive: read each frame as its library asks, write it back (JSON lines on stdio)."""
+def worker(fd: int) -> None:
+    """The model side, kept alive: read each frame as its library asks, write it back, over the real channel."""
+    import os
+
+    from modelpex_runtime.channel import Channel, ChannelClosed
     from modelpex_runtime.transport import read_frame, write_frame
 
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        call = json.loads(line)
-        frame = read_frame(call["ref"], call["library"])
-        ref = write_frame(frame, call["out"])
+    channel = Channel.from_fd(fd)
+    channel.send({"ready": True})
+    while True:
+        try:
+            call, fds = channel.receive()
+        except ChannelClosed:
+            return
+        frame = read_frame(call["ref"], fds[call["ref"]["slot"]], call["library"])
+        ref = write_frame(frame, fds[call["out"]], call["out"])
         del frame
-        print(json.dumps({"ref": ref}), flush=True)
+        for descriptor in fds:
+            os.close(descriptor)
+        channel.send({"ref": ref})
 
 
 class Worker:
     def __init__(self) -> None:
+        import socket
+
+        from modelpex_runtime.channel import Channel
+
         started = time.perf_counter()
+        parent, child = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--worker", str(child.fileno())], pass_fds=(child.fileno(),)
         )
-        assert json.loads(self.process.stdout.readline())["ready"]
+        child.close()
+        self.channel = Channel(parent)
+        assert self.channel.receive()[0]["ready"]
         self.startup_seconds = time.perf_counter() - started
 
     def round_trip(self, exchange, frame, library: str):
         ref = exchange.put("frame", frame)
-        out = exchange.reserve_output("frame")
-        self.process.stdin.write(json.dumps({"ref": ref, "library": library, "out": out}) + "\n")
-        self.process.stdin.flush()
-        answer = json.loads(self.process.stdout.readline())
-        return exchange.get(answer["ref"], library)
+        out = exchange.reserve("frame")
+        self.channel.send({"ref": ref, "library": library, "out": out}, exchange.fds)
+        answer = self.channel.receive()[0]
+        return exchange.get("frame", answer["ref"], library, "frame")
 
     def close(self) -> None:
-        self.process.stdin.close()
+        self.channel.close()
         self.process.wait(10)
 
 
 def our_round_trips(library: str, sizes: list[int], repeats: int, worker_: Worker) -> dict[int, float]:
     from modelpex_runtime.transport import from_arrow
 
-    from orchestrator.transport import FrameExchange
+    from orchestrator.transport import FrameExchange, SegmentPool
 
-    results = {}
+    results, pool = {}, SegmentPool()
     for n in sizes:
         frame = from_arrow(arrow_table(n), library)
         for _ in range(3):  # N.B. Warm-up: the pool's segments get their pages, as in a long-lived orchestrator.
-            with FrameExchange() as exchange:
+            with FrameExchange(pool) as exchange:
                 back = worker_.round_trip(exchange, frame, library)
             del back
         runs = []
         for _ in range(timed_runs(n, repeats, big=5)):
-            with FrameExchange() as exchange:
+            with FrameExchange(pool) as exchange:
                 started = time.perf_counter()
                 back = worker_.round_trip(exchange, frame, library)
                 runs.append(time.perf_counter() - started)
             assert len(back) == n
             del back
         results[n] = statistics.median(runs)
+    pool.close()
     return results
 
 
@@ -216,10 +233,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ipc.json")
     parser.add_argument("--quick", action="store_true", help="sizes up to 10^5 (under a minute)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker()
+    if args.worker is not None:
+        return worker(args.worker)
     sizes = QUICK_SIZES if args.quick else SIZES
     repeats = 5 if args.quick else 9
     rows: dict[str, dict[int, float]] = {}

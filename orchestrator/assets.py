@@ -81,7 +81,8 @@ def preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> MetadataValue:
 
 
 def _run_metadata(outcome: RunOutcome, ensured: Ensured, started: float) -> dict[str, Any]:
-    """What a call did; ``orchestrator_seconds`` is the step's own time for it: everything but the model's code."""
+    """What a call did; ``orchestrator_seconds`` is the step's own time for it: everything but the model's code
+    and, on the call that started it, the model process's start (its imports)."""
     model_seconds = sum(outcome.model_seconds.values())
     return {
         "model": ensured.record.name,
@@ -94,8 +95,8 @@ def _run_metadata(outcome: RunOutcome, ensured: Ensured, started: float) -> dict
         "transport_seconds": round(outcome.transport_seconds, 4),
         "model_seconds": round(model_seconds, 4),
         "wall_seconds": round(outcome.wall_seconds, 3),
-        "orchestrator_seconds": round(time.perf_counter() - started - model_seconds, 4),
-        "process": "started" if outcome.process_started else "warm",
+        "orchestrator_seconds": round(time.perf_counter() - started - model_seconds - outcome.start_seconds, 4),
+        "process_start_seconds": round(outcome.start_seconds, 3),
     }
 
 

@@ -74,8 +74,10 @@ def _print_log(message: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def console_link(job_name: str = "modelpex_run") -> Iterator[ChannelLink]:
-    """A Pipes session without Dagster: the model's log lines go to stderr, other messages are dropped."""
+def console_link(
+    job_name: str = "modelpex_run", log: Callable[[Mapping[str, Any]], None] = _print_log
+) -> Iterator[ChannelLink]:
+    """A Pipes session without Dagster: the model's log lines go to ``log`` (stderr), other messages are dropped."""
     context = {
         "asset_keys": None,
         "code_version_by_asset_key": None,
@@ -93,5 +95,5 @@ def console_link(job_name: str = "modelpex_run") -> Iterator[ChannelLink]:
             DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_param({"data": context}),
             DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_param(dict(PIPES_CHANNEL_PARAMS)),
         },
-        _print_log,
+        log,
     )

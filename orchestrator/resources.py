@@ -148,6 +148,10 @@ class ModelpexResource(ConfigurableResource):
 
     def run(self, context: Any, record: ArtifactRecord, *, action: Action, **kwargs: Any) -> RunOutcome:
         """One call of a model version in its model process; the call is a Pipes session on ``context``."""
+        if self._runner is None:
+            sandbox = self.runner.sandbox
+            say = context.log.info if sandbox.switching and sandbox.bwrap else context.log.warning
+            say(f"modelpex isolation: {sandbox.describe()}")
         return self.runner.call(record, lambda: dagster_link(context), action=action, **kwargs)
 
 

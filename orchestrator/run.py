@@ -124,8 +124,12 @@ class RunOutcome:
     transport_seconds: float
     model_seconds: dict[str, float]
     wall_seconds: float
-    process_started: bool = False
+    start_seconds: float = 0.0  # starting the model process (its imports), when this call started it
     stderr_tail: list[str] = field(default_factory=list)
+
+    @property
+    def process_started(self) -> bool:
+        return self.start_seconds > 0
 
     @property
     def bytes_moved(self) -> int:
@@ -218,6 +222,7 @@ class ModelProcess:
         return self.prepared.label
 
     def _start(self, env_allow: Sequence[str], extra: Mapping[str, str], timeout: float) -> None:
+        started = time.perf_counter()
         self.identity: Identity = self._stack.enter_context(self.sandbox.identity())
         workdir = self._stack.enter_context(self.sandbox.workdir(self.identity))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -257,7 +262,7 @@ class ModelProcess:
         message = self._next(0, None, time.monotonic() + timeout, "starting")
         if message.get("kind") != "ready":
             raise ModelCrashError(f"model {self.label} answered {message.get('kind')!r} instead of 'ready'")
-        self.import_seconds = float(message.get("seconds", {}).get("import", 0.0))
+        self.start_seconds = time.perf_counter() - started
 
     def _crashed(self, doing: str) -> ModelCrashError:
         try:
@@ -370,7 +375,7 @@ class ModelProcess:
             + seconds.get("write", 0.0),
             model_seconds={k: v for k, v in seconds.items() if k not in ("read", "write")},
             wall_seconds=time.perf_counter() - started,
-            process_started=self._calls == 1,
+            start_seconds=self.start_seconds if call_id == 1 else 0.0,
             stderr_tail=list(self.tail),
         )
 

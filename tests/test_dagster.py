@@ -193,6 +193,10 @@ def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalP
         assert result.success
         assert {k.path[0] for k in materialised(result)} == {"acme"}
         assert instance.get_latest_materialization_event(AssetKey(["globex", "m", "predictions"])) is None
+    meta = materialised(result)
+    state, predictions = meta[AssetKey(["acme", "m", "state"])], meta[AssetKey(["acme", "m", "predictions"])]
+    assert state["process_start_seconds"] > 0 and predictions["process_start_seconds"] == 0, "one warm process"
+    assert not psutil.Process().children(recursive=True), "the run's model processes ended with the run"
 
 
 def test_model_process_gets_an_explicit_environment(two_versions: Project, store: LocalPexStore, monkeypatch) -> None:

@@ -493,3 +493,68 @@ def test_the_cli_runs_a_model_in_a_sandboxed_warm_process(cli_env: dict[str, str
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "info: training hostile 1.0.0" in done.stderr
+
+
+def test_terminating_a_dagster_run_cleans_up_like_ctrl_c(
+    cli_env: dict[str, str], project: Project, tmp_path: Path
+) -> None:
+    """The run worker gets SIGTERM (Dagster maps it to an interrupt): the model, its folder and segments go."""
+    (project.root / "deployments.yaml").write_text(
+        "clients:\n  acme:\n    datasets:\n      data: {generate: customers, rows: 50}\n"
+        "    models:\n      hostile: {version: latest, params: {hang: true}, inputs: {data: data}}\n"
+    )
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("")
+    before_runs, before_shm = set(_runs(cli_env)), shm_used()
+    run = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-m", "orchestrator.definitions",
+         "-a", "defs", "-j", "client_acme"],
+        env={**cli_env, "DAGSTER_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: _model_processes("sleep\x00602"), 180, "the model to start in the Dagster run")
+        assert set(_runs(cli_env)) - before_runs, "the model process has its private folder"
+        os.kill(run.pid, signal.SIGTERM)
+        output = run.communicate(timeout=60)[0]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0
+    assert "Execution was interrupted" in output or "DagsterExecutionInterruptedError" in output, output[-2000:]
+    _wait_for(lambda: not _model_processes("sleep\x00602"), 5, "the model's children to die")
+    assert not _model_processes("modelpex_runtime")
+    assert not set(_runs(cli_env)) - before_runs, "the private folder was removed on the way out"
+    assert shm_used() <= before_shm + (1 << 20)
+
+
+def test_gc_removes_what_dead_runs_left_only_after_the_grace_period(lab: Lab, cli_env: dict[str, str]) -> None:
+    from orchestrator.leases import lease_dir
+
+    runs = lab.settings.cache_dir / "runs"
+    work = lab.store.root / "work"
+    work.mkdir(exist_ok=True)
+    tag = os.urandom(4).hex()
+    dead = [runs / f"run-0-dead-{tag}", work / f"build-0-dead-{tag}"]
+    for folder in dead:
+        folder.mkdir()
+        (folder / "scratch").write_text("left by a run that was killed")
+    old = time.time() - 7200
+    for data in (pa.table({"x": [1.0]}), pa.table({"x": [2.0]})):
+        state = lab.call("bystander", action="train", inputs={"data": data}, keep_state=True).state
+        lab.runner.states.save(lab.records["bystander"], "acme", "run", state)
+        time.sleep(1.1)  # N.B. Records are stamped to the second: the second one is the newer.
+    assert len(list(lab.store.root.glob("states/bystander/*.state"))) == 2
+    env = {**cli_env, "MODELPEX_SIGNING_KEY_FILE": str(lab.settings.signing_key_path)}
+    gc = [sys.executable, "-m", "orchestrator.cli", "gc"]
+    with lease_dir(runs, "run-") as live:
+        os.utime(live, (old, old))
+        kept = subprocess.run(gc, env=env, capture_output=True, text=True, timeout=120)
+        assert kept.returncode == 0, kept.stderr
+        assert all(folder.exists() for folder in dead), "younger than the grace period (an hour): kept"
+        swept = subprocess.run(gc, env={**env, "MODELPEX_GC_GRACE": "0.001"}, capture_output=True, text=True)
+        assert swept.returncode == 0, swept.stderr
+        assert not any(folder.exists() for folder in dead) and live.is_dir(), "a held lease is never swept"
+    assert len(list(lab.store.root.glob("states/bystander/*.state"))) == 1, "the newest state of a client stays"
+    assert "fitted state bystander@1.0.0 for acme" in swept.stdout
