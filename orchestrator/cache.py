@@ -152,7 +152,7 @@ class ArtifactCache:
             signature = _signature(path)
             memo = self.artifacts / f"{record.sha256}.verified"
             memo.with_suffix(".tmp").write_text(json.dumps(signature))
-            os.replace(memo.with_suffix(".tmp"), memo)
+            os.replace(memo.with_suffix(".tmp"), memo)  # N.B. Written after the copy it vouches for.
             self._verified[record.sha256] = signature
         return path
 
@@ -208,7 +208,8 @@ class ArtifactCache:
                     )
             venv = self._venv(pex, workdir)
             self._compile(venv, set() if base_venv is None else set(_site_entries(base_venv)))
-            ready.write_text(str(venv))
+            ready.with_suffix(".tmp").write_text(str(venv))
+            os.replace(ready.with_suffix(".tmp"), ready)
         return venv
 
     def prepare(self, store: PexStore, model: ArtifactRecord, base: ArtifactRecord) -> Prepared:

@@ -39,6 +39,7 @@ from modelpex_runtime.protocol import (
     MODEL_ENV,
     PROTOCOL_VERSION,
     SANDBOXED_ENV,
+    STATE_FORMATS,
     CallError,
     ModelCall,
     ModelFailure,
@@ -259,9 +260,12 @@ class ModelProcess:
         ]
         for pump in self._pumps:
             pump.start()
-        message = self._next(0, None, time.monotonic() + timeout, "starting")
-        if message.get("kind") != "ready":
-            raise ModelCrashError(f"model {self.label} answered {message.get('kind')!r} instead of 'ready'")
+        try:
+            self._next(0, None, time.monotonic() + timeout, "starting")
+        except TimeoutError:
+            raise ModelTimeoutError(
+                f"model {self.label} did not start within {timeout:g} s (its imports ran longer) and was killed"
+            ) from None
         self.start_seconds = time.perf_counter() - started
 
     def _crashed(self, doing: str) -> ModelCrashError:
@@ -295,16 +299,24 @@ class ModelProcess:
                 raise ModelCrashError(f"model {self.label} broke the protocol while {doing}: {exc}") from None
             for fd in fds:  # N.B. Nothing a model sends us is a descriptor we asked for.
                 os.close(fd)
-            kind = message.get("kind")
-            if kind == "failed" and message.get("id") == call_id:
+            kind, ours = message.get("kind"), message.get("id") == call_id
+            if kind == "failed" and ours:
                 raise ModelRaisedError(self.label, message.get("failure") or {})
-            if kind == "pipes" and message.get("id") == call_id and link is not None:
-                pipes_message = message.get("message")
-                if not isinstance(pipes_message, dict):
-                    raise ModelCrashError(f"model {self.label} sent a malformed Pipes message while {doing}")
-                link.handle(pipes_message)
-            elif kind in ("ready", "done"):
+            if kind == "pipes" and ours and link is not None:
+                self._forward(link, message.get("message"), doing)
+            elif (kind == "done" and ours) or (kind == "ready" and call_id == 0):
                 return message
+
+    def _forward(self, link: PipesLink, message: object, doing: str) -> None:
+        """One Pipes message to the call's session; one it refuses is the model breaking the protocol."""
+        try:
+            if not isinstance(message, dict):
+                raise TypeError(f"{message!r} is not a Pipes message")
+            link.handle(message)
+        except Exception as exc:  # noqa: BLE001 - Dagster's handler raises its own kinds for bad messages
+            raise ModelCrashError(
+                f"model {self.label} sent a Pipes message that was refused while {doing}: {exc}"
+            ) from None
 
     def call(
         self,
@@ -343,32 +355,21 @@ class ModelProcess:
             )
             sent = time.perf_counter()
             try:
-                self.channel.send(
-                    {"kind": "call", "id": call_id, "call": call, "pipes": dict(link.bootstrap)}, exchange.fds
+                reply = self._exchange(call_id, call, exchange, link, timeout)
+                answered = time.perf_counter()
+                frames, state, seconds, bytes_out = self._read(
+                    exchange, reply.get("result"), call, want, output_library
                 )
-                reply = self._next(call_id, link, time.monotonic() + timeout, f"answering call {call_id}")
-            except TimeoutError:
-                raise ModelTimeoutError(
-                    f"model {self.label} ran longer than its timeout of {timeout:g} s and was killed: raise the "
-                    "timeout (MODELPEX_TIMEOUT, or the resource's timeout_seconds) or make the model faster"
-                ) from None
-            except (BrokenPipeError, ConnectionResetError):
-                raise self._crashed(f"receiving call {call_id}") from None
-            answered = time.perf_counter()
-            try:
-                frames, state, result = self._read(exchange, reply.get("result"), call, want, output_library)
-            except (TransportError, KeyError, TypeError, ValueError) as exc:
-                raise ModelCrashError(f"model {self.label} answered call {call_id} malformed: {exc}") from None
+            finally:
+                self.kill_stragglers()
             done = time.perf_counter()
-        self.kill_stragglers()
-        seconds = {k: float(v) for k, v in result.get("seconds", {}).items()}
         return RunOutcome(
             outputs=frames,
             state=state,
             rows_in={name: ref["num_rows"] for name, ref in refs.items()},
             rows_out={name: _rows(frame) for name, frame in frames.items()},
             bytes_in=sum(ref["size"] for ref in refs.values()),
-            bytes_out=sum(int(ref["size"]) for ref in result["outputs"].values()),
+            bytes_out=bytes_out,
             transport_seconds=(sent - started)
             + (done - answered)
             + seconds.get("read", 0.0)
@@ -379,26 +380,52 @@ class ModelProcess:
             stderr_tail=list(self.tail),
         )
 
+    def _exchange(
+        self, call_id: int, call: ModelCall, exchange: FrameExchange, link: PipesLink, timeout: float
+    ) -> dict[str, Any]:
+        """Send the call with its descriptors and wait for its end, forwarding its Pipes messages."""
+        try:
+            self.channel.sock.settimeout(timeout)
+            self.channel.send(
+                {"kind": "call", "id": call_id, "call": call, "pipes": dict(link.bootstrap)}, exchange.fds
+            )
+            return self._next(call_id, link, time.monotonic() + timeout, f"answering call {call_id}")
+        except TimeoutError:
+            raise ModelTimeoutError(
+                f"model {self.label} ran longer than its timeout of {timeout:g} s and was killed: raise the "
+                "timeout (MODELPEX_TIMEOUT, or the resource's timeout_seconds) or make the model faster"
+            ) from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._crashed(f"receiving call {call_id}") from None
+
     def _read(
         self, exchange: FrameExchange, result: Any, call: ModelCall, want: list[str], library: str
-    ) -> tuple[dict[str, Any], FittedState | None, dict[str, Any]]:
-        if not isinstance(result, dict) or not isinstance(result.get("outputs"), dict):
-            raise TypeError("the result carries no outputs")
-        missing = sorted(set(want) - set(result["outputs"]))
-        if missing:
-            raise ValueError(f"outputs {missing} were asked for and not written")
-        frames = {
-            name: exchange.get(name, ref, library, f"output {name!r} of {self.label}")
-            for name, ref in result["outputs"].items()
-        }
-        state = None
-        if call["state_out"] is not None:
-            ref = result.get("state")
-            if not isinstance(ref, dict) or ref.get("format") not in ("json", "arrow", "skops", "pickle"):
-                raise ValueError(f"the fitted state reference {ref!r} is not one modelpex knows")
-            payload = exchange.get_bytes(STATE_OUTPUT, ref.get("slot"), ref.get("size"), f"the state of {self.label}")
-            state = FittedState(ref["format"], payload)
-        return frames, state, result
+    ) -> tuple[dict[str, Any], FittedState | None, dict[str, float], int]:
+        """The call's outputs and state, copied out of their segments; anything malformed is the model crashing."""
+        try:
+            if not isinstance(result, dict) or not isinstance(result.get("outputs"), dict):
+                raise TypeError("the result carries no outputs")
+            missing = sorted(set(want) - set(result["outputs"]))
+            if missing:
+                raise ValueError(f"outputs {missing} were asked for and not written")
+            frames = {
+                name: exchange.get(name, ref, library, f"output {name!r} of {self.label}")
+                for name, ref in result["outputs"].items()
+            }
+            state = None
+            if call["state_out"] is not None:
+                ref = result.get("state")
+                if not isinstance(ref, dict) or ref.get("format") not in STATE_FORMATS:
+                    raise ValueError(f"the fitted state reference {ref!r} is not one modelpex knows")
+                what = f"the state of {self.label}"
+                state = FittedState(
+                    ref["format"], exchange.get_bytes(STATE_OUTPUT, ref.get("slot"), ref.get("size"), what)
+                )
+            seconds = {str(k): float(v) for k, v in result.get("seconds", {}).items()}
+            bytes_out = sum(int(ref["size"]) for ref in result["outputs"].values())
+        except (TransportError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelCrashError(f"model {self.label} answered malformed: {exc}") from None
+        return frames, state, seconds, bytes_out
 
     def kill_stragglers(self) -> None:
         """Every process the model left behind: its group, or with a uid of its own, everything of that uid.
