@@ -82,6 +82,13 @@ def _foreign_segments():
     raise PermissionError("no other process's segment could be opened")
 
 
+def _is_socket(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    except OSError:
+        return False
+
+
 def _signal_others():
     mine = {os.getpid(), 1 if os.getppid() == 1 else -1}
     reached = []
@@ -136,6 +143,16 @@ def train(inputs, params):
         time.sleep(600)
     if params.get("crash"):
         os._exit(3)
+    if params.get("forge"):
+        channel = next(fd for fd in range(3, 64) if _is_socket(fd))
+        if params["forge"] == "huge":
+            os.write(channel, b"\\xff\\xff\\xff\\xff")  # N.B. A 4 GB message announced.
+        else:
+            answer = {"kind": "done", "id": 1, "result": {"outputs": {"predictions": {"protocol": 2, "slot": 0,
+                      "size": 10, "num_rows": 1, "columns": []}}, "state": None, "rows_in": {}, "seconds": {}}}
+            body = json.dumps(answer).encode()
+            os.write(channel, len(body).to_bytes(4, "big") + body)  # N.B. Claims the input segment as its output.
+        time.sleep(600)
     if params.get("keep"):
         KEPT.append(inputs["data"])
     return {"token": TOKEN, "mean": sum(inputs["data"]["x"].to_pylist()) / max(inputs["data"].num_rows, 1)}
@@ -475,6 +492,13 @@ def test_one_process_serves_every_call_with_fresh_state(lab: Lab) -> None:
 def test_a_model_that_declares_itself_unsafe_to_reuse_gets_a_process_per_call(lab: Lab) -> None:
     tokens = {lab.train("fresh", {})["token"] for _ in range(2)}
     assert len(tokens) == 2
+
+
+@pytest.mark.parametrize(("forge", "error"), [("huge", "exceeds the limit"), ("slot", "did not reserve for it")])
+def test_a_model_that_breaks_the_protocol_is_ended(lab: Lab, forge: str, error: str) -> None:
+    with pytest.raises(ModelCrashError, match=error):
+        lab.call("hostile", action="train", params={"forge": forge}, keep_state=True)
+    assert lab.train("hostile", {})["mean"] == 2.0, "the next call gets a fresh process"
 
 
 def test_a_crash_mid_run_is_replaced_cleanly(lab: Lab) -> None:
