@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # N.B. Bump when the pex flags below change what an artifact contains: it is part of every key.
-RECIPE = "modelpex-recipe-1"
+RECIPE = "modelpex-recipe-2"
 # N.B. pex's vendored pip (20.3.4) cannot bootstrap newer pips here; 25.3 resolves and builds offline from cache.
 PIP_VERSION = "25.3"
 LOCK_SYSTEM = ("--style", "universal", "--target-system", "linux", "--interpreter-constraint", "CPython>=3.11,<3.14")

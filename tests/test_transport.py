@@ -24,7 +24,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modelpex_runtime.protocol import ShmSpaceError, TransportError
-from modelpex_runtime.transport import check_space, from_arrow, map_fd, read_frame, to_arrow, write_frame
+from modelpex_runtime.transport import (
+    check_space,
+    from_arrow,
+    keep_only,
+    map_fd,
+    read_frame,
+    to_arrow,
+    write_frame,
+)
 
 from orchestrator.transport import FrameExchange, SegmentPool, idle_budget
 
@@ -54,6 +62,7 @@ def pool():
     pool = SegmentPool()
     yield pool
     pool.close()
+    keep_only([])  # N.B. The model side, which these tests play in this process, lets go of its mappings.
     assert shm_used() <= before + (1 << 20), "the pool's segments are freed when it closes"
 
 
@@ -337,6 +346,25 @@ def test_pool_reuses_segments_between_calls(pool: SegmentPool) -> None:
     with FrameExchange(pool) as exchange:
         exchange.put("frame", table)
         assert exchange._segments[0] is first
+
+
+def test_a_model_process_keeps_only_the_mappings_of_its_current_segments(pool: SegmentPool) -> None:
+    """Mappings are re-used while the orchestrator hands the same segment back, and dropped once it does not."""
+    before = shm_used()
+    big = pa.table({"a": np.arange(4_000_000)})
+    with FrameExchange(pool) as exchange:
+        ref = exchange.put("frame", big)
+        first = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
+    with FrameExchange(pool) as exchange:
+        ref = exchange.put("frame", big)
+        keep_only(exchange.fds)
+        second = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
+        assert first["a"].chunks[0].buffers()[1].address == second["a"].chunks[0].buffers()[1].address
+    del first, second
+    pool.close()
+    assert shm_used() > before + 30_000_000, "a kept mapping holds the segment's memory"
+    keep_only([])
+    assert shm_used() <= before + (1 << 20)
 
 
 def test_idle_budget_is_shared_by_every_pool(monkeypatch: pytest.MonkeyPatch) -> None:

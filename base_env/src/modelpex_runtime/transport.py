@@ -31,7 +31,9 @@ __all__ = [
     "frame_ref",
     "from_arrow",
     "ipc_size",
+    "keep_only",
     "map_fd",
+    "mapped",
     "read_bytes",
     "read_frame",
     "read_table",
@@ -93,6 +95,35 @@ def map_fd(fd: int, length: int, *, writable: bool = False, what: str = "segment
         )
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
+
+
+# N.B. A model process's mappings by segment (device, inode), kept while the orchestrator keeps handing that segment
+# back: its pool re-uses segments from call to call, and populating a 200 MB mapping's page tables costs ~13 ms.
+_MAPS: dict[tuple[int, int], tuple[bool, mmap.mmap]] = {}
+
+
+def _identity(fd: int) -> tuple[tuple[int, int], int]:
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino), info.st_size
+
+
+def mapped(fd: int, length: int, *, writable: bool = False, what: str = "segment") -> mmap.mmap:
+    """A mapping of at least ``length`` bytes of the segment behind ``fd``, re-used while it is big enough."""
+    key, actual = _identity(fd)
+    hit = _MAPS.get(key)
+    if hit is not None and (hit[0] or not writable) and length <= len(hit[1]) and length <= actual:
+        return hit[1]
+    mapping = map_fd(fd, max(length, actual), writable=writable, what=what)  # N.B. Too long: map_fd says truncated.
+    _MAPS[key] = (writable, mapping)
+    return mapping
+
+
+def keep_only(fds: list[int]) -> None:
+    """Forget the mappings of segments not handed over with this call: the orchestrator may have freed them, and a
+    kept mapping would hold their memory. Views still in use keep theirs until they go."""
+    keep = {_identity(fd)[0] for fd in fds}
+    for key in [k for k in _MAPS if k not in keep]:
+        del _MAPS[key]
 
 
 def to_arrow(frame: Any, what: str = "the frame") -> pa.Table:
@@ -231,8 +262,8 @@ def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") ->
     """Map a frame's segment read-only and return it in ``library``; its buffers are views of the mapping."""
     if ref.get("protocol") != PROTOCOL_VERSION:
         raise TransportError(f"{what}: frame reference speaks protocol {ref.get('protocol')!r}, not {PROTOCOL_VERSION}")
-    mapping = map_fd(fd, ref["size"], what=what)
-    return from_arrow(read_table(pa.py_buffer(mapping), ref, what), library)
+    mapping = mapped(fd, ref["size"], what=what)
+    return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref, what), library)
 
 
 def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
@@ -240,17 +271,17 @@ def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> Fram
     table = to_arrow(frame, what)
     size = ipc_size(table)
     allocate(fd, size, what)
-    write_table(map_fd(fd, size, writable=True, what=what), table, size)
+    write_table(mapped(fd, size, writable=True, what=what), table, size)
     return frame_ref(slot, size, table)
 
 
 def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
     """A copy of the first ``size`` bytes of a segment (states are small; their bytes are decoded, not viewed)."""
-    return bytes(map_fd(fd, size, what=what)) if size else b""
+    return bytes(mapped(fd, size, what=what)[:size]) if size else b""
 
 
 def write_bytes(fd: int, payload: bytes, what: str = "the state") -> None:
     """Write ``payload`` at the start of a writable segment, growing it as needed."""
     if payload:
         allocate(fd, len(payload), what)
-        map_fd(fd, len(payload), writable=True, what=what)[:] = payload
+        mapped(fd, len(payload), writable=True, what=what)[: len(payload)] = payload
