@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from orchestrator.errors import BuildError, DependencyConflictError, SpecError
+from orchestrator.files import staged
 from orchestrator.specs import (
     BASE_DISTRIBUTION,
     BaseEnv,
@@ -174,11 +174,8 @@ def pex3_command(*args: str) -> list[str]:
 
 
 def _write_lock(command: list[str], destination: Path, what: str) -> Path:
-    with tempfile.TemporaryDirectory(prefix="modelpex-lock-") as tmp:
-        staged = Path(tmp) / "pex.lock"
-        _run([*command, "--indent", "2", "-o", str(staged)], what=what)
-        shutil.copyfile(staged, destination.with_suffix(".lock.tmp"))
-        destination.with_suffix(".lock.tmp").replace(destination)
+    with staged(destination) as temporary:
+        _run([*command, "--indent", "2", "-o", str(temporary)], what=what)
     return destination
 
 

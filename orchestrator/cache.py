@@ -26,6 +26,7 @@ from typing import Any
 from filelock import FileLock
 
 from orchestrator.errors import IntegrityError, SandboxError, StoreError
+from orchestrator.files import staged, write_atomic
 from orchestrator.store import ArtifactRecord, PexStore, file_sha256
 
 __all__ = ["ArtifactCache", "Prepared", "startup_hooks"]
@@ -135,24 +136,17 @@ class ArtifactCache:
             if self._trusted(record):
                 return path
             source = store.fetch(record)  # N.B. Verified once in the store, then once more as our copy.
-            with tempfile.NamedTemporaryFile(dir=self.artifacts, prefix=".fetch-", delete=False) as tmp:
-                staged = Path(tmp.name)
-            try:
-                shutil.copyfile(source, staged)
-                actual = file_sha256(staged)
+            with staged(path, mode=0o444) as copy:
+                shutil.copyfile(source, copy)
+                actual = file_sha256(copy)
                 if actual != record.sha256:
                     raise IntegrityError(
                         f"refusing to run {record.label}: its copy from {store.url} has sha256 {actual}, not "
                         f"{record.sha256} as recorded; rebuild it with `modelpex build {record.label} --force`"
                     )
-                os.chmod(staged, 0o444)
-                os.replace(staged, path)
-            finally:
-                staged.unlink(missing_ok=True)
             signature = _signature(path)
-            memo = self.artifacts / f"{record.sha256}.verified"
-            memo.with_suffix(".tmp").write_text(json.dumps(signature))
-            os.replace(memo.with_suffix(".tmp"), memo)  # N.B. Written after the copy it vouches for.
+            # N.B. Written after the copy it vouches for.
+            write_atomic(self.artifacts / f"{record.sha256}.verified", json.dumps(signature))
             self._verified[record.sha256] = signature
         return path
 
@@ -208,8 +202,7 @@ class ArtifactCache:
                     )
             venv = self._venv(pex, workdir)
             self._compile(venv, set() if base_venv is None else set(_site_entries(base_venv)))
-            ready.with_suffix(".tmp").write_text(str(venv))
-            os.replace(ready.with_suffix(".tmp"), ready)
+            write_atomic(ready, str(venv))
         return venv
 
     def prepare(self, store: PexStore, model: ArtifactRecord, base: ArtifactRecord) -> Prepared:

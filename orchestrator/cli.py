@@ -26,6 +26,7 @@ from rich.table import Table
 
 from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, lock_model
 from orchestrator.errors import ModelpexError
+from orchestrator.files import staged, write_atomic
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, discover_models, load_model_spec
 from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
@@ -217,13 +218,6 @@ def _stored_state(path: str, record: ArtifactRecord, runner: Runner) -> FittedSt
     return runner.states.load(record, hashlib.sha256(payload).hexdigest(), client="", payload=payload)
 
 
-def _publish(path: Path, payload: bytes) -> None:
-    """Write a file whole or not at all (next to it, then renamed)."""
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_bytes(payload)
-    staged.replace(path)
-
-
 def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     """Build or find the model version, then train and predict (or predict from a stored state) on files."""
     import pyarrow.parquet
@@ -248,12 +242,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
                 state_in=state_in,
                 keep_state=bool(args.save_state),
             )
-        staged = output.with_name(f".{output.name}.tmp")
-        pyarrow.parquet.write_table(outcome.outputs["predictions"], staged)
-        staged.replace(output)
+        with staged(output) as temporary:
+            pyarrow.parquet.write_table(outcome.outputs["predictions"], temporary)
         if args.save_state and outcome.state:
             runner.states.save(record, "", f"cli-{os.getpid()}", outcome.state)
-            _publish(Path(args.save_state), outcome.state.payload)
+            write_atomic(Path(args.save_state), outcome.state.payload)
     out.print(
         f"{record.label}: {sum(outcome.rows_in.values())} rows in, {outcome.rows_out['predictions']} rows out "
         f"-> {output} ({outcome.wall_seconds:.2f} s, transport {outcome.transport_seconds * 1000:.1f} ms)"

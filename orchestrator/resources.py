@@ -11,7 +11,6 @@ which the transport writes into shared memory.
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pydantic import Field, PrivateAttr
 from orchestrator.build import Builder, Interpreter
 from orchestrator.catalog import Catalog, ModelVersion
 from orchestrator.errors import ModelpexError
+from orchestrator.files import staged
 from orchestrator.pipes import dagster_link
 from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome
 from orchestrator.runner import Runner
@@ -172,10 +172,8 @@ class FrameStore(ConfigurableResource):
         # N.B. Every client's data: readable by the orchestrator only, never by a model process.
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root.chmod(0o700)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            pq.write_table(table, tmp.name)
-        os.replace(tmp.name, path)
+        with staged(path) as temporary:
+            pq.write_table(table, temporary)
         return path
 
     def load_table(self, key: AssetKey) -> pa.Table:

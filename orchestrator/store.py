@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from urllib.parse import urlparse
 from filelock import FileLock
 
 from orchestrator.errors import IntegrityError, StoreError
+from orchestrator.files import write_atomic
 from orchestrator.leases import lease_dir
 from orchestrator.specs import validate_name, validate_version
 
@@ -234,7 +234,7 @@ class LocalPexStore(PexStore):
             shutil.copyfile(path, staged)
         os.chmod(staged, 0o555)
         os.replace(staged, destination)
-        _atomic_write(self._index_path(record.kind, record.name, record.key), record.to_json())
+        write_atomic(self._index_path(record.kind, record.name, record.key), record.to_json())
         return record
 
     def record(self, kind: Kind, name: str, key: str) -> ArtifactRecord | None:
@@ -273,8 +273,8 @@ class LocalPexStore(PexStore):
         # N.B. States hold what was learnt from a client's data: readable by the orchestrator only.
         for directory in (folder.parent, folder):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _atomic_write(self._state_path(model, sha256, ".state"), payload)
-        _atomic_write(self._state_path(model, sha256, ".json"), record.encode())
+        write_atomic(self._state_path(model, sha256, ".state"), payload)
+        write_atomic(self._state_path(model, sha256, ".json"), record)
 
     def state(self, model: str, sha256: str) -> tuple[str, bytes] | None:
         try:
@@ -297,16 +297,6 @@ class LocalPexStore(PexStore):
     def lock(self, name: str) -> FileLock:
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(self.root / "locks" / f"{name}.lock")
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(payload)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
 
 
 _BACKENDS: dict[str, Callable[[str], PexStore]] = {

@@ -1,0 +1,39 @@
+"""Files: every file modelpex writes appears whole or not at all.
+
+Written beside its destination under a temporary name, flushed to disk, then renamed over it (a rename within one
+file system is atomic): a crash, a kill or a full disk leaves the old file or none, never half of a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["staged", "write_atomic"]
+
+
+@contextmanager
+def staged(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed over ``path`` when the block succeeds, removed if not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` whole or not at all."""
+    with staged(path, mode) as temporary:
+        temporary.write_bytes(data.encode() if isinstance(data, str) else data)
