@@ -44,6 +44,7 @@ class Prepared:
     record: ArtifactRecord
     python: Path
     entry: dict[str, Any]
+    pex_root: Path  # N.B. The venv's wheels are links into it: the process must see all of it.
 
     @property
     def label(self) -> str:
@@ -216,5 +217,5 @@ class ArtifactCache:
             entry = json.loads(info["inject_env"]["MODELPEX_MODEL"])
         except (KeyError, ValueError):
             raise SandboxError(f"{model.label}: its pex declares no MODELPEX_MODEL: rebuild it") from None
-        prepared = self._prepared[model.sha256] = Prepared(model, venv / "bin" / "python", entry)
+        prepared = self._prepared[model.sha256] = Prepared(model, venv / "bin" / "python", entry, self.pex_root)
         return prepared

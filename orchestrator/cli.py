@@ -393,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelpexError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
+    except OSError as exc:  # N.B. A full disk, a folder we may not write: the file and the reason, in one line.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

@@ -242,7 +242,9 @@ class ModelProcess:
             env[SANDBOXED_ENV] = "1"
         try:
             self.process = subprocess.Popen(
-                self.sandbox.command([str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"], workdir),
+                self.sandbox.command(
+                    [str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"], workdir, [self.prepared.pex_root]
+                ),
                 pass_fds=(child.fileno(), lifeline_read),
                 cwd=workdir,
                 env=env,

@@ -44,9 +44,9 @@ class Runner:
         self.timeout = timeout or settings.timeout
         self.store = settings.store()
         self.sandbox = Sandbox.create(settings.cache_dir, settings.isolation, settings.model_user, settings.sandbox)
+        self.cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, interpreter.path)
         self.sandbox.check_reachable(settings.model_pex_root, "PEX_ROOT")
         self.sandbox.check_reachable(interpreter.path, "the interpreter")
-        self.cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, interpreter.path)
         self.processes = ModelProcesses(self.sandbox, env_allow=env_allow, env=env)
         self.states = StateKeeper(self.store, settings.signing_key_path)
         if (described := self.sandbox.describe()) not in _described:

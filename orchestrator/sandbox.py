@@ -28,7 +28,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,11 +237,13 @@ class Sandbox:
                 os.chown(folder, identity.uid, identity.gid)
             yield folder
 
-    def command(self, argv: list[str], workdir: Path) -> list[str]:
-        """``argv`` as the sandbox runs it: inside bubblewrap's namespaces when there is one."""
+    def command(self, argv: list[str], workdir: Path, readable: Sequence[Path] = ()) -> list[str]:
+        """``argv`` as the sandbox runs it: inside bubblewrap's namespaces when there is one, where ``readable``
+        stays visible (read-only) even under the private /tmp, /var/tmp or /run."""
         if not self.bwrap:
             return argv
-        return [self.bwrap, *_bwrap_args(workdir), "--", *argv]
+        binds = [arg for path in readable for arg in ("--ro-bind", str(path), str(path))]
+        return [self.bwrap, *_bwrap_args(workdir, binds), "--", *argv]
 
     def popen_kwargs(self, identity: Identity) -> dict[str, object]:
         """What `subprocess.Popen` needs to start a process as ``identity``, in a session of its own."""
@@ -251,7 +253,7 @@ class Sandbox:
         return kwargs
 
 
-def _bwrap_args(workdir: Path) -> list[str]:
+def _bwrap_args(workdir: Path, binds: Sequence[str] = ()) -> list[str]:
     """Every namespace; the file system read-only but for the private folder and fresh temporary mounts."""
     return [
         "--unshare-all",
@@ -262,6 +264,7 @@ def _bwrap_args(workdir: Path) -> list[str]:
         "--tmpfs", "/tmp",
         "--tmpfs", "/var/tmp",
         "--tmpfs", "/run",
+        *binds,
         "--bind", str(workdir), str(workdir),
         "--chdir", str(workdir),
     ]  # fmt: skip

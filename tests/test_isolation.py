@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -582,3 +583,43 @@ def test_gc_removes_what_dead_runs_left_only_after_the_grace_period(lab: Lab, cl
         assert not any(folder.exists() for folder in dead) and live.is_dir(), "a held lease is never swept"
     assert len(list(lab.store.root.glob("states/bystander/*.state"))) == 1, "the newest state of a client stays"
     assert "fitted state bystander@1.0.0 for acme" in swept.stdout
+
+
+def test_two_cold_runs_at_once_share_a_new_cache_under_tmp(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """An empty cache (PEX_ROOT too) under /tmp, which the sandbox replaces with a private /tmp: two runs at once
+    unpack the base and the model once between them, both see it read-only, and both answer alike."""
+    cache = Path(tempfile.mkdtemp(prefix="modelpex-cold-"))
+    cache.chmod(0o755)
+    env = {**cli_env, "MODELPEX_CACHE": str(cache)}
+    outputs = [tmp_path / "one.parquet", tmp_path / "two.parquet"]
+    try:
+        runs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestrator.cli",
+                    "run",
+                    "hostile",
+                    "--input",
+                    f"data={env['DATA']}",
+                    "--output",
+                    str(output),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for output in outputs
+        ]
+        for run in runs:
+            stdout, stderr = run.communicate(timeout=300)
+            assert run.returncode == 0, stderr
+        import pyarrow.parquet as pq
+
+        one, two = (pq.read_table(output) for output in outputs)
+        assert one["x"].equals(two["x"]) and one["token"] != two["token"], "two processes, one answer"
+        assert len(list((cache / "pex_root" / "venvs").rglob("bin/python"))) == 2, "one base venv, one model venv"
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
