@@ -26,7 +26,7 @@ from rich.table import Table
 
 from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, lock_model
 from orchestrator.errors import ModelpexError
-from orchestrator.files import staged, write_atomic
+from orchestrator.files import staged
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, discover_models, load_model_spec
 from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
@@ -35,7 +35,7 @@ from orchestrator.versions import resolve_source
 if TYPE_CHECKING:
     from dagster_shared.error import SerializableErrorInfo
 
-    from orchestrator.run import FittedState
+    from orchestrator.run import FittedState, RunOutcome
     from orchestrator.runner import Runner
     from orchestrator.states import StateRecord
 
@@ -218,6 +218,15 @@ def _stored_state(path: str, record: ArtifactRecord, runner: Runner) -> FittedSt
     return runner.states.load(record, hashlib.sha256(payload).hexdigest(), client="", payload=payload)
 
 
+@contextmanager
+def staged_state(path: str | None, outcome: RunOutcome) -> Iterator[Path | None]:
+    if not path or outcome.state is None:
+        yield None
+        return
+    with staged(Path(path)) as temporary:
+        yield temporary
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     """Build or find the model version, then train and predict (or predict from a stored state) on files."""
     import pyarrow.parquet
@@ -242,11 +251,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
                 state_in=state_in,
                 keep_state=bool(args.save_state),
             )
-        with staged(output) as temporary:
-            pyarrow.parquet.write_table(outcome.outputs["predictions"], temporary)
         if args.save_state and outcome.state:
             runner.states.save(record, "", f"cli-{os.getpid()}", outcome.state)
-            write_atomic(Path(args.save_state), outcome.state.payload)
+        # N.B. Both files are written aside and renamed at the end: a failure leaves neither.
+        with staged(output) as temporary, staged_state(args.save_state, outcome) as state_file:
+            pyarrow.parquet.write_table(outcome.outputs["predictions"], temporary)
+            if state_file is not None:
+                state_file.write_bytes(outcome.state.payload)
     out.print(
         f"{record.label}: {sum(outcome.rows_in.values())} rows in, {outcome.rows_out['predictions']} rows out "
         f"-> {output} ({outcome.wall_seconds:.2f} s, transport {outcome.transport_seconds * 1000:.1f} ms)"

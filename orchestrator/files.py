@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from orchestrator.errors import ModelpexError
+
 __all__ = ["staged", "write_atomic"]
 
 
@@ -29,6 +31,8 @@ def staged(path: Path, mode: int | None = None) -> Iterator[Path]:
         if mode is not None:
             os.chmod(temporary, mode)
         os.replace(temporary, path)
+    except OSError as exc:
+        raise ModelpexError(f"cannot write {path}: {exc.strerror or exc}; nothing was written there") from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -194,3 +196,20 @@ def test_example_models_run_from_the_cli(cli: Cli, project: Project, tmp_path: P
         result = cli("run", name, "--input", f"{frame}={path}", "--output", str(output))
         assert result.returncode == 0, result.stderr
         assert pq.read_table(output).num_rows > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny file system needs root (CI runs as root)")
+def test_a_full_disk_leaves_neither_output_nor_state(cli: Cli, project: Project, tmp_path: Path) -> None:
+    write_model(project.models, "m")
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        (full / "filler").write_bytes(b"\0" * 60_000)
+        args = ("--input", f"data={data_file(tmp_path)}", "--output", str(full / "out.parquet"))
+        result = cli("run", "m", *args, "--save-state", str(full / "state"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.splitlines()[-1].startswith(f"error: cannot write {full / 'state'}: No space left")
+        assert sorted(p.name for p in full.iterdir()) == ["filler"], "no output, no state, no temporary file"
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
