@@ -26,7 +26,7 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.build import Builder
-from orchestrator.errors import IntegrityError
+from orchestrator.errors import IntegrityError, SandboxError
 from orchestrator.pipes import console_link
 from orchestrator.run import FittedState, ModelCrashError, ModelRaisedError
 from orchestrator.runner import Runner
@@ -623,3 +623,21 @@ def test_two_cold_runs_at_once_share_a_new_cache_under_tmp(cli_env: dict[str, st
         assert len(list((cache / "pex_root" / "venvs").rglob("bin/python"))) == 2, "one base venv, one model venv"
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_model_carrying_a_startup_hook_is_never_unpacked(
+    project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    """A .pth file would run as the orchestrator while it unpacks the venv: refused before anything runs."""
+    folder = write_model(project.models, "hooked", tool=_tool("hooked"))
+    marker = tmp_path / "ran"
+    (folder / "src" / "hooked.pth").write_text(f"import os; open({str(marker)!r}, 'w').close()\n")
+    settings = Settings.from_env(
+        env={"MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "k")}, project=str(project.root), store_url=str(store.root)
+    )
+    builder = Builder(store, load_base_env(project.root / "base_env"))
+    record = builder.model(ModelSource(load_model_spec(folder), None)).record
+    with Runner(settings, builder.interpreter, timeout=120) as runner:
+        with pytest.raises(SandboxError, match=r"start-up hooks that Python would execute .*hooked\.pth"):
+            runner.call(record, console_link, action="train", inputs={}, params={}, keep_state=True)
+    assert not marker.exists()
