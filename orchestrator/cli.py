@@ -155,10 +155,10 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     leftovers = sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
     if isinstance(store, LocalPexStore):
         leftovers += sweep(store.root / "work", BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-        leftovers += [p for p in store.stray_states() if _older(p, settings.gc_grace)]
-        for path in [] if args.dry_run else store.stray_states():
-            if _older(path, settings.gc_grace):
-                path.unlink(missing_ok=True)
+        strays = [path for path in store.stray_states() if _older(path, settings.gc_grace)]
+        for path in [] if args.dry_run else strays:
+            path.unlink(missing_ok=True)
+        leftovers += strays
     for path in leftovers:
         out.print(f"{verb} {path}, left by a run that ended")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
@@ -220,6 +220,7 @@ def _stored_state(path: str, record: ArtifactRecord, runner: Runner) -> FittedSt
 
 @contextmanager
 def staged_state(path: str | None, outcome: RunOutcome) -> Iterator[Path | None]:
+    """Where ``--save-state`` writes aside, when it was asked for."""
     if not path or outcome.state is None:
         yield None
         return
