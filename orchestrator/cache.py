@@ -26,7 +26,7 @@ from typing import Any
 from filelock import FileLock
 
 from orchestrator.errors import IntegrityError, SandboxError, StoreError
-from orchestrator.files import staged, write_atomic
+from orchestrator.files import owned_dir, staged, write_atomic
 from orchestrator.store import ArtifactRecord, PexStore, file_sha256
 
 __all__ = ["ArtifactCache", "Prepared", "startup_hooks"]
@@ -104,8 +104,9 @@ class ArtifactCache:
         self.interpreter = interpreter
         self.artifacts = root / "artifacts"
         self._locks = root / "locks"
+        # N.B. Ours alone to write: what model processes read from here was verified by us.
         for folder, mode in ((self.artifacts, 0o755), (self._locks, 0o700), (pex_root, 0o755)):
-            folder.mkdir(parents=True, exist_ok=True, mode=mode)
+            owned_dir(folder, mode)
         self._verified: dict[str, dict[str, int]] = {}
         self._prepared: dict[str, Prepared] = {}
 

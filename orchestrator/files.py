@@ -7,6 +7,7 @@ file system is atomic): a crash, a kill or a full disk leaves the old file or no
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,21 @@ from pathlib import Path
 
 from orchestrator.errors import ModelpexError
 
-__all__ = ["staged", "write_atomic"]
+__all__ = ["owned_dir", "staged", "write_atomic"]
+
+
+def owned_dir(path: Path, mode: int) -> Path:
+    """A directory owned by this user with exactly ``mode``; refuse one that someone else could have planted."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ModelpexError(
+            f"{path} is not a directory owned by uid {os.geteuid()} (owner {info.st_uid}): remove it, or point "
+            "MODELPEX_CACHE (or MODELPEX_PEX_ROOT) elsewhere"
+        )
+    if stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+    return path
 
 
 @contextmanager

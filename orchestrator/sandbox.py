@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 from orchestrator.errors import SandboxError
+from orchestrator.files import owned_dir
 from orchestrator.leases import lease_dir, try_lock
 
 __all__ = ["RUN_PREFIX", "RUNS", "Identity", "Sandbox", "can_switch_users", "guarantees"]
@@ -112,20 +113,6 @@ def _subuid_range(user: pwd.struct_passwd) -> range | None:
     return None
 
 
-def _ensure_dir(path: Path, mode: int) -> Path:
-    """A directory owned by this user with exactly ``mode``; refuse one that someone else could have planted."""
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
-    info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise SandboxError(
-            f"{path} is not a directory owned by uid {os.geteuid()} (owner {info.st_uid}): remove it, or point "
-            "MODELPEX_CACHE elsewhere"
-        )
-    if stat.S_IMODE(info.st_mode) != mode:
-        os.chmod(path, mode)
-    return path
-
-
 class Sandbox:
     """How this orchestrator starts model processes: as whom, in which folder, with which guarantees."""
 
@@ -137,9 +124,9 @@ class Sandbox:
         self.user = user
         self.bwrap = bwrap
         self.uids = _subuid_range(user) if user is not None else None
-        _ensure_dir(cache, 0o755)
-        self.runs = _ensure_dir(cache / RUNS, 0o711)  # N.B. Traversable, not listable: a uid finds only its folder.
-        self._uid_locks = _ensure_dir(cache / "uids", 0o700)
+        owned_dir(cache, 0o755)
+        self.runs = owned_dir(cache / RUNS, 0o711)  # N.B. Traversable, not listable: a uid finds only its folder.
+        self._uid_locks = owned_dir(cache / "uids", 0o700)
 
     @classmethod
     def create(
