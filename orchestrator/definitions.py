@@ -146,7 +146,10 @@ def build_definitions(
         assets=assets,
         jobs=[*jobs, build_model],
         schedules=_schedules(deployments, client_jobs, status),
-        sensors=[redeploy_sensor(deployments, version_assets), failure_sensor()],
+        sensors=[
+            redeploy_sensor(deployments, version_assets, max(1, round(settings.sensor_interval))),
+            failure_sensor(),
+        ],
         resources={
             "modelpex": modelpex or ModelpexResource(project_dir=str(settings.project), store_url=settings.store_url),
             "frames": ArrowParquetIOManager(store=frame_store),

@@ -5,6 +5,11 @@ versions in the store, and of the version each client's model resolves to. A tic
 changed model version requests one run of that version's asset and of the follower clients' assets; a client's
 model that deployments.yaml moved to another version (or added) requests a run of that client's model; a changed
 base requests everything; an unchanged tree requests nothing.
+
+N.B. Dagster launches at most one run per run key per sensor, ever. Content alone cannot key a run: a model edited
+A -> B -> A -> B would redeploy B once. Each tick that requests runs therefore starts a new generation, counted in the
+cursor, and every run key carries it. A tick that is evaluated again (its runs launched, its cursor not saved) has
+the same generation and so the same keys: Dagster's deduplication still covers what it is for.
 """
 
 import json
@@ -69,15 +74,18 @@ def redeploy_sensor(
     )
     def _redeploy(context: SensorEvaluationContext, modelpex: ModelpexResource) -> SensorResult:
         now = snapshot(modelpex, deployments)
-        cursor = json.dumps(now, sort_keys=True)
         if not context.cursor:
-            return SensorResult(skip_reason="first tick: remembered the current tree", cursor=cursor)
+            return SensorResult(skip_reason="first tick: remembered the current tree", cursor=_cursor(now, 0))
         before = json.loads(context.cursor)
+        generation = int(before.get("generation", 0)) + 1
         if now["base"] != before["base"]:
-            request = RunRequest(run_key=f"base:{now['base']}", tags={"modelpex/redeploy": "base"})  # N.B. Everything.
-            return SensorResult(run_requests=[request], cursor=cursor)
-        requests = _version_requests(before, now, deployments, version_assets)
-        requests += _moved_requests(before, now, deployments, version_assets, requests)
+            request = RunRequest(  # N.B. No selection: everything.
+                run_key=f"{generation}:base:{now['base']}", tags={"modelpex/redeploy": "base"}
+            )
+            return SensorResult(run_requests=[request], cursor=_cursor(now, generation))
+        requests = _version_requests(before, now, deployments, version_assets, generation)
+        requests += _moved_requests(before, now, deployments, version_assets, requests, generation)
+        cursor = _cursor(now, generation if requests else generation - 1)
         for request in requests:
             context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
         stale = _stale(deployments, version_assets, now)
@@ -87,6 +95,10 @@ def redeploy_sensor(
         return SensorResult(run_requests=requests, cursor=cursor, skip_reason=skip)
 
     return _redeploy
+
+
+def _cursor(now: dict[str, Any], generation: int) -> str:
+    return json.dumps({**now, "generation": generation}, sort_keys=True)
 
 
 def _stale(deployments: Deployments, version_assets: Mapping[str, AssetKey], now: dict[str, Any]) -> str:
@@ -105,7 +117,11 @@ def _request(key: str, selection: list[AssetKey], label: str, clients: list[str]
 
 
 def _version_requests(
-    before: dict[str, Any], now: dict[str, Any], deployments: Deployments, version_assets: Mapping[str, AssetKey]
+    before: dict[str, Any],
+    now: dict[str, Any],
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+    generation: int,
 ) -> list[RunRequest]:
     """One run per model version whose content changed or that appeared (in the tree, as a tag, or in the store):
     that version's pex and the assets of the clients that run it."""
@@ -120,7 +136,7 @@ def _version_requests(
         selection = [version_assets[label]] if label in version_assets else []
         selection += [key for d in followers for key in (state_key(d), predictions_key(d))]
         if selection:
-            key = f"{label}:{now['models'].get(label, 'stored')}"
+            key = f"{generation}:{label}:{now['models'].get(label, 'stored')}"
             requests.append(_request(key, selection, label, [d.client for d in followers]))
     return requests
 
@@ -131,6 +147,7 @@ def _moved_requests(
     deployments: Deployments,
     version_assets: Mapping[str, AssetKey],
     already: list[RunRequest],
+    generation: int,
 ) -> list[RunRequest]:
     """One run per client's model that now runs another version (or is new) and no version run covers.
 
@@ -148,7 +165,7 @@ def _moved_requests(
         if d.where not in before["deployed"]:  # N.B. New: its datasets may never have been materialised.
             selection += [dataset_key(d.client, dataset) for dataset in d.inputs.values()]
         selection += [state_key(d), predictions_key(d)]
-        key = f"{d.where}:{label}:{now['models'].get(label, 'stored')}"
+        key = f"{generation}:{d.where}:{label}:{now['models'].get(label, 'stored')}"
         requests.append(_request(key, selection, f"{d.where} -> {label}", [d.client]))
     return requests
 

@@ -14,6 +14,7 @@
 | MODELPEX_TIMEOUT          | seconds a model call may run                     | 3600                       |
 | MODELPEX_SHM_POOL_BYTES   | shared memory kept between calls                 | 1G, <= 1/4 of /dev/shm     |
 | MODELPEX_GC_GRACE         | seconds before gc removes a dead run's leftovers | 3600                       |
+| MODELPEX_SENSOR_INTERVAL  | seconds between the redeploy sensor's ticks      | 30                         |
 | DAGSTER_HOME              | Dagster's instance folder                        | <project>/.dagster_home    |
 
 (*) when models run as another user; ~/.cache/modelpex otherwise.
@@ -87,6 +88,7 @@ class Settings:
     cache: str | None = None
     signing_key_file: str | None = None
     gc_grace: float = 3600.0
+    sensor_interval: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -105,6 +107,7 @@ class Settings:
             cache=env.get("MODELPEX_CACHE") or None,
             signing_key_file=env.get("MODELPEX_SIGNING_KEY_FILE") or None,
             gc_grace=parse_seconds(env.get("MODELPEX_GC_GRACE"), "MODELPEX_GC_GRACE", 3600.0),
+            sensor_interval=parse_seconds(env.get("MODELPEX_SENSOR_INTERVAL"), "MODELPEX_SENSOR_INTERVAL", 30.0),
         )
 
     @property

@@ -4,7 +4,9 @@ per-client jobs touch only their assets, the sensor redeploys what changed, fail
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,12 @@ from dagster import (
     define_asset_job,
 )
 from dagster._core.definitions.sensor_definition import SensorExecutionData
+from dagster._core.scheduler.instigation import TickStatus
+from dagster._core.storage.dagster_run import RunsFilter
+from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
+from dagster._core.test_utils import create_test_daemon_workspace_context, instance_for_test
+from dagster._core.workspace.load_target import ModuleTarget
+from dagster._daemon.sensor import execute_sensor_iteration
 
 from orchestrator.build import Builder
 from orchestrator.definitions import build_definitions
@@ -432,3 +440,94 @@ def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions:
         result = job.execute_in_process(instance=instance, asset_selection=list(requests["initech/m -> m@1.0.0"]))
     assert result.success, "a new client deploys from the sensor's request alone"
     assert {k.path[0] for k in materialised(result)} == {"model", "initech"}
+
+
+@pytest.fixture
+def daemon_instance(tmp_path: Path, two_versions: Project, store: LocalPexStore, monkeypatch):
+    """A persistent instance whose queue never starts a run: what the sensor launches stays there to be counted."""
+    monkeypatch.setenv("MODELPEX_PROJECT", str(two_versions.root))
+    monkeypatch.setenv("MODELPEX_STORE", str(store.root))
+    monkeypatch.setenv("MODELPEX_SENSOR_INTERVAL", "1")
+    queue = {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"}
+    overrides = {"run_coordinator": {**queue, "config": {"max_concurrent_runs": 0}}}
+    (tmp_path / "dagster_home").mkdir()
+    with instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "dagster_home")) as instance:
+        yield instance
+
+
+class SensorDaemon:
+    """The sensor daemon's own loop (``execute_sensor_iteration``) over a code location it loads in a gRPC server,
+    as `dagster-daemon run` does: run keys are deduplicated against the instance's runs."""
+
+    def __init__(self, instance: DagsterInstance, context) -> None:
+        self.instance, self.context = instance, context
+
+    def tick(self) -> list:
+        """One tick of the redeploy sensor; the runs it launched, newest first."""
+        before = {r.run_id for r in self.runs()}
+        time.sleep(1.1)  # N.B. MODELPEX_SENSOR_INTERVAL=1: the daemon skips a sensor evaluated less than 1 s ago.
+        logger = logging.getLogger("SensorDaemon")
+        list(execute_sensor_iteration(self.context, logger, threadpool_executor=None, submit_threadpool_executor=None))
+        ticks = self.instance.get_ticks(self.origin_id, self.selector_id, limit=1)
+        assert ticks and ticks[0].status != TickStatus.FAILURE, ticks and ticks[0].error
+        return [r for r in self.runs() if r.run_id not in before]
+
+    def runs(self) -> list:
+        return self.instance.get_runs(filters=RunsFilter(tags={SENSOR_NAME_TAG: "modelpex_redeploy"}))
+
+    def reload(self) -> None:
+        self.context.reload_code_location("modelpex")
+
+    @property
+    def _sensor(self):
+        location = next(iter(self.context.create_request_context().get_code_location_entries().values()))
+        return next(iter(location.code_location.get_repositories().values())).get_sensor("modelpex_redeploy")
+
+    @property
+    def origin_id(self) -> str:
+        return self._sensor.get_remote_origin_id()
+
+    @property
+    def selector_id(self) -> str:
+        return self._sensor.selector_id
+
+
+@pytest.fixture
+def sensor_daemon(daemon_instance: DagsterInstance) -> SensorDaemon:
+    target = ModuleTarget(
+        module_name="orchestrator.definitions", attribute="defs", working_directory=None, location_name="modelpex"
+    )
+    with create_test_daemon_workspace_context(target, daemon_instance) as context:
+        yield SensorDaemon(daemon_instance, context)
+
+
+def test_every_change_redeploys_even_back_to_content_seen_before(
+    two_versions: Project, sensor_daemon: SensorDaemon
+) -> None:
+    """A -> B -> A -> B, a client moved and moved back, a base changed and reverted: each change launches its run on
+    one persistent instance, where Dagster drops a run whose key it has seen."""
+    project, daemon = two_versions, sensor_daemon
+    assert not daemon.tick(), "the first tick only remembers the tree"
+    model_py = project.models / "m" / "src" / "m" / "model.py"
+    a = model_py.read_text()
+    for edit, content in enumerate([a + "\n# B\n", a, a + "\n# B\n"]):
+        model_py.write_text(content)
+        (run,) = daemon.tick()
+        assert run.tags["modelpex/redeploy"] == "m@1.1.0", f"edit {edit}"
+        assert AssetKey(["globex", "m", "predictions"]) in run.asset_selection
+        assert not daemon.tick(), "an unchanged tree launches nothing"
+
+    for version in ("1.1.0", "1.0.0"):  # N.B. acme moves to 1.1.0, then back to the 1.0.0 it ran before.
+        write_deployments(project, {"acme": client(version), "globex": client("latest")})
+        daemon.reload()
+        (run,) = daemon.tick()
+        assert run.tags["modelpex/redeploy"] == f"acme/m -> m@{version}"
+        assert AssetKey(["acme", "m", "state"]) in run.asset_selection
+
+    note = project.root / "base_env" / "src" / "modelpex_runtime" / "note.py"
+    for change in (lambda: note.write_text("# base change\n"), note.unlink):
+        change()
+        (run,) = daemon.tick()
+        assert run.tags["modelpex/redeploy"] == "base"
+    assert len(daemon.runs()) == 7
+    assert len({r.tags[RUN_KEY_TAG] for r in daemon.runs()}) == 7

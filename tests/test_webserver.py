@@ -1,5 +1,6 @@
 """End to end: `modelpex ui` starts the real `dagster dev` on loopback; a run launched through its GraphQL API
-succeeds, its materialisation metadata reads back, and the server stops cleanly on SIGTERM."""
+succeeds, its materialisation metadata reads back, and the server stops cleanly on SIGTERM. The real sensor daemon
+(`dagster-daemon run`) redeploys every change of a model, back and forth."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.dagster_run import RunsFilter
+from dagster._core.storage.tags import SENSOR_NAME_TAG
 
 from orchestrator.store import LocalPexStore
 
@@ -73,7 +78,7 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
             try:
                 if graphql("{ version }")["version"]:
                     break
-            except (urllib.error.URLError, ConnectionError, AssertionError):
+            except (urllib.error.URLError, ConnectionError):  # N.B. Not up yet; a GraphQL error is a failure.
                 pass
             assert process.poll() is None, (tmp_path / "dagster-dev.log").read_text()
             assert time.monotonic() < deadline, "dagster dev did not answer GraphQL within 120 s"
@@ -139,5 +144,78 @@ def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) 
     assert "customer_id" in entries["preview"]["mdStr"]
     assert graphql(METADATA, path=["globex", "m", "predictions"])["assetOrError"]["assetMaterializations"] == []
 
+    stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, as a supervisor stops a server: it must exit on its own, cleanly, within 30 s."""
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    assert process.wait(timeout=30) == 0, f"exit code {process.returncode} after SIGTERM"
+
+
+QUEUE_ONLY = """
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config: {max_concurrent_runs: 0}
+telemetry: {enabled: false}
+"""
+
+
+def test_real_daemon_redeploys_a_model_edited_back_and_forth(
+    project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    """`dagster-daemon run` ticks the redeploy sensor every second; a model edited A -> B -> A -> B launches three
+    runs (queued, never started: the sensor is the subject here)."""
+    m_model(project, "1.0.0")
+    write_deployments(project, {"acme": client("latest")})
+    shutil.copyfile(REPO / "workspace.yaml", project.root / "workspace.yaml")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(QUEUE_ONLY)
+    env = {
+        **os.environ,
+        "MODELPEX_PROJECT": str(project.root),
+        "MODELPEX_STORE": str(store.root),
+        "MODELPEX_SENSOR_INTERVAL": "1",
+        "DAGSTER_HOME": str(home),
+    }
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=project.root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_for(what: str, ready) -> None:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"{what} within 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    try:
+        with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+            wait_for("the sensor's first tick", lambda: _sensor_cursor(instance))
+            model_py = project.models / "m" / "src" / "m" / "model.py"
+            a = model_py.read_text()
+            for count, content in enumerate([a + "\n# B\n", a, a + "\n# B\n"], start=1):
+                model_py.write_text(content)
+                wait_for(f"redeploy number {count}", lambda n=count: len(_sensor_runs(instance)) == n)
+            assert all(r.tags["modelpex/redeploy"] == "m@1.0.0" for r in _sensor_runs(instance))
+        stop(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _sensor_runs(instance: DagsterInstance) -> list:
+    return instance.get_runs(filters=RunsFilter(tags={SENSOR_NAME_TAG: "modelpex_redeploy"}))
+
+
+def _sensor_cursor(instance: DagsterInstance) -> bool:
+    return any(s.instigator_data and s.instigator_data.cursor for s in instance.all_instigator_state())
