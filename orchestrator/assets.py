@@ -49,13 +49,14 @@ __all__ = [
     "state_key",
 ]
 
-BASE_KEY = AssetKey(["modelpex", "base"])
+BASE_GROUP, VERSIONS_GROUP, VERSIONS_PREFIX = "modelpex", "models", "model"  # N.B. RESERVED_CLIENT_NAMES
+BASE_KEY = AssetKey([BASE_GROUP, "base"])
 PREVIEW_ROWS = 5
 MAX_ERROR_CHARS = 4000
 
 
 def model_version_key(version: ModelVersion) -> AssetKey:
-    return AssetKey(["model", version.name, version.slug])
+    return AssetKey([VERSIONS_PREFIX, version.name, version.slug])
 
 
 def dataset_key(client: str, dataset: str) -> AssetKey:
@@ -101,7 +102,7 @@ def _run_metadata(outcome: RunOutcome, ensured: Ensured, started: float) -> dict
 
 
 def base_asset(base_key: str) -> AssetsDefinition:
-    @asset(key=BASE_KEY, code_version=base_key, group_name="modelpex", kinds={"pex"})
+    @asset(key=BASE_KEY, code_version=base_key, group_name=BASE_GROUP, kinds={"pex"})
     def _base(modelpex: ModelpexResource) -> MaterializeResult:
         """The shared base pex (numpy, pandas, polars, pyarrow, scikit-learn, dagster-pipes, the runtime)."""
         ensured = modelpex.ensure_base()
@@ -115,7 +116,7 @@ def model_version_asset(version: ModelVersion, code_version: str) -> AssetsDefin
         key=model_version_key(version),
         deps=[BASE_KEY],
         code_version=code_version,
-        group_name="models",
+        group_name=VERSIONS_GROUP,
         kinds={"pex"},
         tags={"model": version.name, "version": version.version},
         description=f"The pex of {version.name} {version.version} (from its {version.origin}).",

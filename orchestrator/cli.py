@@ -27,10 +27,10 @@ from rich.table import Table
 from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, lock_model
 from orchestrator.errors import ModelpexError
 from orchestrator.files import staged
-from orchestrator.settings import Settings
-from orchestrator.specs import ModelRef, discover_models, load_model_spec
+from orchestrator.settings import Settings, parse_seconds
+from orchestrator.specs import ModelRef, ModelSpec, discover_models, load_model_spec
 from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
-from orchestrator.versions import resolve_source
+from orchestrator.versions import ModelSource, resolve_source
 
 if TYPE_CHECKING:
     from dagster_shared.error import SerializableErrorInfo
@@ -72,16 +72,23 @@ def all_refs(settings: Settings) -> list[ModelRef]:
     return [version.ref for version in settings.catalog().all()]
 
 
-def build_ref(builder: Builder, settings: Settings, ref: ModelRef, *, force: bool = False) -> BuildResult:
-    """Build (or find) one model version; a tag is exported to a temporary folder for the build only."""
+@contextmanager
+def model_source(settings: Settings, ref: ModelRef) -> Iterator[ModelSource]:
+    """One model version's source; a tag is exported to a temporary folder for as long as it is used."""
     with tempfile.TemporaryDirectory(prefix="modelpex-tags-") as exports:
-        return builder.model(resolve_source(settings.project, settings.models_dir, ref, Path(exports)), force=force)
+        yield resolve_source(settings.project, settings.models_dir, ref, Path(exports))
+
+
+def build_ref(builder: Builder, settings: Settings, ref: ModelRef, *, force: bool = False) -> BuildResult:
+    """Build (or find) one model version."""
+    with model_source(settings, ref) as source:
+        return builder.model(source, force=force)
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     targets: list[str] = args.targets
     if not targets and not args.all:
-        raise ModelpexError("nothing to build: name `base`, one or more models (`churn` or `churn@1.2.0`), or --all")
+        raise UsageError("nothing to build: name `base`, one or more models (`churn` or `churn@1.2.0`), or --all")
     with _builder(settings) as builder:
         if args.all or "base" in targets:
             _report(builder.base(force=args.force))
@@ -91,6 +98,8 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_lock(args: argparse.Namespace, settings: Settings) -> None:
+    if not args.targets and not args.all:
+        raise UsageError("nothing to lock: name `base`, one or more models, or --all")
     base = settings.base_env()
     names = [p.name for p in discover_models(settings.models_dir)] if args.all else args.targets
     if args.all or "base" in names:
@@ -182,20 +191,86 @@ def unused_states(records: list[StateRecord], keep: set[str], grace: float) -> l
     ]
 
 
-def _read_table(spec: str) -> tuple[str, Any]:
+def _input_paths(specs: list[str]) -> dict[str, Path]:
+    """``--input NAME=PATH`` options by name; a name given twice is refused (the last one would win unseen)."""
+    paths: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.isidentifier() or not path:
+            raise ModelpexError(f"--input {spec!r} must look like NAME=PATH, e.g. --input customers=data.parquet")
+        if name in paths:
+            raise ModelpexError(f"--input {name} is given twice ({paths[name]} and {path}): give each input once")
+        paths[name] = Path(path)
+    return paths
+
+
+def _check_inputs(spec: ModelSpec, given: dict[str, Path]) -> None:
+    """The inputs the model declares, no more and no fewer: a typo is one line here, not the model's KeyError."""
+    if not spec.inputs:
+        return  # N.B. Not declared: the model takes what it is given.
+    label, declared = f"{spec.name}@{spec.version}", ", ".join(spec.inputs)
+    for name in given:
+        if name not in spec.inputs:
+            raise ModelpexError(f"--input {name}: {label} reads only {declared}: rename or drop this input")
+    for name in spec.inputs:
+        if name not in given:
+            raise ModelpexError(f"{label} reads input {name!r}, which was not given: add --input {name}=PATH")
+
+
+def _check_targets(args: argparse.Namespace, inputs: dict[str, Path]) -> None:
+    """``--output`` and ``--save-state`` before anything runs: a file (not a folder) in a folder that exists and
+    takes a new file, and neither an input nor the other output, so a slip never overwrites data or wastes a run."""
+    sources = {f"--input {name}": path for name, path in inputs.items()}
+    if args.state:
+        sources["--state"] = Path(args.state)
+    targets = {
+        option: Path(path) for option, path in (("--output", args.output), ("--save-state", args.save_state)) if path
+    }
+    seen = dict(sources)
+    for option, path in targets.items():
+        _check_writable(option, path)
+        for other, other_path in seen.items():
+            if _same_file(path, other_path):
+                raise ModelpexError(f"{option} {path} is also {other}: write to another file")
+        seen[option] = path
+
+
+def _check_writable(option: str, path: Path) -> None:
+    if path.is_dir():
+        raise ModelpexError(f"{option} {path} is a folder: name a file in it, e.g. {path / 'predictions.parquet'}")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise ModelpexError(f"{option} {path}: the folder {folder} does not exist: create it, or choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ModelpexError(
+            f"{option} {path}: cannot write in {folder} ({exc.strerror}): choose another folder"
+        ) from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by path, or by inode when both exist (a hard link, a symlink, `./x` and `x`)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _read_table(name: str, path: Path) -> Any:
     import pyarrow.csv
     import pyarrow.parquet
 
-    name, sep, path = spec.partition("=")
-    if not sep or not name.isidentifier():
-        raise ModelpexError(f"--input {spec!r} must look like NAME=PATH, e.g. --input customers=data.parquet")
     try:
-        if path.endswith(".csv"):
-            return name, pyarrow.csv.read_csv(path)
-        return name, pyarrow.parquet.read_table(path)
+        if path.suffix == ".csv":
+            return pyarrow.csv.read_csv(path)
+        return pyarrow.parquet.read_table(path)
     except (OSError, pyarrow.ArrowInvalid) as exc:
         raise ModelpexError(
-            f"--input {name}: cannot read {path} as {'CSV' if path.endswith('.csv') else 'Parquet'} ({exc})"
+            f"--input {name}: cannot read {path} as {'CSV' if path.suffix == '.csv' else 'Parquet'} ({exc})"
         ) from None
 
 
@@ -235,10 +310,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     from orchestrator.pipes import console_link
     from orchestrator.runner import Runner
 
-    inputs = dict(_read_table(spec) for spec in args.input)
+    paths = _input_paths(args.input)
+    _check_targets(args, paths)
     params = _params(args.params)
-    with _builder(settings) as builder:
-        record = build_ref(builder, settings, ModelRef.parse(args.model)).record
+    with model_source(settings, ModelRef.parse(args.model)) as source:
+        _check_inputs(source.spec, paths)
+        inputs = {name: _read_table(name, path) for name, path in paths.items()}
+        with _builder(settings) as builder:
+            record = builder.model(source).record
     output = Path(args.output)
     with Runner(settings, builder.interpreter, timeout=args.timeout) as runner:
         state_in = _stored_state(args.state, record, runner) if args.state else None
@@ -371,7 +450,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--params", default="{}", metavar="JSON|@FILE", help="model parameters as JSON")
     run.add_argument("--state", metavar="PATH", help="use this stored fitted state instead of training")
     run.add_argument("--save-state", metavar="PATH", help="keep the fitted state here for later runs")
-    run.add_argument("--timeout", type=float, help="seconds before the model process is killed")
+    run.add_argument("--timeout", type=_seconds, help="seconds before the model process is killed")
     run.set_defaults(func=cmd_run)
 
     warm = commands.add_parser("warm", help="unpack the base into PEX_ROOT so a model's first run is fast")
@@ -387,6 +466,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    try:
+        return parse_seconds(text, "--timeout", 0.0)
+    except ModelpexError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds, e.g. 600") from None
+
+
+class UsageError(ModelpexError):
+    """A command line that names nothing to do: argparse's usage line and exit code 2."""
+
+
 class Terminated(BaseException):
     """SIGTERM (docker stop, Kubernetes, timeout): unwinds like Ctrl-C, so every model process, segment and
     private folder is released on the way out."""
@@ -397,11 +487,16 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         settings = Settings.from_env(project=args.project, store_url=args.store_url, python=args.python)
         args.func(args, settings)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        err.print(f"[bold red]error:[/] modelpex {args.command}: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
     except ModelpexError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1

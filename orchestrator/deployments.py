@@ -93,6 +93,11 @@ class Deployments:
         return {d.where: f"{d.model}@{catalog.resolve(d.model, d.version).version}" for d in self.all()}
 
 
+# N.B. The names modelpex gives its own asset groups and key prefixes (orchestrator/assets.py). A client of one of these
+# names would share them: its job, `AssetSelection.groups(<client>)`, would select every model version's pex.
+RESERVED_CLIENT_NAMES = frozenset({"modelpex", "model", "models"})
+
+
 def _table(value: Any, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
@@ -177,6 +182,11 @@ def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployme
         raise DeploymentError(
             f"{where}: client name {name!r} must be lowercase letters, digits and underscores"
         ) from None
+    if name in RESERVED_CLIENT_NAMES:
+        raise DeploymentError(
+            f"{where}: client name {name!r} is one modelpex names its own assets with "
+            f"({', '.join(sorted(RESERVED_CLIENT_NAMES))}): rename the client, e.g. {name}_client"
+        )
     table = _table(raw, where)
     datasets = {
         str(d): _dataset(name, str(d), v, root, f"{where}.datasets.{d}")

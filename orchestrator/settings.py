@@ -88,13 +88,19 @@ class Settings:
     cache: str | None = None
     signing_key_file: str | None = None
     gc_grace: float = 3600.0
+    shm_pool_bytes: int | None = None  # N.B. Read by orchestrator.transport; validated here with the rest.
     sensor_interval: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env
-        project = Path(str(overrides.get("project") or env.get("MODELPEX_PROJECT") or find_project_root(Path.cwd())))
-        project = project.resolve()
+        given = overrides.get("project") or env.get("MODELPEX_PROJECT")
+        project = Path(str(given)).resolve() if given else find_project_root(Path.cwd())
+        if given and not (project / "base_env" / "pyproject.toml").is_file():
+            raise SpecError(
+                f"project {given} is not a modelpex project (no {project / 'base_env' / 'pyproject.toml'}): pass the "
+                "repository with base_env/ and model_packages/ (--project or MODELPEX_PROJECT)"
+            )
         return cls(
             project=project,
             store_url=str(overrides.get("store_url") or env.get("MODELPEX_STORE") or project / "pex_builds"),
@@ -107,6 +113,7 @@ class Settings:
             cache=env.get("MODELPEX_CACHE") or None,
             signing_key_file=env.get("MODELPEX_SIGNING_KEY_FILE") or None,
             gc_grace=parse_seconds(env.get("MODELPEX_GC_GRACE"), "MODELPEX_GC_GRACE", 3600.0),
+            shm_pool_bytes=parse_size(env.get("MODELPEX_SHM_POOL_BYTES"), "MODELPEX_SHM_POOL_BYTES", 0) or None,
             sensor_interval=parse_seconds(env.get("MODELPEX_SENSOR_INTERVAL"), "MODELPEX_SENSOR_INTERVAL", 30.0),
         )
 

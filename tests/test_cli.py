@@ -56,7 +56,6 @@ def test_build_all_builds_every_tagged_version(cli: Cli, project: Project, store
         (("build", "m@1.0/../../x"), ["is not a normalised PEP 440 version"]),
         (("build", "nope"), ["unknown model 'nope'", "known models: m"]),
         (("build", "m@7.7.7"), ["has no version 7.7.7: known versions are 1.0.0"]),
-        (("build",), ["nothing to build"]),
         (("run", "m", "--input", "data", "--output", "x.parquet"), ["must look like NAME=PATH"]),
         (("run", "m", "--input", "data=missing.parquet", "--output", "x.parquet"), ["cannot read missing.parquet"]),
         (("--store", "gs://bucket", "list"), ["no artifact store backend for 'gs://bucket'"]),
@@ -176,8 +175,12 @@ def test_model_that_raises_fails_with_its_traceback(
     result = cli("run", "m", "--input", f"data={data_file(tmp_path)}", "--output", str(output))
     assert result.returncode == 1
     assert store_snapshot(store) == before
-    assert "error: model m@1.0.0 raised KeyError: 'no column z'" in result.stderr
+    assert "\nerror: model m@1.0.0 raised KeyError: 'no column z'\n" in result.stderr, result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert result.stderr.count("Traceback") == 1 and result.stderr.count("KeyError: 'no column z'") == 2, result.stderr
     assert 'm/model.py", line 2, in train' in result.stderr
+    assert "modelpex_runtime" not in result.stderr, "the model's own frames, not the runtime's"
+    assert len(result.stderr.splitlines()) < 12, result.stderr
     assert not output.exists()
 
 
@@ -213,3 +216,82 @@ def test_a_full_disk_leaves_neither_output_nor_state(cli: Cli, project: Project,
         assert sorted(p.name for p in full.iterdir()) == ["filler"], "no output, no state, no temporary file"
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+INPUTS_DATA = (
+    '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
+)
+
+
+def run_checks(tmp_path: Path, data: Path) -> list[tuple[tuple[str, ...], str]]:
+    """Command lines whose outputs are wrong, each with the line it must fail with (before anything runs)."""
+    out, ro = tmp_path / "out.parquet", tmp_path / "ro"
+    given = ("--input", f"data={data}")
+    return [
+        ((*given, "--output", str(data)), f"--output {data} is also --input data: write to another file"),
+        ((*given, "--output", str(tmp_path / "." / data.name)), "is also --input data"),
+        ((*given, "--output", str(tmp_path / "no" / "out.parquet")), f"the folder {tmp_path / 'no'} does not exist"),
+        ((*given, "--output", str(tmp_path)), f"--output {tmp_path} is a folder: name a file in it"),
+        ((*given, "--output", str(out), "--save-state", str(out)), f"--save-state {out} is also --output"),
+        ((*given, "--output", str(out), "--save-state", str(data)), f"--save-state {data} is also --input data"),
+        ((*given, "--output", str(ro / "out.parquet")), f"cannot write in {ro} (Read-only file system)"),
+        ((*given, *given, "--output", str(out)), f"--input data is given twice ({data} and {data})"),
+        (("--output", str(out)), "m@1.0.0 reads input 'data', which was not given: add --input data=PATH"),
+        (("--input", f"dta={data}", "--output", str(out)), "--input dta: m@1.0.0 reads only data"),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root (CI runs as root)")
+def test_run_checks_inputs_and_outputs_before_anything_runs(
+    cli: Cli, project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    """Nothing is built, nothing written, the input untouched: each mistake is one line before any work."""
+    write_model(project.models, "m", tool=INPUTS_DATA)
+    work = tmp_path / "work"
+    (work / "ro").mkdir(parents=True)
+    data = data_file(work)
+    original = data.read_bytes()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(work / "ro"), str(work / "ro")], check=True)
+    try:
+        for args, message in run_checks(work, data):
+            before = store_snapshot(store)
+            result = cli("run", "m", *args)
+            assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
+            assert result.stderr.startswith("error: ") and message in result.stderr, (args, result.stderr)
+            assert store_snapshot(store) == before, f"{args}: checked before the model is built"
+            assert data.read_bytes() == original
+            assert sorted(p.name for p in work.iterdir()) == ["data.parquet", "ro"], args
+    finally:
+        subprocess.run(["umount", str(work / "ro")], check=True)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MODELPEX_TIMEOUT", "abc"),
+        ("MODELPEX_TIMEOUT", "nan"),
+        ("MODELPEX_TIMEOUT", "0"),
+        ("MODELPEX_TIMEOUT", "-5"),
+        ("MODELPEX_SHM_POOL_BYTES", "lots"),
+        ("MODELPEX_SENSOR_INTERVAL", "inf"),
+        ("MODELPEX_ISOLATION", "maybe"),
+    ],
+)
+def test_a_bad_setting_is_one_line(cli: Cli, project: Project, tmp_path: Path, variable: str, value: str) -> None:
+    write_model(project.models, "m")
+    args = ("--input", f"data={data_file(tmp_path)}", "--output", str(tmp_path / "out.parquet"))
+    result = cli("run", "m", *args, env={variable: value})
+    assert_one_line_error(result, f"{variable}={value!r} is not")
+    assert "training" not in result.stderr, "refused before the model runs"
+
+
+def test_usage_errors(cli: Cli, project: Project, tmp_path: Path) -> None:
+    """A command with nothing to do is a usage error (exit 2); a project that is not one is an error, not a table."""
+    for command, message in (("build", "nothing to build"), ("lock", "nothing to lock")):
+        result = cli(command)
+        assert result.returncode == 2 and result.stderr.startswith("usage: modelpex"), result.stderr
+        assert f"error: modelpex {command}: {message}" in result.stderr
+    result = cli("run", "m", "--output", "x.parquet", "--timeout", "nan")
+    assert result.returncode == 2 and "argument --timeout: 'nan' is not a positive number" in result.stderr
+    for folder in (tmp_path / "missing", tmp_path):
+        assert_one_line_error(cli("--project", str(folder), "list"), f"project {folder} is not a modelpex project")

@@ -35,6 +35,7 @@ from dagster._daemon.sensor import execute_sensor_iteration
 
 from orchestrator.build import Builder
 from orchestrator.definitions import build_definitions
+from orchestrator.deployments import RESERVED_CLIENT_NAMES
 from orchestrator.resources import ModelpexResource
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, load_base_env
@@ -78,6 +79,15 @@ def test_client_jobs_select_only_their_client() -> None:
         keys = keys_of(defs, f"client_{client}")
         assert keys and all(k.path[0] == client for k in keys)
     assert {k.path[1] for k in keys_of(defs, "model_churn")} == {"churn"}
+
+
+def test_reserved_client_names_cover_every_name_modelpex_gives_itself() -> None:
+    """Every group and key prefix of an asset that is not a client's is reserved (deployments.py)."""
+    defs = repo_definitions()
+    clients = {"acme", "globex"}
+    own = [node for node in defs.resolve_asset_graph().asset_nodes if node.key.path[0] not in clients]
+    assert own, "the base and the model versions"
+    assert {n.group_name for n in own} | {n.key.path[0] for n in own} <= RESERVED_CLIENT_NAMES
 
 
 def write_deployments(project: Project, clients: dict) -> None:

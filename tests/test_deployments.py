@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from orchestrator.catalog import Catalog
-from orchestrator.deployments import DeploymentError, load_deployments
+from orchestrator.deployments import RESERVED_CLIENT_NAMES, DeploymentError, load_deployments
 
 from .conftest import REPO, Project, write_model
 
@@ -82,6 +82,15 @@ def test_client_names_cannot_play_path_tricks(project: Project) -> None:
     write_model(project.models, "m")
     path = write(project, {"../acme": good_client()})
     with pytest.raises(DeploymentError, match=r"client name '../acme' must be lowercase"):
+        load_deployments(path, Catalog(project.root, project.models))
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_CLIENT_NAMES))
+def test_client_names_cannot_take_modelpex_own_names(project: Project, name: str) -> None:
+    """A client named `models` would get a job over every model version's pex (its group's name)."""
+    write_model(project.models, "m")
+    path = write(project, {"acme": good_client(), name: good_client()})
+    with pytest.raises(DeploymentError, match=rf"clients.{name}: client name '{name}' is one modelpex names its own"):
         load_deployments(path, Catalog(project.root, project.models))
 
 

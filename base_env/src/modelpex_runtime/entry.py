@@ -194,7 +194,17 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
 def _failure(exc: BaseException) -> ModelFailure:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    return ModelFailure(type=name, message=str(exc), traceback="".join(traceback.format_exception(exc)))
+    return ModelFailure(type=name, message=str(exc), traceback=_model_traceback(exc))
+
+
+def _model_traceback(exc: BaseException) -> str:
+    """The traceback from the model's own first frame: the runtime's frames above it are the same for every error
+    and would push the model's lines out of a log view."""
+    frames = exc.__traceback__
+    runtime = os.path.dirname(__file__)
+    while frames is not None and frames.tb_next is not None and frames.tb_frame.f_code.co_filename.startswith(runtime):
+        frames = frames.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, frames))
 
 
 @contextmanager
