@@ -175,7 +175,7 @@ def dagster_run(settings: Settings, workdir: Path, clients: int) -> dict:
     )
     (project / "deployments.yaml").write_text(DEPLOYMENTS.format(clients=block))
     local = dataclasses.replace(settings, project=project)
-    defs = build_definitions(local, schedules_running=False)
+    defs = build_definitions(local, automation_running=False)
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)
     metadata = [

@@ -409,7 +409,14 @@ def _first_line(error: SerializableErrorInfo) -> str:
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> None:
     """Replace this process with `dagster dev` on the project's instance, with default signal handling."""
-    env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home), "MODELPEX_PROJECT": str(settings.project)}
+    # N.B. The redeploy sensor reloads the code location through this webserver when the tree changes.
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(settings.dagster_home),
+        "MODELPEX_PROJECT": str(settings.project),
+        "MODELPEX_WEBSERVER_URL": f"http://{host}:{args.port}",
+    }
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # N.B. Inherited SIG_IGN would make dagster dev unstoppable (field notes).
     dagster = str(Path(sys.executable).with_name("dagster"))

@@ -1,10 +1,16 @@
-"""Sensors: redeploy what changed, for the clients that run it, and record which client and model failed.
+"""Sensors: notice what changed, for the clients that run it, and record which client and model failed.
 
 The redeploy sensor's cursor is a snapshot of content keys (the base's, every model version's), of the model
-versions in the store, and of the version each client's model resolves to. A tick compares the tree with it: a
-changed model version requests one run of that version's asset and of the follower clients' assets; a client's
-model that deployments.yaml moved to another version (or added) requests a run of that client's model; a changed
-base requests everything; an unchanged tree requests nothing.
+versions in the store, and of the version each client's model resolves to. What conditions cannot see is its job:
+model folders, release tags and deployments.yaml change outside Dagster, and a version may arrive in the store.
+
+- With a webserver to reload through (MODELPEX_WEBSERVER_URL, which `modelpex ui` sets), a tree that differs from
+  the one the definitions were built from reloads the code location: new versions get their assets, and the new
+  code versions let the automation conditions (orchestrator/automation.py) rebuild and retrain what changed.
+- Without one, the sensor requests those runs itself: a changed model version, that version's asset and its
+  follower clients' assets; a client's model that deployments.yaml moved (or added), that client's model; a
+  changed base, everything. New versions and an edited deployments.yaml then wait for a reload to show.
+- Either way, a version that appeared in the store (built elsewhere) runs for its followers.
 
 N.B. Dagster launches at most one run per run key per sensor, ever. Content alone cannot key a run: a model edited
 A -> B -> A -> B would redeploy B once. Each tick that requests runs therefore starts a new generation, counted in the
@@ -12,10 +18,15 @@ cursor, and every run key carries it. A tick that is evaluated again (its runs l
 the same generation and so the same keys: Dagster's deduplication still covers what it is for.
 """
 
+import hashlib
 import json
+import logging
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 from dagster import (
     AssetKey,
@@ -55,11 +66,17 @@ def snapshot(modelpex: ModelpexResource, deployments: Deployments) -> dict[str, 
 def redeploy_sensor(
     deployments: Deployments,
     version_assets: Mapping[str, AssetKey],
+    loaded: Mapping[str, Any],
     minimum_interval_seconds: int = 30,
+    webserver_url: str | None = None,
 ):
-    """The sensor, closed over the definitions it may select from (``version_assets``: ``name@version`` -> key).
+    """The sensor, closed over the definitions it may select from (``version_assets``: ``name@version`` -> key) and
+    the tree they were built from (``loaded``: a `snapshot` without "stored").
 
-    It targets assets, not a job: Dagster runs each request's selection with its implicit asset job.
+    With ``webserver_url`` a changed tree reloads the code location, and the assets' automation conditions redeploy
+    what the new code versions say changed; without it, the sensor requests those runs itself. Either way a version
+    that only appeared in the store (built elsewhere) is run for its followers here. Requests target assets, not a
+    job: Dagster runs each request's selection with its implicit asset job.
     """
 
     @sensor(
@@ -68,8 +85,9 @@ def redeploy_sensor(
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description=(
-            "Rebuilds a model version whose folder, tag or stored pex changed and re-runs its followers; deploys a "
-            "client's model that deployments.yaml moved to another version (once the code location reloads)."
+            "Watches model folders, release tags, the store, base_env and deployments.yaml. A changed tree reloads the "
+            "code location (MODELPEX_WEBSERVER_URL), after which automation redeploys it; a version built elsewhere "
+            "re-runs its followers."
         ),
     )
     def _redeploy(context: SensorEvaluationContext, modelpex: ModelpexResource) -> SensorResult:
@@ -77,24 +95,105 @@ def redeploy_sensor(
         if not context.cursor:
             return SensorResult(skip_reason="first tick: remembered the current tree", cursor=_cursor(now, 0))
         before = json.loads(context.cursor)
-        generation = int(before.get("generation", 0)) + 1
-        if now["base"] != before["base"]:
-            request = RunRequest(  # N.B. No selection: everything.
-                run_key=f"{generation}:base:{now['base']}", tags={"modelpex/redeploy": "base"}
-            )
-            return SensorResult(run_requests=[request], cursor=_cursor(now, generation))
-        requests = _version_requests(before, now, deployments, version_assets, generation)
-        requests += _moved_requests(before, now, deployments, version_assets, requests, generation)
-        cursor = _cursor(now, generation if requests else generation - 1)
-        for request in requests:
-            context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
-        stale = _stale(deployments, version_assets, now)
-        if stale:
-            context.log.warning(stale)
-        skip = None if requests else "; ".join(filter(None, ["nothing changed", stale]))
-        return SensorResult(run_requests=requests, cursor=cursor, skip_reason=skip)
+        if webserver_url:
+            return _reload(context, before, now, deployments, version_assets, loaded, webserver_url)
+        return _request_runs(context, before, now, deployments, version_assets)
 
     return _redeploy
+
+
+def _request_runs(
+    context: SensorEvaluationContext,
+    before: dict[str, Any],
+    now: dict[str, Any],
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+) -> SensorResult:
+    """Without a webserver to reload through: run what changed, and say what stays stale until a reload."""
+    generation = int(before.get("generation", 0)) + 1
+    if now["base"] != before["base"]:
+        request = RunRequest(  # N.B. No selection: everything.
+            run_key=f"{generation}:base:{now['base']}", tags={"modelpex/redeploy": "base"}
+        )
+        return SensorResult(run_requests=[request], cursor=_cursor(now, generation))
+    changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
+    requests = _version_requests(_stored(before, now) | changed, now, deployments, version_assets, generation)
+    requests += _moved_requests(before, now, deployments, version_assets, requests, generation)
+    for request in requests:
+        context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
+    stale = _stale(deployments, version_assets, now)
+    if stale:
+        context.log.warning(stale)
+    skip = None if requests else "; ".join(filter(None, ["nothing changed", stale]))
+    return SensorResult(
+        run_requests=requests, cursor=_cursor(now, generation if requests else generation - 1), skip_reason=skip
+    )
+
+
+def _reload(
+    context: SensorEvaluationContext,
+    before: dict[str, Any],
+    now: dict[str, Any],
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+    loaded: Mapping[str, Any],
+    url: str,
+) -> SensorResult:
+    """Reload the code location when the tree differs from what it was built from (once per tree, again after
+    `RELOAD_RETRY_SECONDS` if it still differs); run versions that only appeared in the store."""
+    generation = int(before.get("generation", 0)) + 1
+    requests = _version_requests(_stored(before, now), now, deployments, version_assets, generation)
+    cursor = {**now, "generation": generation if requests else generation - 1, "reload": before.get("reload")}
+    why = _differences(loaded, now, deployments)
+    tree = hashlib.sha256(json.dumps([now[k] for k in TREE], sort_keys=True).encode()).hexdigest()
+    last = before.get("reload") or {}
+    if why and (last.get("tree") != tree or time.time() - float(last.get("at", 0)) > RELOAD_RETRY_SECONDS):
+        location = context.code_location_origin.location_name if context.code_location_origin else "modelpex"
+        threading.Thread(target=reload_code_location, args=(url, location), daemon=True).start()
+        cursor["reload"] = {"tree": tree, "at": time.time()}
+        context.log.info(f"reloading code location {location!r} through {url}: {why}")
+    skip = None if requests else (f"reloading: {why}" if why else "nothing changed")
+    return SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True), skip_reason=skip)
+
+
+TREE = ("base", "models", "deployed")
+RELOAD_RETRY_SECONDS = 120
+
+
+def _differences(loaded: Mapping[str, Any], now: dict[str, Any], deployments: Deployments) -> str:
+    """How the tree differs from the one the loaded definitions were built from, in words."""
+    why = []
+    if now["base"] != loaded["base"]:
+        why.append("base_env changed")
+    changed = sorted(label for label, key in now["models"].items() if loaded["models"].get(label) != key)
+    if changed:
+        why.append(f"model versions new or changed: {', '.join(changed)}")
+    moved = sorted(where for where, label in now["deployed"].items() if loaded["deployed"].get(where) != label)
+    if moved or deployments.changed_on_disk():
+        why.append(f"{deployments.path.name} or the versions clients follow changed ({', '.join(moved) or 'file'})")
+    return "; ".join(why)
+
+
+def reload_code_location(url: str, location: str) -> None:
+    """Ask the webserver to reload ``location``: it re-imports the code and every process sees the new definitions.
+
+    N.B. Called on a thread: the code server that evaluates this sensor is the one being reloaded.
+    """
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    parsed = urlparse(url)
+    try:
+        client = DagsterGraphQLClient(
+            parsed.hostname or "127.0.0.1", port_number=parsed.port, use_https=parsed.scheme == "https", timeout=300
+        )
+        client.reload_repository_location(location)
+    except (DagsterGraphQLClientError, OSError) as exc:
+        logging.getLogger(__name__).warning(f"could not reload code location {location!r} through {url}: {exc}")
+
+
+def _stored(before: dict[str, Any], now: dict[str, Any]) -> set[str]:
+    """Model versions that appeared in the store since the last tick (built elsewhere, e.g. in CI)."""
+    return set(now["stored"]) - set(before["stored"])
 
 
 def _cursor(now: dict[str, Any], generation: int) -> str:
@@ -117,16 +216,14 @@ def _request(key: str, selection: list[AssetKey], label: str, clients: list[str]
 
 
 def _version_requests(
-    before: dict[str, Any],
+    changed: set[str],
     now: dict[str, Any],
     deployments: Deployments,
     version_assets: Mapping[str, AssetKey],
     generation: int,
 ) -> list[RunRequest]:
-    """One run per model version whose content changed or that appeared (in the tree, as a tag, or in the store):
-    that version's pex and the assets of the clients that run it."""
-    changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
-    changed |= set(now["stored"]) - set(before["stored"])
+    """One run per model version in ``changed`` (its content changed, or it appeared in the tree, as a tag or in the
+    store): that version's pex and the assets of the clients that run it."""
     running: dict[str, list[ModelDeployment]] = defaultdict(list)
     for d in deployments.all():
         running[now["deployed"][d.where]].append(d)

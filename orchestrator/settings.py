@@ -14,7 +14,8 @@
 | MODELPEX_TIMEOUT          | seconds a model call may run                     | 3600                       |
 | MODELPEX_SHM_POOL_BYTES   | shared memory kept between calls                 | 1G, <= 1/4 of /dev/shm     |
 | MODELPEX_GC_GRACE         | seconds before gc removes a dead run's leftovers | 3600                       |
-| MODELPEX_SENSOR_INTERVAL  | seconds between the redeploy sensor's ticks      | 30                         |
+| MODELPEX_SENSOR_INTERVAL  | seconds between the sensors' ticks               | 30                         |
+| MODELPEX_WEBSERVER_URL    | the Dagster webserver the redeploy sensor reloads | none (`modelpex ui` sets it) |
 | DAGSTER_HOME              | Dagster's instance folder                        | <project>/.dagster_home    |
 
 (*) when models run as another user; ~/.cache/modelpex otherwise.
@@ -27,13 +28,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from orchestrator.catalog import Catalog
 from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.specs import BaseEnv, load_base_env
 from orchestrator.store import PexStore, open_store
 
-__all__ = ["Settings", "find_project_root", "parse_seconds", "parse_size"]
+__all__ = ["Settings", "find_project_root", "parse_seconds", "parse_size", "parse_url"]
 
 
 def parse_seconds(text: str | None, name: str, default: float) -> float:
@@ -60,6 +62,20 @@ def parse_size(text: str | None, name: str, default: int) -> int:
     if not digits.isdigit():
         raise ModelpexError(f"{name}={text!r} is not a size in bytes: set it to e.g. 1073741824 or 1G, or unset it")
     return int(digits) * units[unit]
+
+
+def parse_url(text: str | None, name: str) -> str | None:
+    """An http(s) URL with a host, or one line naming the variable."""
+    if not text:
+        return None
+    parsed = urlparse(text)
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parsed = parsed._replace(netloc="")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ModelpexError(f"{name}={text!r} is not an http(s) URL: set it to e.g. http://127.0.0.1:3000, or unset it")
+    return text.rstrip("/")
 
 
 def find_project_root(start: Path) -> Path:
@@ -90,6 +106,7 @@ class Settings:
     gc_grace: float = 3600.0
     shm_pool_bytes: int | None = None  # N.B. Read by orchestrator.transport; validated here with the rest.
     sensor_interval: float = 30.0
+    webserver_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -115,6 +132,7 @@ class Settings:
             gc_grace=parse_seconds(env.get("MODELPEX_GC_GRACE"), "MODELPEX_GC_GRACE", 3600.0),
             shm_pool_bytes=parse_size(env.get("MODELPEX_SHM_POOL_BYTES"), "MODELPEX_SHM_POOL_BYTES", 0) or None,
             sensor_interval=parse_seconds(env.get("MODELPEX_SENSOR_INTERVAL"), "MODELPEX_SENSOR_INTERVAL", 30.0),
+            webserver_url=parse_url(env.get("MODELPEX_WEBSERVER_URL"), "MODELPEX_WEBSERVER_URL"),
         )
 
     @property

@@ -50,7 +50,15 @@ M_INPUTS = (
 
 
 def repo_definitions() -> Definitions:
-    return build_definitions(Settings.from_env(env={}, project=str(REPO)), schedules_running=False)
+    return build_definitions(Settings.from_env(env={}, project=str(REPO)), automation_running=False)
+
+
+def labels(condition) -> set[str]:
+    """Every labelled part of an automation condition (``on_cron(...)``, ``redeploy``, ...)."""
+    found = {condition.get_label()} - {None}
+    for child in condition.children:
+        found |= labels(child)
+    return found
 
 
 def keys_of(defs: Definitions, job: str) -> set[AssetKey]:
@@ -68,8 +76,13 @@ def test_repository_definitions_load() -> None:
     assert acme.tags["version"] == "1.0.0" and globex.tags["version"] == "1.1.0"
     assert acme.group_name == "acme"
     assert graph.get(AssetKey(["model", "churn", "v1_1_0"])).code_version
-    assert {s.name for s in defs.schedules} >= {"acme_train", "acme_predict", "globex_train", "globex_train_2"}
-    assert {s.name for s in defs.sensors} == {"modelpex_redeploy", "modelpex_failures"}
+    assert labels(acme.automation_condition) >= {"on_cron(0 2 * * *, UTC)", "redeploy"}, "trains on acme's cron"
+    predictions = graph.get(AssetKey(["acme", "churn", "predictions"])).automation_condition
+    assert labels(predictions) >= {"on_cron(0 * * * *, UTC)", "after training"}
+    credit = graph.get(AssetKey(["globex", "credit_risk", "state"])).automation_condition
+    assert "on_cron(0 4 * * 1, UTC)" in labels(credit), "a model's own cron overrides its client's"
+    assert "on_cron(30 2 * * *, UTC)" not in labels(credit)
+    assert {s.name for s in defs.sensors} == {"modelpex_automation", "modelpex_redeploy", "modelpex_failures"}
     assert {j.name for j in defs.jobs} >= {"client_acme", "client_globex", "model_churn", "build_model"}
 
 
@@ -151,7 +164,7 @@ def two_versions(project: Project) -> Project:
 def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Definitions:
     settings = Settings.from_env(env={}, project=str(project.root), store_url=str(store.root))
     modelpex = ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)
-    return build_definitions(settings, schedules_running=False, modelpex=modelpex)
+    return build_definitions(settings, automation_running=False, modelpex=modelpex)
 
 
 def materialised(result) -> dict[AssetKey, dict]:
