@@ -19,9 +19,9 @@ Cli = Callable[..., CliResult]
 
 
 def assert_one_line_error(result: CliResult, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("error: "), result.stderr
+    """Exit code 1 and stderr exactly one ``error:`` line holding every fragment."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
 
