@@ -198,3 +198,17 @@ def test_killed_build_publishes_nothing(
     assert f"removed {folder}, left by a run that ended" in gc.stdout
     assert list((store.root / "work").iterdir()) == []
     assert cli("build", "m").stdout.startswith("built  m@1.0.0")
+
+
+def test_killed_forced_rebuild_keeps_the_old_artifact(project: Project, store: LocalPexStore, cli, fresh_cache) -> None:
+    write_model(project.models, "m")
+    assert cli("build", "m").returncode == 0
+    (old,) = store.find("model", "m")
+    before = store_snapshot(store)
+    command, env = _build_command(project, store, "m")
+    folder = _kill_while_pex_builds(subprocess.Popen([*command, "--force"], env=env, start_new_session=True), store)
+    assert store.find("model", "m") == [old], "the old artifact stays published until a new one replaces it"
+    store.verify(old)
+    _assert_left_behind(store, folder)
+    assert cli("gc", env={**fresh_cache, "MODELPEX_GC_GRACE": "0.001"}).returncode == 0
+    assert store_snapshot(store) == before, "gc removed the killed build's folder, and nothing else"
