@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from orchestrator.errors import BuildError, DependencyConflictError, SpecError
+from orchestrator.errors import BuildError, DependencyConflictError, ModelpexWarning, RecordError, SpecError
 from orchestrator.files import staged
 from orchestrator.specs import (
     BASE_DISTRIBUTION,
@@ -248,21 +249,32 @@ class Builder:
 
     def _publish(self, record: ArtifactRecord, build: Callable[[Path], Path], *, force: bool) -> BuildResult:
         started = time.perf_counter()
-        existing = self.store.record(record.kind, record.name, record.key)
-        if existing is not None and not force:
+        existing = None if force else self._existing(record, force=False)
+        if existing is not None:
             return BuildResult(existing, True, time.perf_counter() - started)
+        self.store.check_writable(f"build {record.label}")
         with self.store.lock(f"{record.kind}-{record.key}"):
-            existing = self.store.record(record.kind, record.name, record.key)
+            existing = self._existing(record, force=force)
             if existing is not None and not force:
                 return BuildResult(existing, True, time.perf_counter() - started)
-            if existing is not None:
-                self.store.delete(existing)
             with self.store.work_dir() as work:
                 self.step(f"building {record.label} (key {record.key})")
                 path = build(work)
                 finished = record.finished(path, build_seconds=round(time.perf_counter() - started, 3))
-                published = self.store.put(finished, path)
+                # N.B. Forced, the old artifact stays published until the new one replaces it: a kill mid-build
+                # loses nothing.
+                published = self.store.put(finished, path, replace=force)
         return BuildResult(published, False, time.perf_counter() - started)
+
+    def _existing(self, record: ArtifactRecord, *, force: bool) -> ArtifactRecord | None:
+        """The stored record of exactly this artifact; forced, an unreadable or foreign one is reported and replaced."""
+        try:
+            return self.store.record(record.kind, record.name, record.key, record.version)
+        except RecordError as exc:
+            if not force:
+                raise
+            warnings.warn(f"replacing index record {exc.where}, which {exc.problem}", ModelpexWarning, stacklevel=2)
+            return None
 
     def _build_base(self, work: Path) -> Path:
         self.base_env.pins()  # N.B. Fails with "run `modelpex lock base`" before pex does, if the lock is missing.

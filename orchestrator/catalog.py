@@ -3,7 +3,8 @@
 Definitions, the redeploy sensor and ``modelpex build --all`` all need "which versions exist and what is their
 content". Released tags are immutable, so a tag's digest is cached by its git tree id: loading the catalog of a
 hundred models costs a couple of git calls and the hashing of the working trees, not an export of every tag.
-A tag whose folder is not a valid model of that version is skipped with a warning, not fatal to every definition.
+A tag whose folder is not a valid model of that version, or a working-tree folder that is not a valid model, is
+skipped with a warning, not fatal to every definition.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Literal
 
 from packaging.version import Version
 
-from orchestrator.errors import SpecError
-from orchestrator.specs import ModelRef, ModelSpec, discover_models, tree_digest, validate_version
+from orchestrator.errors import ModelpexWarning, SpecError
+from orchestrator.specs import ModelRef, ModelSpec, scan_models, tree_digest, validate_version, warn_broken
 from orchestrator.versions import ModelSource, resolve_source
 
 __all__ = ["LATEST", "Catalog", "ModelVersion"]
@@ -88,7 +89,11 @@ class Catalog:
 
     def __init__(self, project: Path, models_dir: Path, cache_file: Path | None = None) -> None:
         self.project, self.models_dir, self.cache_file = project, models_dir, cache_file
-        self.specs: dict[str, ModelSpec] = {spec.name: spec for spec in discover_models(models_dir)}
+        specs, broken = scan_models(models_dir)
+        warn_broken(broken)
+        self.specs: dict[str, ModelSpec] = {spec.name: spec for spec in specs}
+        # N.B. Folder name -> why it is not a model: skipped here, and gc keeps whatever the store holds of them.
+        self.broken: dict[str, SpecError] = {folder.name: exc for folder, exc in broken.items()}
         self.versions: dict[str, dict[str, ModelVersion]] = {name: {} for name in self.specs}
         for (name, version), digest in self._tag_digests().items():
             self.versions[name][version] = ModelVersion(name, version, digest, "tag")
@@ -102,8 +107,8 @@ class Catalog:
         cache = self._read_cache()
         digests = {}
         for (name, version), tree in trees.items():
-            if self.specs[name].version == version:
-                continue  # N.B. The working tree describes its own version.
+            if name not in self.specs or self.specs[name].version == version:
+                continue  # N.B. The working tree describes its own version; a broken one is skipped whole.
             key = f"{tree} {version}"
             if key not in cache:
                 cache[key] = self._tag_digest(name, version)
@@ -118,7 +123,7 @@ class Catalog:
             try:
                 source = resolve_source(self.project, self.models_dir, ModelRef(name, version), Path(tmp))
             except SpecError as exc:
-                warnings.warn(f"ignoring git tag {name}/v{version}: {exc}", stacklevel=2)
+                warnings.warn(f"ignoring git tag {name}/v{version}: {exc}", ModelpexWarning, stacklevel=2)
                 return ""
             return tree_digest(source.spec.folder)
 

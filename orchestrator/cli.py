@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -25,16 +26,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, lock_model
-from orchestrator.errors import ModelpexError
+from orchestrator.errors import ModelpexError, ModelpexWarning
 from orchestrator.files import staged
 from orchestrator.settings import Settings, parse_seconds
 from orchestrator.specs import ModelRef, ModelSpec, discover_models, load_model_spec
-from orchestrator.store import ArtifactRecord, LocalPexStore, referenced
-from orchestrator.versions import ModelSource, resolve_source
+from orchestrator.store import ArtifactRecord, IndexScan, LocalPexStore, referenced
+from orchestrator.versions import ModelSource, resolve_source, tag_name
 
 if TYPE_CHECKING:
     from dagster_shared.error import SerializableErrorInfo
 
+    from orchestrator.catalog import Catalog
     from orchestrator.run import FittedState, RunOutcome
     from orchestrator.runner import Runner
     from orchestrator.states import StateRecord
@@ -44,6 +46,22 @@ __all__ = ["main"]
 # N.B. Piped output (CI logs, tests) gets a wide console so tables are not squeezed into 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr: something was skipped or kept so that the rest could go on."""
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """modelpex's own warnings as one line each; every other warning as Python shows it."""
+    if issubclass(category, ModelpexWarning):
+        warn(str(message))
+    else:
+        _PYTHON_SHOWWARNING(message, category, *args, **kwargs)
 
 
 def _mb(size: int) -> str:
@@ -114,7 +132,8 @@ def cmd_lock(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
     store = settings.store()
-    records = sorted(store.records(), key=lambda r: (r.kind != "base", r.name, r.version, r.built_at))
+    scan = store.scan()
+    records = sorted(scan.records, key=lambda r: (r.kind != "base", r.name, r.version, r.built_at))
     table = Table(title=f"artifacts in {store.url}")
     for column in ("kind", "name", "version", "key", "size", "base key", "git commit", "built at", "sha256"):
         table.add_column(column, no_wrap=True)
@@ -131,28 +150,34 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
             r.sha256[:12],
         )
     out.print(table)
+    for problem in scan.problems.values():
+        warn(str(problem))
 
 
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     """Remove what nothing references: artifacts of old bases or of superseded content of a version, states
     nothing can use, and what runs that died left (model folders, build folders) once they are old enough."""
+    from orchestrator.deployments import pinned_versions
     from orchestrator.leases import sweep
     from orchestrator.sandbox import RUN_PREFIX, RUNS
     from orchestrator.states import StateKeeper
     from orchestrator.store import BUILD_PREFIX
 
     store = settings.store()
+    if not args.dry_run:
+        store.check_writable("remove garbage (`modelpex gc --dry-run` only lists it)")
     builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
-    live = {builder.base_key} | {builder.model_key(v.digest) for v in settings.catalog().all()}
-    records = store.records()
-    keep = referenced(records, lambda r: r.key in live)
-    garbage = [r for r in records if r.key not in keep]
+    scan = store.scan()
+    for problem in scan.problems.values():
+        warn(f"{problem}; gc keeps its artifact meanwhile")
+    keep = kept_keys(builder, settings.catalog(), scan, pinned_versions(settings.deployments_file))
+    garbage = [r for r in scan.records if r.key not in keep]
     verb = "would remove" if args.dry_run else "removed"
     for record in garbage:
         out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
         if not args.dry_run:
             store.delete(record)
-    for path in store.unindexed_files() if isinstance(store, LocalPexStore) else []:
+    for path in unindexed_garbage(store, keep, scan) if isinstance(store, LocalPexStore) else []:
         out.print(f"{verb} unindexed file {path}")
         if not args.dry_run:
             path.unlink()
@@ -171,6 +196,55 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     for path in leftovers:
         out.print(f"{verb} {path}, left by a run that ended")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
+
+
+def kept_keys(builder: Builder, catalog: Catalog, scan: IndexScan, pinned: set[tuple[str, str]]) -> set[str]:
+    """Keys gc keeps: every version the catalog knows, the versions clients pin even when this clone cannot
+    resolve them (no tag), everything of a model whose folder cannot be read, and the bases all these run on.
+
+    N.B. What gc cannot judge it keeps: a missing tag or a broken folder is fixed in minutes, a deleted artifact
+    that a client pins may not be rebuildable at all. While some record is unreadable, every base is kept too,
+    since nothing tells which base that record's model runs on.
+    """
+    live = {builder.base_key} | {builder.model_key(v.digest) for v in catalog.all()}
+    unresolved = pinned - {(v.name, v.version) for v in catalog.all()}
+
+    def keep(record: ArtifactRecord) -> bool:
+        if record.key in live or (record.kind == "base" and scan.problems):
+            return True
+        return record.kind == "model" and ((record.name, record.version) in unresolved or record.name in catalog.broken)
+
+    kept = referenced(scan.records, keep)
+    for name, version in sorted(unresolved):
+        if any(r.name == name and r.version == version for r in scan.records):
+            warn(
+                f"kept {name}@{version}: deployments.yaml pins it but this clone has no tag "
+                f"{tag_name(name, version)}; fetch the tags (`git fetch --tags`) so it can be built and collected"
+            )
+    for name in sorted(catalog.broken.keys() & {r.name for r in scan.records}):
+        warn(f"kept every artifact of {name}: its folder is not a valid model (see above), so none can be judged")
+    return kept
+
+
+def unindexed_garbage(store: LocalPexStore, keep: set[str], scan: IndexScan) -> list[Path]:
+    """Artifact files without a record, except those whose record is unreadable and bases that gc keeps.
+
+    N.B. A base whose record was lost is still what kept models run on: deleting it would break them all.
+    """
+    unreadable = {location.partition("/")[2] for location in scan.problems}
+    garbage = []
+    for path in store.unindexed_files():
+        key = path.stem.rpartition("-")[2]
+        if key in unreadable:
+            warn(f"kept {path}: its index record is unreadable (see above)")
+        elif path.parent.name == "bases" and (key in keep or scan.problems):
+            warn(
+                f"kept {path}: it has no index record but kept models run on it (`modelpex build base` restores the "
+                "record of the current base)"
+            )
+        else:
+            garbage.append(path)
+    return garbage
 
 
 def _older(path: Path, seconds: float) -> bool:
@@ -313,6 +387,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
     paths = _input_paths(args.input)
     _check_targets(args, paths)
     params = _params(args.params)
+    if args.save_state:
+        settings.store().check_writable("keep the fitted state (--save-state) and its record")
     with model_source(settings, ModelRef.parse(args.model)) as source:
         _check_inputs(source.spec, paths)
         inputs = {name: _read_table(name, path) for name, path in paths.items()}
@@ -497,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _show_warning
     try:
         settings = Settings.from_env(project=args.project, store_url=args.store_url, python=args.python)
         args.func(args, settings)

@@ -21,7 +21,14 @@ from orchestrator.catalog import LATEST, Catalog
 from orchestrator.errors import SpecError
 from orchestrator.specs import validate_name
 
-__all__ = ["ClientDeployment", "DatasetSource", "Deployments", "ModelDeployment", "load_deployments"]
+__all__ = [
+    "ClientDeployment",
+    "DatasetSource",
+    "Deployments",
+    "ModelDeployment",
+    "load_deployments",
+    "pinned_versions",
+]
 
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 GENERATORS = ("customers", "sales", "applicants")
@@ -200,15 +207,39 @@ def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployme
     return ClientDeployment(name, datasets, models)
 
 
-def load_deployments(path: Path, catalog: Catalog) -> Deployments:
-    """Parse and validate ``path``; a `DeploymentError` names the file, the place in it and the fix."""
+def _load_yaml(path: Path) -> tuple[bytes, Any]:
     try:
         text = Path(path).read_bytes()
-        raw = yaml.load(text.decode("utf-8"), Loader=_LOADER)
+        return text, yaml.load(text.decode("utf-8"), Loader=_LOADER)
     except FileNotFoundError:
         raise DeploymentError(f"no deployments file at {path}: create one (see README, 'Deployments')") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DeploymentError(f"{path} is not valid YAML: {exc}") from None
+
+
+def pinned_versions(path: Path) -> set[tuple[str, str]]:
+    """(model, version) of every exact version a client pins, read without the catalog; no file pins nothing.
+
+    N.B. gc must keep what clients pin even when this clone cannot resolve it (a clone without the release tags):
+    `load_deployments` would reject such a file, and gc would then not know what to keep.
+    """
+    if not Path(path).exists():
+        return set()
+    _, raw = _load_yaml(path)
+    pinned = set()
+    try:
+        for client, table in _table(_table(raw, "top level").get("clients"), "clients").items():
+            for model, spec in _table(_table(table, f"clients.{client}").get("models"), f"clients.{client}").items():
+                version = str(_table(spec, f"clients.{client}.models.{model}").get("version", LATEST))
+                pinned |= set() if version == LATEST else {(str(model), version)}
+    except DeploymentError as exc:
+        raise DeploymentError(f"{path}: {exc}") from None
+    return pinned
+
+
+def load_deployments(path: Path, catalog: Catalog) -> Deployments:
+    """Parse and validate ``path``; a `DeploymentError` names the file, the place in it and the fix."""
+    text, raw = _load_yaml(path)
     try:
         clients = {
             str(c): _client(str(c), v, Path(path).parent, catalog)

@@ -13,6 +13,8 @@ __all__ = [
     "DependencyConflictError",
     "IntegrityError",
     "ModelpexError",
+    "ModelpexWarning",
+    "RecordError",
     "SandboxError",
     "SpecError",
     "StoreError",
@@ -37,6 +39,20 @@ class StoreError(ModelpexError):
 
 class IntegrityError(StoreError):
     """An artifact's bytes do not match the sha256 recorded when it was built."""
+
+
+class RecordError(StoreError):
+    """An index record is unreadable, or is not the record of the artifact it is filed as: it is never trusted."""
+
+    where: str = ""  # the record's file or URL
+    problem: str = ""  # what is wrong with it, without the fix
+
+
+class ModelpexWarning(UserWarning):
+    """Something was skipped or kept so that the rest could go on (a bad model folder, an unreadable record).
+
+    The CLI prints it as one ``warning:`` line; elsewhere it is an ordinary Python warning.
+    """
 
 
 class SandboxError(ModelpexError):

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tomllib
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from orchestrator.errors import SpecError
+from orchestrator.errors import ModelpexWarning, SpecError
 
 __all__ = [
     "BASE_DISTRIBUTION",
@@ -33,9 +34,11 @@ __all__ = [
     "discover_models",
     "load_base_env",
     "load_model_spec",
+    "scan_models",
     "tree_digest",
     "validate_name",
     "validate_version",
+    "warn_broken",
 ]
 
 BASE_DISTRIBUTION = "modelpex-base"
@@ -262,12 +265,36 @@ def load_base_env(folder: Path) -> BaseEnv:
     return BaseEnv(folder, validate_version(str(project.get("version")), model=BASE_DISTRIBUTION))
 
 
-def discover_models(root: Path) -> list[ModelSpec]:
-    """Every model folder under ``root`` (a folder with a pyproject.toml), sorted by name."""
+def scan_models(root: Path) -> tuple[list[ModelSpec], dict[Path, SpecError]]:
+    """Every model folder under ``root`` (a folder with a pyproject.toml), sorted by name, and those that are not
+    valid models (a bad folder name, a broken pyproject.toml) with their errors."""
     root = Path(root)
-    if not root.is_dir():
-        return []
-    return [load_model_spec(p) for p in sorted(root.iterdir()) if (p / "pyproject.toml").is_file()]
+    specs: list[ModelSpec] = []
+    broken: dict[Path, SpecError] = {}
+    folders = sorted(p for p in root.iterdir() if (p / "pyproject.toml").is_file()) if root.is_dir() else []
+    for folder in folders:
+        try:
+            specs.append(load_model_spec(folder))
+        except SpecError as exc:
+            broken[folder] = exc
+    return specs, broken
+
+
+def warn_broken(broken: Mapping[Path, SpecError]) -> None:
+    """One warning per model folder that was skipped, naming it and its problem."""
+    for folder, exc in broken.items():
+        warnings.warn(f"skipping model folder {folder}: {exc}", ModelpexWarning, stacklevel=2)
+
+
+def discover_models(root: Path) -> list[ModelSpec]:
+    """Every valid model folder under ``root``, sorted by name.
+
+    N.B. A folder that is not a valid model is skipped with a warning: one bad folder (a space in its name, a typo
+    in its pyproject.toml) fails alone, and every other model still builds, deploys and is collected by gc.
+    """
+    specs, broken = scan_models(root)
+    warn_broken(broken)
+    return specs
 
 
 def read_lock(path: Path, *, what: str, fix: str) -> Mapping[str, object]:

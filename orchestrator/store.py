@@ -1,8 +1,9 @@
 """Store: where built pex files live, with an index of what each one is, verified before anything runs.
 
-The interface is a handful of primitives (`put`, `record`, `records`, `fetch`, `delete`) in the manner of
-fsspec; `exists`, `verify` and `find` are built on them. Backends are chosen by URL so an object-store backend
-can be added without touching callers; the local directory (``pex_builds/``) is the default.
+The interface is a handful of primitives (`put`, raw index entries by location, `_download`, `delete`) in the
+manner of fsspec; `record`, `scan`, `find`, `verify` and `fetch` are built on them, so what a record may say, and
+whether it is the one that was asked for, is checked once for every backend. Backends are chosen by URL so an
+object-store backend can be added without touching callers; the local directory (``pex_builds/``) is the default.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -23,23 +25,44 @@ from urllib.parse import urlparse
 
 from filelock import FileLock
 
-from orchestrator.errors import IntegrityError, StoreError
+from orchestrator.errors import IntegrityError, ModelpexError, RecordError, StoreError
 from orchestrator.files import write_atomic
 from orchestrator.leases import lease_dir
 from orchestrator.specs import validate_name, validate_version
 
 __all__ = [
     "ArtifactRecord",
+    "IndexScan",
     "LocalPexStore",
     "PexStore",
     "file_sha256",
+    "index_location",
     "open_store",
     "referenced",
 ]
 
 Kind = Literal["base", "model"]
+KINDS: tuple[Kind, ...] = ("base", "model")
+BASE_NAME = "base"
 BUILD_PREFIX = "build-"
 _KEY_CHARS = set("0123456789abcdef")
+# N.B. What a record file must hold, and the JSON types of every field: the index is files anyone who can write the
+# store could edit, and its fields become paths, cache names and the pex that runs.
+_REQUIRED = ("kind", "name", "version", "key", "sha256", "size")
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,),
+    "name": (str,),
+    "version": (str,),
+    "key": (str,),
+    "sha256": (str,),
+    "size": (int,),
+    "base_key": (str, type(None)),
+    "git_commit": (str, type(None)),
+    "built_at": (str,),
+    "build_seconds": (int, float),
+    "interpreter": (str,),
+    "details": (dict,),
+}
 
 
 def file_sha256(path: Path) -> str:
@@ -48,10 +71,49 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and set(text) <= _KEY_CHARS
+
+
 def _validate_key(key: str) -> str:
-    if len(key) != 32 or not set(key) <= _KEY_CHARS:
+    if not isinstance(key, str) or not _is_hex(key, 32):
         raise StoreError(f"artifact key {key!r} is not a 32-character hex content key")
     return key
+
+
+def _check_types(values: dict[str, object]) -> None:
+    """Every known field has its JSON type (``true`` is not a size): the rest of the record is checked on top."""
+    for name, types in _FIELD_TYPES.items():
+        value = values.get(name)
+        if name in values and (isinstance(value, bool) or not isinstance(value, types)):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise StoreError(f"field {name} = {value!r} is not {expected}")
+
+
+def index_location(kind: str, name: str, key: str) -> str:
+    """Where the record of an artifact is filed: ``base/<key>`` or ``<model>/<key>``, validated before any use."""
+    if kind not in KINDS:
+        raise StoreError(f"artifact kind {kind!r} is not one of {', '.join(KINDS)}")
+    folder = BASE_NAME if kind == "base" else validate_name(name)
+    return f"{folder}/{_validate_key(key)}"
+
+
+def _filed_as(location: str) -> tuple[Kind, str, str]:
+    """The (kind, name, key) an index location stands for; `index_location` validates them."""
+    folder, _, key = location.partition("/")
+    return ("base" if folder == BASE_NAME else "model"), folder, key
+
+
+def _label(kind: str, name: str, version: str | None, unknown: str = "") -> str:
+    if kind == "base":
+        return BASE_NAME
+    return f"{name}@{version or unknown}" if version or unknown else name
+
+
+def _record_error(where: str, problem: str, fix: str) -> RecordError:
+    error = RecordError(f"index record {where} {problem}: {fix}")
+    error.where, error.problem = where, problem
+    return error
 
 
 @dataclass(frozen=True)
@@ -72,12 +134,21 @@ class ArtifactRecord:
     details: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(vars(self))
+        if self.kind not in KINDS:
+            raise StoreError(f"artifact kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "base" and self.name != BASE_NAME:
+            raise StoreError(f"a base artifact is named {BASE_NAME!r}, not {self.name!r}")
         if self.kind == "model":
             validate_name(self.name)
         validate_version(self.version, model=self.name)
         _validate_key(self.key)
         if self.base_key is not None:
             _validate_key(self.base_key)
+        if self.sha256 and not _is_hex(self.sha256, 64):
+            raise StoreError(f"sha256 {self.sha256!r} is not a 64-character hex digest")
+        if self.size < 0:
+            raise StoreError(f"size {self.size} is negative")
 
     @property
     def filename(self) -> str:
@@ -94,10 +165,38 @@ class ArtifactRecord:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ArtifactRecord:
-        data = json.loads(text)
+    def from_json(cls, text: str | bytes) -> ArtifactRecord:
+        """Parse a published record; a `StoreError` says what is wrong ("is not valid JSON (...)", ...).
+
+        N.B. Fields this version does not know are ignored, so an older orchestrator reads a newer index.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as exc:  # N.B. JSONDecodeError and UnicodeDecodeError, from a truncated or binary file.
+            raise StoreError(f"is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"is not a JSON object but {type(data).__name__}")
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise StoreError(f"lacks the field(s) {', '.join(missing)}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except ModelpexError as exc:
+            raise StoreError(f"is not valid ({exc})") from None
+
+    def check_identity(self, kind: str, name: str, key: str, version: str | None = None) -> None:
+        """Raise a `StoreError` unless this is the record of (kind, name, key[, version]).
+
+        N.B. A record copied over another key's file, or one whose kind or name was edited, must not choose which
+        pex runs or where its path points: it is checked against what was asked for before a path is built from it.
+        """
+        if (self.kind, self.name, self.key) == (kind, name, key) and version in (None, self.version):
+            return
+        wanted = f"{_label(kind, name, version)} key {key}"
+        raise StoreError(
+            f"holds {self.kind} {self.label} key {self.key}, not {wanted}: it was copied or edited by hand"
+        )
 
     def finished(self, path: Path, **changes: object) -> ArtifactRecord:
         """This record with the size and sha256 of ``path`` and the build time filled in."""
@@ -107,22 +206,46 @@ class ArtifactRecord:
         )
 
 
+@dataclass(frozen=True)
+class IndexScan:
+    """The whole index: the records that can be trusted, and the entries that cannot (reported, never acted on)."""
+
+    records: list[ArtifactRecord]
+    problems: dict[str, RecordError]  # index location (``<folder>/<key>``) -> why it is not trusted
+
+
 class PexStore(ABC):
-    """Artifacts by (kind, name, key), each with an index record; a fetched artifact is always verified."""
+    """Artifacts by (kind, name, key), each with an index record; a fetched artifact is always verified.
+
+    Backends provide raw primitives (index entries as bytes by location, artifact bytes, locks). What a record may
+    say, and whether it is the record that was asked for, is checked here, once for every backend.
+    """
 
     url: str
 
     @abstractmethod
-    def put(self, record: ArtifactRecord, path: Path) -> ArtifactRecord:
-        """Publish ``path`` as ``record`` atomically: readers see the whole artifact or none of it."""
+    def put(self, record: ArtifactRecord, path: Path, *, replace: bool = False) -> ArtifactRecord:
+        """Publish ``path`` as ``record`` atomically: readers see the whole artifact or none of it.
+
+        An existing record of the key wins (and is returned) unless ``replace``: then the old artifact stays in place
+        and usable until the new one is wholly there, so a crash during a forced rebuild loses nothing.
+        """
 
     @abstractmethod
-    def record(self, kind: Kind, name: str, key: str) -> ArtifactRecord | None:
-        """The index record of one artifact, or ``None`` when it was never published."""
+    def _read_index(self, location: str) -> bytes | None:
+        """The raw bytes filed at an index location (``<folder>/<key>``), or ``None`` when nothing is."""
 
     @abstractmethod
-    def records(self) -> list[ArtifactRecord]:
-        """Every index record, in no particular order."""
+    def _index_locations(self) -> list[str]:
+        """The location of every index entry, valid or not."""
+
+    @abstractmethod
+    def _where(self, location: str) -> str:
+        """An index entry's file or URL, as messages name it."""
+
+    @abstractmethod
+    def check_writable(self, purpose: str) -> None:
+        """Raise one `StoreError` line naming the store and ``purpose`` when the store cannot be written."""
 
     @abstractmethod
     def local_path(self, record: ArtifactRecord) -> Path:
@@ -155,6 +278,49 @@ class PexStore(ABC):
     @abstractmethod
     def lock(self, name: str) -> FileLock:
         """An inter-process lock for building ``name`` once even when two processes try at the same time."""
+
+    def record(self, kind: Kind, name: str, key: str, version: str | None = None) -> ArtifactRecord | None:
+        """The index record of one artifact (of ``version``, when given), or ``None`` when it was never published.
+
+        A record that cannot be read, or that is not the record of what was asked for, is a `RecordError` naming
+        its file: it is never returned, so nothing builds a path or runs a pex from it.
+        """
+        location = index_location(kind, name, key)
+        fix = f"remove it, or rebuild with `modelpex build {_label(kind, name, version, '<version>')} --force`"
+        try:
+            data = self._read_index(location)
+            if data is None:
+                return None
+            record = ArtifactRecord.from_json(data)
+            record.check_identity(kind, name, key, version)
+        except OSError as exc:
+            raise _record_error(self._where(location), f"cannot be read ({exc.strerror or exc})", fix) from None
+        except StoreError as exc:
+            raise _record_error(self._where(location), str(exc), fix) from None
+        return record
+
+    def scan(self) -> IndexScan:
+        """Every record that can be trusted, and a `RecordError` for each index entry that cannot."""
+        records: list[ArtifactRecord] = []
+        problems: dict[str, RecordError] = {}
+        for location in self._index_locations():
+            kind, name, key = _filed_as(location)
+            try:
+                found = self.record(kind, name, key)
+            except RecordError as exc:
+                problems[location] = exc
+                continue
+            except ModelpexError:
+                where = self._where(location)
+                problems[location] = _record_error(where, "is not filed as <model>/<key> or base/<key>", "remove it")
+                continue
+            if found is not None:
+                records.append(found)
+        return IndexScan(records, problems)
+
+    def records(self) -> list[ArtifactRecord]:
+        """Every record that can be trusted, in no particular order (`scan` also names the others)."""
+        return self.scan().records
 
     def exists(self, kind: Kind, name: str, key: str) -> bool:
         return self.record(kind, name, key) is not None
@@ -210,7 +376,35 @@ class LocalPexStore(PexStore):
         return folder / record.filename
 
     def _index_path(self, kind: Kind, name: str, key: str) -> Path:
-        return self.root / "index" / ("base" if kind == "base" else validate_name(name)) / f"{_validate_key(key)}.json"
+        return self._index_file(index_location(kind, name, key))
+
+    def _index_file(self, location: str) -> Path:
+        return self.root / "index" / f"{location}.json"
+
+    def _read_index(self, location: str) -> bytes | None:
+        try:
+            return self._index_file(location).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _index_locations(self) -> list[str]:
+        return [f"{p.parent.name}/{p.stem}" for p in sorted((self.root / "index").glob("*/*.json"))]
+
+    def _where(self, location: str) -> str:
+        return str(self._index_file(location))
+
+    def check_writable(self, purpose: str) -> None:
+        """Create and remove a file in the store's folder: mode bits do not tell (root ignores them), this does."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot {purpose}: the artifact store {self.root} is not writable ({exc.strerror or exc}); make "
+                "it writable, or use another store (--store or MODELPEX_STORE)"
+            ) from None
 
     @contextmanager
     def work_dir(self) -> Iterator[Path]:
@@ -219,8 +413,8 @@ class LocalPexStore(PexStore):
         with lease_dir(self.root / "work", BUILD_PREFIX) as folder:
             yield folder
 
-    def put(self, record: ArtifactRecord, path: Path) -> ArtifactRecord:
-        existing = self.record(record.kind, record.name, record.key)
+    def put(self, record: ArtifactRecord, path: Path, *, replace: bool = False) -> ArtifactRecord:
+        existing = None if replace else self.record(record.kind, record.name, record.key)
         if existing is not None:
             return existing  # N.B. A concurrent builder published this key first; never overwrite an artifact.
         destination = self._artifact_path(record)
@@ -233,19 +427,11 @@ class LocalPexStore(PexStore):
         else:
             shutil.copyfile(path, staged)
         os.chmod(staged, 0o555)
+        # N.B. Replacing, the old artifact stays whole until this rename and its record follows at once; a crash
+        # between the two leaves new bytes under the old record, which `verify` refuses, naming `build --force`.
         os.replace(staged, destination)
         write_atomic(self._index_path(record.kind, record.name, record.key), record.to_json())
         return record
-
-    def record(self, kind: Kind, name: str, key: str) -> ArtifactRecord | None:
-        try:
-            return ArtifactRecord.from_json(self._index_path(kind, name, key).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-
-    def records(self) -> list[ArtifactRecord]:
-        index = self.root / "index"
-        return [ArtifactRecord.from_json(p.read_text(encoding="utf-8")) for p in sorted(index.glob("*/*.json"))]
 
     def local_path(self, record: ArtifactRecord) -> Path:
         return self._artifact_path(record)

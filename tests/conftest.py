@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +161,12 @@ class CliResult:
 
 @pytest.fixture
 def cli(project: Project, store: LocalPexStore) -> Callable[..., CliResult]:
-    """Run the real ``modelpex`` command in a subprocess against the test project and store."""
+    """Run the real ``modelpex`` command in a subprocess against the test project and store.
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    ``wrap`` is a command prefix it runs under (`read_only`, for instance).
+    """
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300, wrap: Sequence[str] = ()) -> CliResult:
         full_env = {
             **os.environ,
             "MODELPEX_PROJECT": str(project.root),
@@ -171,7 +174,7 @@ def cli(project: Project, store: LocalPexStore) -> Callable[..., CliResult]:
             **(env or {}),
         }
         done = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", *args],
+            [*wrap, sys.executable, "-m", "orchestrator.cli", *args],
             capture_output=True,
             text=True,
             env=full_env,
@@ -183,13 +186,21 @@ def cli(project: Project, store: LocalPexStore) -> Callable[..., CliResult]:
     return run
 
 
+def read_only(path: Path) -> list[str]:
+    """A command prefix: run the rest in a mount namespace of its own where ``path`` is a read-only bind mount.
+
+    N.B. Root ignores mode bits, so only a read-only mount really refuses root's writes; the mount is private to
+    that namespace, so nothing else on the machine sees it.
+    """
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, str(path)]
+
+
 def store_snapshot(store: LocalPexStore) -> dict[str, int]:
-    """Every file under the store's bases/, models/ and index/ with its size: 'the store is unchanged'."""
+    """Every file and folder in the store with its size (-1 for a folder): artifacts and index, and also work/,
+    locks/ and states/, so that "the store is unchanged" catches a build folder, a lock or a state left behind."""
     return {
-        str(p.relative_to(store.root)): p.stat().st_size
-        for folder in ("bases", "models", "index")
-        for p in sorted((store.root / folder).rglob("*"))
-        if p.is_file()
+        str(p.relative_to(store.root)): -1 if p.is_dir() else p.stat().st_size for p in sorted(store.root.rglob("*"))
     }
 
 

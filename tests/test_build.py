@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from orchestrator.specs import load_base_env, load_model_spec
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import resolve_source
 
-from .conftest import REPO, Project, SessionBase, copy_example, store_snapshot, write_model
+from .conftest import REPO, CliResult, Project, SessionBase, copy_example, store_snapshot, write_model
 
 
 def builder_for(project: Project, store: LocalPexStore) -> Builder:
@@ -144,15 +145,70 @@ def test_two_processes_building_one_key(project: Project, store: LocalPexStore) 
     store.verify(record)
 
 
-def test_killed_build_publishes_nothing(project: Project, store: LocalPexStore, tmp_path: Path) -> None:
-    write_model(project.models, "m")
-    command, env = _build_command(project, store, "m")
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list((store.root / "work").glob("build-*")) and time.monotonic() < deadline:
+def _session_commands(session: int) -> list[str]:
+    """Command lines of the live processes in ``session`` (a process group leader's pid)."""
+    commands = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rpartition(")")[2].split()
+            if proc.name.isdigit() and int(fields[3]) == session:
+                commands.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue
+    return commands
+
+
+def _kill_while_pex_builds(process: subprocess.Popen, store: LocalPexStore) -> Path:
+    """SIGKILL the build's whole session once pex runs inside a build folder; return that folder.
+
+    N.B. Proves a build was in progress when killed: a kill before the build started would prove nothing.
+    """
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        folders = [p for p in (store.root / "work").glob("build-*") if p.is_dir()]
+        if folders and any(" -m pex " in c for c in _session_commands(process.pid)):
+            break
+        assert process.poll() is None, "the build ended before it could be killed"
         time.sleep(0.01)
+    else:
+        pytest.fail("no pex build started within 120 s")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    (folder,) = folders
+    return folder
+
+
+def _assert_left_behind(store: LocalPexStore, folder: Path) -> None:
+    """What a killed build leaves: its leased build folder (with the base it was building on) and its lock file."""
+    assert sorted(p.name for p in (store.root / "work").iterdir()) == [folder.name, f"{folder.name}.lock"]
+    assert any(p.name.startswith("base-") for p in folder.iterdir()), "the model build had begun in it"
+
+
+def test_killed_build_publishes_nothing(
+    project: Project, store: LocalPexStore, cli: Callable[..., CliResult], fresh_cache: dict[str, str]
+) -> None:
+    write_model(project.models, "m")
+    command, env = _build_command(project, store, "m")
+    folder = _kill_while_pex_builds(subprocess.Popen(command, env=env, start_new_session=True), store)
     assert store.find("model", "m") == []
     assert not list((store.root / "models").rglob("*.pex"))
-    assert not build(project, store, "m", tmp_path).cached
+    _assert_left_behind(store, folder)
+    gc = cli("gc", env={**fresh_cache, "MODELPEX_GC_GRACE": "0.001"})
+    assert gc.returncode == 0, gc.stderr
+    assert f"removed {folder}, left by a run that ended" in gc.stdout
+    assert list((store.root / "work").iterdir()) == []
+    assert cli("build", "m").stdout.startswith("built  m@1.0.0")
+
+
+def test_killed_forced_rebuild_keeps_the_old_artifact(project: Project, store: LocalPexStore, cli, fresh_cache) -> None:
+    write_model(project.models, "m")
+    assert cli("build", "m").returncode == 0
+    (old,) = store.find("model", "m")
+    before = store_snapshot(store)
+    command, env = _build_command(project, store, "m")
+    folder = _kill_while_pex_builds(subprocess.Popen([*command, "--force"], env=env, start_new_session=True), store)
+    assert store.find("model", "m") == [old], "the old artifact stays published until a new one replaces it"
+    store.verify(old)
+    _assert_left_behind(store, folder)
+    assert cli("gc", env={**fresh_cache, "MODELPEX_GC_GRACE": "0.001"}).returncode == 0
+    assert store_snapshot(store) == before, "gc removed the killed build's folder, and nothing else"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -11,19 +13,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.store import LocalPexStore
+from orchestrator.store import LocalPexStore, file_sha256
 
-from .conftest import CliResult, Project, copy_example, store_snapshot, write_model
+from .conftest import CliResult, Project, copy_example, read_only, store_snapshot, write_model
 
 Cli = Callable[..., CliResult]
 
 
 def assert_one_line_error(result: CliResult, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("error: "), result.stderr
+    """Exit code 1 and stderr exactly one ``error:`` line holding every fragment."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
+
+
+def warnings_in(result: CliResult) -> list[str]:
+    """The ``warning:`` lines a command printed; each must be one line."""
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
 
 
 def test_build_list_and_cache(cli: Cli, project: Project) -> None:
@@ -295,3 +302,163 @@ def test_usage_errors(cli: Cli, project: Project, tmp_path: Path) -> None:
     assert result.returncode == 2 and "argument --timeout: 'nan' is not a positive number" in result.stderr
     for folder in (tmp_path / "missing", tmp_path):
         assert_one_line_error(cli("--project", str(folder), "list"), f"project {folder} is not a modelpex project")
+
+
+def _two_versions(cli: Cli, project: Project, store: LocalPexStore) -> tuple[Path, Path]:
+    """m 1.0.0 released as a tag, 1.1.0 in the working tree, both built; the index files of both."""
+    folder = write_model(project.models, "m", version="1.0.0")
+    project.commit_and_tag("m 1.0.0", "m/v1.0.0")
+    pyproject = folder / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"1.0.0"', '"1.1.0"'))
+    assert cli("build", "--all").returncode == 0
+    (old,), (new,) = store.find("model", "m", "1.0.0"), store.find("model", "m", "1.1.0")
+    return tuple(store.root / "index" / "m" / f"{r.key}.json" for r in (old, new))  # type: ignore[return-value]
+
+
+def test_a_record_copied_over_another_version_is_refused(
+    cli: Cli, project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    old_index, new_index = _two_versions(cli, project, store)
+    new_index.unlink()
+    shutil.copyfile(old_index, new_index)
+    before = store_snapshot(store)
+    output = tmp_path / "out.parquet"
+    args = ("--input", f"data={data_file(tmp_path)}", "--output", str(output))
+    refused = cli("run", "m@1.1.0", *args)
+    assert_one_line_error(refused, str(new_index), "holds model m@1.0.0", "`modelpex build m@1.1.0 --force`")
+    assert store_snapshot(store) == before and not output.exists()
+    rebuilt = cli("build", "m@1.1.0", "--force")  # N.B. The fix the error names works.
+    old_key = json.loads(old_index.read_text())["key"]
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert warnings_in(rebuilt) == [
+        f"warning: replacing index record {new_index}, which holds model m@1.0.0 key {old_key}, not m@1.1.0 key "
+        f"{new_index.stem}: it was copied or edited by hand"
+    ]
+    ran = cli("run", "m@1.1.0", *args)
+    assert ran.returncode == 0 and ran.stdout.startswith("m@1.1.0: 4 rows in"), ran.stderr
+
+
+def test_a_record_of_unknown_kind_cannot_run_a_pex_outside_the_store(
+    cli: Cli, project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    write_model(project.models, "m")
+    assert cli("build", "m").returncode == 0
+    (record,) = store.find("model", "m")
+    index = store.root / "index" / "m" / f"{record.key}.json"
+    # N.B. models/<name>/<name>-<version>-<key>.pex with this name resolves outside the store, into tmp_path's parent.
+    (tmp_path / "outside").mkdir()
+    outside = tmp_path.parent / f"outside-{record.version}-{record.key}.pex"
+    shutil.copyfile(store.local_path(record), outside)
+    try:
+        forged = {**json.loads(index.read_text()), "kind": "plugin", "name": "../../outside"}
+        forged["sha256"] = file_sha256(outside)
+        index.unlink()
+        index.write_text(json.dumps(forged))
+        before = store_snapshot(store)
+        output = tmp_path / "out.parquet"
+        refused = cli("run", "m", "--input", f"data={data_file(tmp_path)}", "--output", str(output))
+        assert_one_line_error(refused, str(index), "artifact kind 'plugin' is not one of base, model")
+        assert store_snapshot(store) == before and not output.exists()
+    finally:
+        outside.unlink()
+
+
+def test_a_malformed_record_is_reported_and_worked_around(
+    cli: Cli, project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    write_model(project.models, "m")
+    assert cli("build", "m").returncode == 0
+    (record,) = store.find("model", "m")
+    index = store.root / "index" / "m" / f"{record.key}.json"
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])
+    listing = cli("list")
+    assert listing.returncode == 0 and "base" in listing.stdout
+    (warning,) = warnings_in(listing)
+    assert warning.startswith(f"warning: index record {index} is not valid JSON"), listing.stderr
+    before = store_snapshot(store)
+    gc = cli("gc")
+    assert gc.returncode == 0 and "0 artifact(s) removed" in gc.stdout, gc.stdout + gc.stderr
+    assert len(warnings_in(gc)) == 2 and str(index) in gc.stderr and "its index record is unreadable" in gc.stderr
+    assert store_snapshot(store) == before, "gc keeps what it cannot judge"
+    args = ("--input", f"data={data_file(tmp_path)}", "--output", str(tmp_path / "out.parquet"))
+    assert_one_line_error(cli("run", "m", *args), str(index), "`modelpex build m@1.0.0 --force`")
+    rebuilt = cli("build", "m", "--force")
+    assert rebuilt.returncode == 0 and len(warnings_in(rebuilt)) == 1, rebuilt.stderr
+    assert cli("list").stderr == "" and cli("run", "m", *args).returncode == 0
+
+
+def test_gc_keeps_what_clients_pin_when_the_tag_is_missing(cli: Cli, project: Project, store: LocalPexStore) -> None:
+    _two_versions(cli, project, store)
+    (project.root / "deployments.yaml").write_text(
+        "clients:\n  acme:\n    models:\n      m: {version: '1.0.0'}\n  globex:\n    models:\n      m: {}\n"
+    )
+    project.git("tag", "-d", "m/v1.0.0")  # N.B. A clone that did not receive the tags.
+    before = store_snapshot(store)
+    result = cli("gc")
+    assert result.returncode == 0, result.stderr
+    assert store_snapshot(store) == before, "acme's m@1.0.0 is kept"
+    assert warnings_in(result) == [
+        "warning: kept m@1.0.0: deployments.yaml pins it but this clone has no tag m/v1.0.0; fetch the tags "
+        "(`git fetch --tags`) so it can be built and collected"
+    ]
+
+
+def test_gc_keeps_a_base_whose_record_is_lost(cli: Cli, project: Project, store: LocalPexStore) -> None:
+    write_model(project.models, "m")
+    assert cli("build", "m").returncode == 0
+    (base,) = store.find("base", "base")
+    (store.root / "index" / "base" / f"{base.key}.json").unlink()
+    result = cli("gc")
+    assert result.returncode == 0, result.stderr
+    assert store.local_path(base).is_file(), "m runs on it"
+    assert warnings_in(result) == [
+        f"warning: kept {store.local_path(base)}: it has no index record but kept models run on it "
+        "(`modelpex build base` restores the record of the current base)"
+    ]
+
+
+def test_a_bad_model_folder_fails_alone(cli: Cli, project: Project, store: LocalPexStore) -> None:
+    write_model(project.models, "m")
+    broken = write_model(project.models, "broken")
+    assert cli("build", "--all").returncode == 0
+    (broken / "pyproject.toml").write_text("[project\n")
+    for name in ("my model", "modèle"):
+        write_model(project.models, name)
+    built = cli("build", "--all")
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[1].startswith("cached m@1.0.0")
+    assert [w.split(":")[1].strip() for w in warnings_in(built)] == [
+        f"skipping model folder {project.models / name}" for name in ("broken", "modèle", "my model")
+    ], built.stderr
+    assert "model name 'my model' is not valid" in built.stderr and "is not valid TOML" in built.stderr
+    before = store_snapshot(store)
+    gc = cli("gc")
+    assert gc.returncode == 0, gc.stderr
+    assert "kept every artifact of broken: its folder is not a valid model" in gc.stderr
+    assert store_snapshot(store) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a read-only bind mount needs root")
+def test_a_read_only_store_says_so_in_one_line(
+    cli: Cli, project: Project, store: LocalPexStore, tmp_path: Path
+) -> None:
+    write_model(project.models, "m")
+    assert cli("build", "m").returncode == 0
+    write_model(project.models, "n")
+    before = store_snapshot(store)
+    output = tmp_path / "out.parquet"
+    run = ("run", "m", "--input", f"data={data_file(tmp_path)}", "--output", str(output))
+    read_only_store = f"the artifact store {store.root} is not writable (Read-only file system)"
+    for args, what in (
+        (("build", "n"), "cannot build n@1.0.0"),
+        (("build", "m", "--force"), "cannot build m@1.0.0"),
+        (("gc",), "cannot remove garbage"),
+        ((*run, "--save-state", str(tmp_path / "state")), "cannot keep the fitted state"),
+    ):
+        assert_one_line_error(cli(*args, wrap=read_only(store.root)), what, read_only_store, "MODELPEX_STORE")
+    assert not output.exists()
+    for args in (("build", "m"), ("list",), ("gc", "--dry-run"), run):  # N.B. What only reads still works.
+        result = cli(*args, wrap=read_only(store.root))
+        assert result.returncode == 0, (args, result.stderr)
+    assert output.exists() and store_snapshot(store) == before

@@ -33,6 +33,7 @@ from orchestrator.runner import Runner
 from orchestrator.sandbox import can_switch_users, guarantees
 from orchestrator.settings import Settings
 from orchestrator.specs import load_base_env, load_model_spec
+from orchestrator.states import StateRecord
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import ModelSource
 
@@ -185,6 +186,7 @@ class Lab:
 
     def __init__(self, project: Project, store: LocalPexStore, tmp_path: Path) -> None:
         self.project, self.store = project, store
+        self.saved: StateRecord | None = None  # the last state `train` kept in the store
         write_model(project.models, "hostile", code=HOSTILE, tool=_tool("hostile"))
         write_model(project.models, "bystander", tool=_tool("bystander"))
         write_model(project.models, "fresh", code=HOSTILE, tool=_tool("fresh", "reuse = false\n"))
@@ -206,7 +208,7 @@ class Lab:
     def train(self, model: str, params: dict) -> dict:
         """Train, keep the state in the store as a run would, and return it."""
         outcome = self.call(model, action="train", params=params, keep_state=True)
-        self.runner.states.save(self.records[model], "", "test-run", outcome.state)
+        self.saved = self.runner.states.save(self.records[model], "", "test-run", outcome.state)
         return json.loads(outcome.state.payload)
 
 
@@ -266,7 +268,11 @@ def test_every_attack_fails_and_nothing_changes(lab: Lab, env_secret: str) -> No
         allowed.pop("network", None)  # N.B. Only a network namespace stops it; guarantees() says so.
     assert not allowed, allowed
     assert set(results) == set(attacks)
-    assert store_snapshot(lab.store) == before
+    after = store_snapshot(lab.store)
+    assert lab.saved is not None
+    saved = {f"states/hostile/{lab.saved.sha256}{suffix}" for suffix in (".state", ".json")}
+    assert saved <= after.keys() and after.keys() - before.keys() <= {"states/hostile", *saved}
+    assert {name: after.get(name) for name in before} == before, "the store holds the trained state, nothing else"
     assert {p: p.read_bytes() for p in project_files} == project_files
     assert not (lab.settings.model_pex_root / "planted").exists()
     assert pyarrow_init.read_bytes() == pyarrow_before
