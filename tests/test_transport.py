@@ -10,6 +10,7 @@ import fcntl
 import json
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,6 @@ from modelpex_runtime.protocol import ShmSpaceError, TransportError
 from modelpex_runtime.transport import (
     check_space,
     from_arrow,
-    keep_only,
     map_fd,
     read_frame,
     to_arrow,
@@ -55,14 +55,20 @@ def round_trip(table: pa.Table, library: str, pool: SegmentPool):
         return exchange.get("frame", model_side(exchange, ref, out, library), library, "frame")
 
 
+def assert_nothing_leased(pool: SegmentPool, before: int) -> None:
+    """Checked before the pool closes, which frees everything and so would hide a call that kept its segments."""
+    assert pool.leased_bytes() == 0, "every call gave its segments back"
+    assert shm_used() <= before + pool.held_bytes() + (1 << 20), "/dev/shm holds only what the pool keeps idle"
+
+
 @pytest.fixture
 def pool():
-    """A pool of the test's own, closed at the end: what it held must be gone from /dev/shm then."""
+    """A pool of the test's own: between calls it holds only idle segments, and closed, nothing."""
     before = shm_used()
     pool = SegmentPool()
     yield pool
+    assert_nothing_leased(pool, before)
     pool.close()
-    keep_only([])  # N.B. The model side, which these tests play in this process, lets go of its mappings.
     assert shm_used() <= before + (1 << 20), "the pool's segments are freed when it closes"
 
 
@@ -348,22 +354,15 @@ def test_pool_reuses_segments_between_calls(pool: SegmentPool) -> None:
         assert exchange._segments[0] is first
 
 
-def test_a_model_process_keeps_only_the_mappings_of_its_current_segments(pool: SegmentPool) -> None:
-    """Mappings are re-used while the orchestrator hands the same segment back, and dropped once it does not."""
+def test_a_model_process_holds_a_segment_only_while_a_frame_views_it(pool: SegmentPool) -> None:
+    """A mapping kept after the call would hold the space of a segment the orchestrator has closed."""
     before = shm_used()
-    big = pa.table({"a": np.arange(4_000_000)})
     with FrameExchange(pool) as exchange:
-        ref = exchange.put("frame", big)
-        first = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
-    with FrameExchange(pool) as exchange:
-        ref = exchange.put("frame", big)
-        keep_only(exchange.fds)
-        second = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
-        assert first["a"].chunks[0].buffers()[1].address == second["a"].chunks[0].buffers()[1].address
-    del first, second
+        ref = exchange.put("frame", pa.table({"a": np.arange(4_000_000)}))
+        frame = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
     pool.close()
-    assert shm_used() > before + 30_000_000, "a kept mapping holds the segment's memory"
-    keep_only([])
+    assert shm_used() > before + 30_000_000, "a frame the model still holds keeps its segment"
+    del frame
     assert shm_used() <= before + (1 << 20)
 
 
@@ -379,3 +378,130 @@ def test_idle_budget_is_shared_by_every_pool(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         for pool in pools:
             pool.close()
+
+
+# --- a small /dev/shm of our own, through the real model-process call path -----------------------------------
+
+SIZED_MODEL = """
+import time
+
+import numpy as np
+import pyarrow as pa
+
+
+def train(inputs, params):
+    return {}
+
+
+def predict(inputs, state, params):
+    if params.get("hang"):
+        time.sleep(600)
+    return pa.table({"y": np.zeros(params["out_mib"] << 17)})  # N.B. 1 MiB per 131,072 float64 values.
+"""
+
+# N.B. Runs as root in a mount namespace of its own, whose /dev/shm is a fresh tmpfs: what it measures there is
+# this driver's alone, whatever else runs on the machine.
+SMALL_SHM_DRIVER = """
+import json, os, sys
+
+import numpy as np
+import pyarrow as pa
+
+from orchestrator.build import Interpreter
+from orchestrator.pipes import console_link
+from orchestrator.runner import Runner
+from orchestrator.settings import Settings
+from orchestrator.store import LocalPexStore
+
+
+def used():
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+args = json.loads(sys.argv[1])
+settings = Settings.from_env(
+    env={"MODELPEX_SIGNING_KEY_FILE": args["key_file"]}, project=args["project"], store_url=args["store"]
+)
+record = LocalPexStore(args["store"]).record("model", "sized", args["key"])
+results = []
+with Runner(settings, Interpreter.detect(), timeout=300) as runner:
+    for call in args["calls"]:
+        runner.timeout = call.get("timeout", 300)
+        data = pa.table({"x": np.zeros(call["in_mib"] << 17)})
+        try:
+            outcome = runner.call(record, console_link, action="train_predict", inputs={"data": data}, params=call)
+            result = {"rows": outcome.rows_out["predictions"]}
+        except Exception as exc:
+            result = {"error": type(exc).__name__, "message": str(exc)}
+        del data
+        results.append({**result, "used": used()})
+results.append({"used": used()})
+with open(args["results"], "w") as handle:
+    json.dump(results, handle)
+"""
+
+
+@pytest.fixture
+def sized_model(project, store, tmp_path: Path) -> dict:
+    """A built model whose output is as many MiB as the call asks for, and the driver's fixed arguments."""
+    from orchestrator.build import Builder
+    from orchestrator.specs import load_base_env, load_model_spec
+    from orchestrator.versions import ModelSource
+
+    from .conftest import write_model
+
+    folder = write_model(project.models, "sized", code=SIZED_MODEL)
+    builder = Builder(store, load_base_env(project.root / "base_env"))
+    record = builder.model(ModelSource(load_model_spec(folder), None)).record
+    return {
+        "project": str(project.root),
+        "store": str(store.root),
+        "key": record.key,
+        "key_file": str(tmp_path / "keys" / "signing.key"),
+        "results": str(tmp_path / "results.json"),
+    }
+
+
+needs_mounts = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="a private tmpfs needs root and unshare (CI has both)"
+)
+
+
+def in_small_shm(size: str, args: dict, calls: list[dict]) -> list[dict]:
+    """Run ``calls`` through a Runner in a mount namespace whose /dev/shm is a tmpfs of ``size``; what each left."""
+    mount = f'mount -t tmpfs -o size={size} modelpex-test /dev/shm && exec "{sys.executable}" -c "$0" "$1"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, SMALL_SHM_DRIVER,
+         json.dumps({**args, "calls": calls})],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(Path(args["results"]).read_text())
+
+
+MiB = 1 << 20
+
+
+@needs_mounts
+def test_a_call_needs_only_the_shared_memory_its_output_takes(sized_model: dict) -> None:
+    """Issue 9: an 84 MB /dev/shm refused a call that needed 48 + 28 MB, as the output was reserved at 48 MB."""
+    fits, too_big = {"in_mib": 48, "out_mib": 28}, {"in_mib": 48, "out_mib": 40}
+    first, warm, refused, again, closed = in_small_shm("84m", sized_model, [fits, fits, too_big, fits])
+    assert first.get("error") is None and first["rows"] == 28 << 17, first
+    assert warm.get("error") is None, "a warm process's second call fits too"
+    assert refused["error"] == "ShmSpaceError", refused
+    message = refused["message"]
+    assert "output 'predictions'" in message and "MB of shared memory" in message and "--shm-size" in message
+    assert "\n" not in message, "one line: the thing, the problem, the fix"
+    assert again.get("error") is None, "a refused call leaves room for the next"
+    assert closed["used"] == 0, "nothing is left once the runner closes"
+
+
+@needs_mounts
+def test_a_call_that_times_out_leaves_no_segment_behind(sized_model: dict) -> None:
+    """The timeout path frees its segments at once, not when the runner closes: measured on a tmpfs of our own."""
+    warm_up, hang = {"in_mib": 1, "out_mib": 1}, {"in_mib": 48, "out_mib": 1, "hang": True, "timeout": 3}
+    _, timed_out, _ = in_small_shm("256m", sized_model, [warm_up, hang])
+    assert timed_out["error"] == "ModelTimeoutError", timed_out
+    assert timed_out["used"] < MiB, f"{timed_out['used'] / MiB:.1f} MiB of segments outlived the timed-out call"

@@ -5,7 +5,9 @@ unnamed file on /dev/shm's tmpfs (``O_TMPFILE``): it has no name another process
 /dev/shm's size like any segment, and the kernel frees it when the last descriptor and mapping are gone, so no path,
 crash included, can leak it. A model process receives each segment as a descriptor: inputs read-only, outputs
 writable. It maps inputs without copying; a mapping is never closed explicitly, Arrow buffers hold the ``mmap``
-object and the kernel unmaps it when the last of them is gone.
+object and the kernel unmaps it when the last of them is gone. N.B. Nothing keeps a mapping beyond the frames that
+view it: a model process that kept one between calls would hold the space of a segment the orchestrator has closed,
+and its next call could fail for room it does not need (re-mapping costs ~2 ms per 20 MiB here).
 
 Writers size a segment exactly (``posix_fallocate``, which also fails cleanly with ENOSPC where a plain
 ``ftruncate`` would let the writer die of SIGBUS on a full /dev/shm) and map it with ``MAP_POPULATE``, so pages are
@@ -31,9 +33,7 @@ __all__ = [
     "frame_ref",
     "from_arrow",
     "ipc_size",
-    "keep_only",
     "map_fd",
-    "mapped",
     "read_bytes",
     "read_frame",
     "read_table",
@@ -53,14 +53,18 @@ _SHM_FIX = (
 )
 
 
-def check_space(needed: int, what: str) -> None:
-    """Fail before writing when /dev/shm cannot hold ``needed`` more bytes, saying how to make room."""
+def check_space(needed: int, what: str, fd: int | None = None) -> None:
+    """Fail before writing when the file system of segment ``fd`` (or /dev/shm) cannot hold ``needed`` more bytes.
+
+    N.B. Measured on the segment's own file system: a sandboxed model process sees a private /dev/shm, not the one
+    its segments live on. A memfd's reports no size at all (f_blocks 0): it has no limit of its own to check.
+    """
     try:
-        stat = os.statvfs(SHM_DIR)
+        stat = os.statvfs(SHM_DIR) if fd is None else os.fstatvfs(fd)
     except OSError:
-        return  # N.B. No /dev/shm to measure: the allocation itself reports ENOSPC.
+        return  # N.B. Nothing to measure: the allocation itself reports ENOSPC.
     free = stat.f_bavail * stat.f_frsize
-    if needed > free:
+    if stat.f_blocks and needed > free:
         raise ShmSpaceError(
             f"{what} needs {needed / 1e6:.1f} MB of shared memory but {SHM_DIR} has {free / 1e6:.1f} MB free "
             f"(of {stat.f_blocks * stat.f_frsize / 1e6:.1f} MB): {_SHM_FIX}"
@@ -72,7 +76,7 @@ def allocate(fd: int, size: int, what: str) -> None:
     current = os.fstat(fd).st_size
     if size <= current:
         return
-    check_space(size - current, what)
+    check_space(size - current, what, fd)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
@@ -95,35 +99,6 @@ def map_fd(fd: int, length: int, *, writable: bool = False, what: str = "segment
         )
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
-
-
-# N.B. A model process's mappings by segment (device, inode), kept while the orchestrator keeps handing that segment
-# back: its pool re-uses segments from call to call, and populating a 200 MB mapping's page tables costs ~13 ms.
-_MAPS: dict[tuple[int, int], tuple[bool, mmap.mmap]] = {}
-
-
-def _identity(fd: int) -> tuple[tuple[int, int], int]:
-    info = os.fstat(fd)
-    return (info.st_dev, info.st_ino), info.st_size
-
-
-def mapped(fd: int, length: int, *, writable: bool = False, what: str = "segment") -> mmap.mmap:
-    """A mapping of at least ``length`` bytes of the segment behind ``fd``, re-used while it is big enough."""
-    key, actual = _identity(fd)
-    hit = _MAPS.get(key)
-    if hit is not None and (hit[0] or not writable) and length <= len(hit[1]) and length <= actual:
-        return hit[1]
-    mapping = map_fd(fd, max(length, actual), writable=writable, what=what)  # N.B. Too long: map_fd says truncated.
-    _MAPS[key] = (writable, mapping)
-    return mapping
-
-
-def keep_only(fds: list[int]) -> None:
-    """Forget the mappings of segments not handed over with this call: the orchestrator may have freed them, and a
-    kept mapping would hold their memory. Views still in use keep theirs until they go."""
-    keep = {_identity(fd)[0] for fd in fds}
-    for key in [k for k in _MAPS if k not in keep]:
-        del _MAPS[key]
 
 
 def to_arrow(frame: Any, what: str = "the frame") -> pa.Table:
@@ -262,7 +237,7 @@ def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") ->
     """Map a frame's segment read-only and return it in ``library``; its buffers are views of the mapping."""
     if ref.get("protocol") != PROTOCOL_VERSION:
         raise TransportError(f"{what}: frame reference speaks protocol {ref.get('protocol')!r}, not {PROTOCOL_VERSION}")
-    mapping = mapped(fd, ref["size"], what=what)
+    mapping = map_fd(fd, ref["size"], what=what)
     return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref, what), library)
 
 
@@ -271,17 +246,17 @@ def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> Fram
     table = to_arrow(frame, what)
     size = ipc_size(table)
     allocate(fd, size, what)
-    write_table(mapped(fd, size, writable=True, what=what), table, size)
+    write_table(map_fd(fd, size, writable=True, what=what), table, size)
     return frame_ref(slot, size, table)
 
 
 def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
     """A copy of the first ``size`` bytes of a segment (states are small; their bytes are decoded, not viewed)."""
-    return bytes(mapped(fd, size, what=what)[:size]) if size else b""
+    return bytes(map_fd(fd, size, what=what)[:size]) if size else b""
 
 
 def write_bytes(fd: int, payload: bytes, what: str = "the state") -> None:
     """Write ``payload`` at the start of a writable segment, growing it as needed."""
     if payload:
         allocate(fd, len(payload), what)
-        mapped(fd, len(payload), writable=True, what=what)[: len(payload)] = payload
+        map_fd(fd, len(payload), writable=True, what=what)[: len(payload)] = payload
