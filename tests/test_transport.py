@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import fcntl
+import gc
 import json
 import mmap
 import os
@@ -14,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -287,9 +290,7 @@ def call_model(mode: str, pool: SegmentPool) -> None:
         ref = exchange.put("frame", pa.table({"a": np.arange(1000)}))
         out = exchange.reserve("out")
         if mode == "orchestrator-raises":
-            with pytest.raises(RuntimeError):
-                raise RuntimeError("the orchestrator failed between two steps")
-            return
+            raise RuntimeError("the orchestrator failed between two steps")
         code = MODEL_SIDE.format(src=str(REPO / "base_env" / "src"))
         process = subprocess.Popen(
             [sys.executable, "-c", code, json.dumps({"ref": ref, "out": out, "mode": mode})],
@@ -302,18 +303,27 @@ def call_model(mode: str, pool: SegmentPool) -> None:
             assert process.stdout.readline().strip() == b"writing"
             process.send_signal(signal.SIGKILL)  # N.B. Killed mid-write, as a timeout would.
         stdout, stderr = process.communicate(timeout=60)
-        if mode == "raise":
-            assert b"ValueError: model failed after reading its input" in stderr
         if mode == "ok":
             assert exchange.get("out", json.loads(stdout), "pandas", "out")["a"].sum() == 499500
+            return
+        if mode == "raise":
+            assert b"ValueError: model failed after reading its input" in stderr
+        announced = {**ref, "slot": out, "size": 50_000_000 if mode == "hang-mid-write" else mmap.PAGESIZE}
+        with pytest.raises(TransportError, match="'out' is not a valid Arrow IPC stream"):
+            exchange.get("out", announced, "pandas", "'out'")  # N.B. What a model that died or raised left there.
 
 
 @pytest.mark.parametrize("mode", ["ok", "raise", "hang-mid-write", "orchestrator-raises"])
 def test_every_path_frees_the_shared_memory(mode: str) -> None:
-    """Each path of a call; once the pool closes, /dev/shm holds what it held before."""
+    """Each path of a call gives every segment back to the pool, and /dev/shm holds what it held once it closes."""
     before = shm_used()
     pool = SegmentPool()
-    call_model(mode, pool)
+    if mode == "orchestrator-raises":
+        with pytest.raises(RuntimeError, match="the orchestrator failed between two steps"):
+            call_model(mode, pool)
+    else:
+        call_model(mode, pool)
+    assert_nothing_leased(pool, before)
     pool.close()
     assert shm_used() <= before + (1 << 20)
 
@@ -364,6 +374,36 @@ def test_a_model_process_holds_a_segment_only_while_a_frame_views_it(pool: Segme
     assert shm_used() > before + 30_000_000, "a frame the model still holds keeps its segment"
     del frame
     assert shm_used() <= before + (1 << 20)
+
+
+def test_release_is_safe_from_a_finalizer_run_while_the_pool_is_busy() -> None:
+    """Issue 9: a release from a finalizer took the pool's own lock, so a garbage collection that ran while the
+    thread held it (any allocation inside the pool can start one) deadlocked that thread."""
+    pool = SegmentPool()
+    segment = pool.acquire(mmap.PAGESIZE, "a lease")
+
+    class Lease:
+        pass
+
+    gc.disable()  # N.B. Until the collection below: one that ran earlier would release with no lock held.
+    try:
+        lease = Lease()
+        lease.cycle = lease  # N.B. Only a collection frees it.
+        weakref.finalize(lease, pool.release, segment)
+        del lease
+
+        def collect_while_busy() -> None:
+            with pool._lock:
+                gc.collect()
+
+        worker = threading.Thread(target=collect_while_busy, daemon=True)
+        worker.start()
+        worker.join(10)
+    finally:
+        gc.enable()
+    assert not worker.is_alive(), "release deadlocked on the pool's own lock"
+    assert pool.acquire(mmap.PAGESIZE, "the next call") is segment, "the released segment is idle again"
+    pool.close()
 
 
 def test_idle_budget_is_shared_by_every_pool(monkeypatch: pytest.MonkeyPatch) -> None:
