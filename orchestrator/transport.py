@@ -315,7 +315,7 @@ class FrameExchange:
         if not isinstance(ref, dict):
             raise TransportError(f"{what}: the model answered {ref!r} instead of a frame reference")
         payload = self._payload(ref.get("slot"), ref.get("size"), name, what)
-        return from_arrow(read_table(payload, ref, what), library)
+        return from_arrow(read_table(payload, ref, what), library, what)
 
     def get_bytes(self, name: str, slot: object, size: object, what: str) -> bytes:
         return self._payload(slot, size, name, what).to_pybytes()

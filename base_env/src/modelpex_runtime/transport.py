@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from modelpex_runtime.protocol import FRAME_LIBRARIES, PROTOCOL_VERSION, FrameRef, ShmSpaceError, TransportError
 
@@ -125,7 +126,27 @@ def to_arrow(frame: Any, what: str = "the frame") -> pa.Table:
 def _from_pandas(frame: Any) -> pa.Table:
     if (plain := _from_plain_pandas(frame)) is not None:
         return plain
-    return pa.Table.from_pandas(frame, nthreads=1 if len(frame) < _THREADED_ROWS else None)
+    return _name_arrow_dtypes(pa.Table.from_pandas(frame, nthreads=1 if len(frame) < _THREADED_ROWS else None), frame)
+
+
+def _name_arrow_dtypes(table: pa.Table, frame: Any) -> pa.Table:
+    """Record every ``ArrowDtype`` column as one in the pandas metadata, which `_to_pandas` reads to give it back.
+
+    N.B. pyarrow records some of them as plain objects (decimals): they would come back as Python objects.
+    """
+    import json
+
+    import pandas as pd
+
+    arrow = [(i, str(dtype)) for i, dtype in enumerate(frame.dtypes) if isinstance(dtype, pd.ArrowDtype)]
+    if not arrow:
+        return table
+    metadata = dict(table.schema.metadata)
+    pandas = json.loads(metadata[b"pandas"])
+    for position, dtype in arrow:  # N.B. The metadata lists the data columns first, in the frame's order.
+        pandas["columns"][position]["numpy_type"] = dtype
+    metadata[b"pandas"] = json.dumps(pandas).encode()
+    return table.replace_schema_metadata(metadata)
 
 
 def _from_polars(frame: Any) -> pa.Table:
@@ -175,17 +196,134 @@ def _plain_dtype(dtype: Any) -> bool:
     return dtype == pd.StringDtype(storage="pyarrow", na_value=np.nan)
 
 
-def from_arrow(table: pa.Table, library: str) -> Any:
-    """The table in the library a model asked for: zero-copy to polars, and for numeric columns to pandas."""
+def from_arrow(table: pa.Table, library: str, what: str = "the frame") -> Any:
+    """The table in the library a model asked for: zero-copy to polars, and for numeric columns to pandas.
+
+    A column the library cannot hold exactly is a TransportError that names it, never a silent change of values.
+    """
     if library == "pyarrow":
         return table
-    if library == "polars":
-        import polars as pl
-
-        return pl.from_arrow(table, rechunk=False)
+    if library not in FRAME_LIBRARIES:
+        raise TransportError(f"unknown frame library {library!r}: use one of {', '.join(FRAME_LIBRARIES)}")
+    convert = _to_polars if library == "polars" else _to_pandas
+    for field in table.schema:
+        if library == "polars" and _has_decimal256(field.type):  # N.B. polars panics on these, killing the process.
+            raise _cannot_hold(what, library, field, "polars' decimals have at most 38 digits")
+    try:
+        frame = convert(table)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the column it refused is what helps
+        raise _refused_column(table, library, what, convert) or TransportError(
+            f'{what}: {library} cannot hold this table ({_first_line(exc)}): declare frames = "pyarrow"'
+        ) from None
     if library == "pandas":
-        return table.to_pandas(split_blocks=True, use_threads=table.num_rows >= _THREADED_ROWS)
-    raise TransportError(f"unknown frame library {library!r}: use one of {', '.join(FRAME_LIBRARIES)}")
+        _check_exact_integers(table, frame, what)
+    return frame
+
+
+def _to_polars(table: pa.Table) -> Any:
+    import polars as pl
+
+    return pl.from_arrow(table, rechunk=False)
+
+
+def _to_pandas(table: pa.Table) -> Any:
+    """pandas' conversion, except that columns sent as pandas ``ArrowDtype`` come back as exactly that.
+
+    N.B. pyarrow rebuilds an ``ArrowDtype`` from the pandas metadata by parsing its name, which fails for nested and
+    dictionary types ("list<item: int64>[pyarrow]"), reads "string[pyarrow]" as pandas' own string dtype, and drops
+    decimals to objects: such columns are converted as placeholders, then replaced by the Arrow data itself.
+    """
+    wrapped = _arrow_dtype_columns(table)
+    converted = table
+    for index in wrapped:
+        converted = converted.set_column(index, table.field(index).with_type(pa.null()), pa.nulls(table.num_rows))
+    if wrapped:
+        converted = converted.replace_schema_metadata(_as_objects(table.schema, wrapped))
+    frame = converted.to_pandas(split_blocks=True, use_threads=table.num_rows >= _THREADED_ROWS)
+    if wrapped:
+        import pandas as pd
+
+        positions = [i for i, name in enumerate(table.column_names) if name not in _index_fields(table.schema)]
+        for index in wrapped:
+            frame.isetitem(positions.index(index), pd.arrays.ArrowExtensionArray(table.column(index)))
+    return frame
+
+
+def _pandas_columns(schema: pa.Schema) -> list[dict[str, Any]]:
+    return (schema.pandas_metadata or {}).get("columns", [])
+
+
+def _index_fields(schema: pa.Schema) -> set[str]:
+    return {name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)}
+
+
+def _arrow_dtype_columns(table: pa.Table) -> list[int]:
+    """Positions of the data columns that pandas held as ``ArrowDtype`` when they were sent."""
+    arrow_dtype = {
+        column.get("field_name", column.get("name"))
+        for column in _pandas_columns(table.schema)
+        if str(column.get("numpy_type", "")).endswith("[pyarrow]")
+    }
+    index = _index_fields(table.schema)
+    return [i for i, name in enumerate(table.column_names) if name in arrow_dtype and name not in index]
+
+
+def _as_objects(schema: pa.Schema, positions: list[int]) -> dict[bytes, bytes]:
+    """The schema's metadata with the columns at ``positions`` described as plain object columns."""
+    import json
+
+    names = {schema.field(i).name for i in positions}
+    metadata = dict(schema.metadata)
+    pandas = json.loads(metadata[b"pandas"])
+    for column in pandas["columns"]:
+        if column.get("field_name", column.get("name")) in names:
+            column.update(pandas_type="object", numpy_type="object", metadata=None)
+    metadata[b"pandas"] = json.dumps(pandas).encode()
+    return metadata
+
+
+def _check_exact_integers(table: pa.Table, frame: Any, what: str) -> None:
+    """pandas gives 64-bit integer columns with nulls as float64, which rounds values beyond 2**53: refuse those."""
+    import numpy as np
+
+    limit = 2**53
+    for index, field in enumerate(table.schema):
+        if field.type not in (pa.int64(), pa.uint64()) or not table.column(index).null_count:
+            continue
+        if field.name not in frame.columns or frame[field.name].dtype != np.float64:
+            continue
+        bounds = pc.min_max(table.column(index))
+        if max(abs(bounds["min"].as_py()), abs(bounds["max"].as_py())) > limit:
+            raise _cannot_hold(what, "pandas", field, "with nulls it becomes float64, which rounds beyond 2**53")
+
+
+def _has_decimal256(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_decimal256(arrow_type):
+        return True
+    if pa.types.is_dictionary(arrow_type):
+        return _has_decimal256(arrow_type.value_type)
+    return any(_has_decimal256(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+
+
+def _cannot_hold(what: str, library: str, field: pa.Field, why: str) -> TransportError:
+    return TransportError(
+        f"{what}: {library} cannot hold column {field.name!r} ({field.type}): {why}; cast the column to a type "
+        f'{library} holds, or declare frames = "pyarrow"'
+    )
+
+
+def _refused_column(table: pa.Table, library: str, what: str, convert: Any) -> TransportError | None:
+    """The first column the library refuses on its own, as an error naming it."""
+    for index, field in enumerate(table.schema):
+        try:
+            convert(pa.table([table.column(index)], schema=pa.schema([field])))
+        except Exception as exc:  # noqa: BLE001 - see from_arrow
+            return _cannot_hold(what, library, field, _first_line(exc))
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
 def _stream(sink: Any, table: pa.Table) -> None:
@@ -238,7 +376,7 @@ def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") ->
     if ref.get("protocol") != PROTOCOL_VERSION:
         raise TransportError(f"{what}: frame reference speaks protocol {ref.get('protocol')!r}, not {PROTOCOL_VERSION}")
     mapping = map_fd(fd, ref["size"], what=what)
-    return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref, what), library)
+    return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref, what), library, what)
 
 
 def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
