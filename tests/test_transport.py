@@ -40,7 +40,7 @@ from modelpex_runtime.transport import (
 
 from orchestrator.transport import FrameExchange, SegmentPool, idle_budget
 
-from .conftest import shm_used
+from .conftest import assert_pool_holds_only_idle, shm_used
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
@@ -56,19 +56,13 @@ def round_trip(frame: object, library: str, pool: SegmentPool) -> tuple[object, 
         return seen, exchange.get("frame", write_frame(seen, exchange.fds[out], out), library, "frame")
 
 
-def assert_nothing_leased(pool: SegmentPool, before: int) -> None:
-    """Checked before the pool closes, which frees everything and so would hide a call that kept its segments."""
-    assert pool.leased_bytes() == 0, "every call gave its segments back"
-    assert shm_used() <= before + pool.held_bytes() + (1 << 20), "/dev/shm holds only what the pool keeps idle"
-
-
 @pytest.fixture
 def pool():
     """A pool of the test's own: between calls it holds only idle segments, and closed, nothing."""
     before = shm_used()
     pool = SegmentPool()
     yield pool
-    assert_nothing_leased(pool, before)
+    assert_pool_holds_only_idle(pool, before)
     pool.close()
     assert shm_used() <= before + (1 << 20), "the pool's segments are freed when it closes"
 
@@ -418,7 +412,7 @@ def test_every_path_frees_the_shared_memory(mode: str) -> None:
             call_model(mode, pool)
     else:
         call_model(mode, pool)
-    assert_nothing_leased(pool, before)
+    assert_pool_holds_only_idle(pool, before)
     pool.close()
     assert shm_used() <= before + (1 << 20)
 
