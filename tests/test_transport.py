@@ -222,6 +222,16 @@ def test_a_column_the_library_cannot_hold_is_named(
             read_frame(ref, exchange.fds[ref["slot"]], library, "input 'frame' of m")
 
 
+def test_integers_with_nulls_reach_pandas_as_float64_where_it_is_exact(pool: SegmentPool) -> None:
+    """pandas' own way with integer nulls (NaN in float64) is kept wherever float64 holds every value."""
+    table = pa.table({"small": pa.array([2**53, None]), "none": pa.nulls(2, pa.int64()), "full": pa.array([2**62, 1])})
+    with FrameExchange(pool) as exchange:
+        ref = exchange.put("frame", table)
+        frame = read_frame(ref, exchange.fds[ref["slot"]], "pandas")
+    assert [str(dtype) for dtype in frame.dtypes] == ["float64", "float64", "int64"]
+    assert frame["small"][0] == 2**53 and frame["full"][0] == 2**62
+
+
 @pytest.mark.parametrize("library", ["pyarrow", "polars", "pandas"])
 def test_empty_zero_column_and_multi_batch_frames(library: str, pool: SegmentPool) -> None:
     big = pa.table({"a": np.arange(300_000), "c": pa.array(["c"] * 300_000)})

@@ -23,7 +23,6 @@ import os
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from modelpex_runtime.protocol import FRAME_LIBRARIES, PROTOCOL_VERSION, FrameRef, ShmSpaceError, TransportError
 
@@ -58,7 +57,7 @@ def check_space(needed: int, what: str, fd: int | None = None) -> None:
     """Fail before writing when the file system of segment ``fd`` (or /dev/shm) cannot hold ``needed`` more bytes.
 
     N.B. Measured on the segment's own file system: a sandboxed model process sees a private /dev/shm, not the one
-    its segments live on. A memfd's reports no size at all (f_blocks 0): it has no limit of its own to check.
+    its segments live on. A memfd's file system reports no size at all (f_blocks 0): there is no limit to check.
     """
     try:
         stat = os.statvfs(SHM_DIR) if fd is None else os.fstatvfs(fd)
@@ -243,9 +242,9 @@ def _to_pandas(table: pa.Table) -> Any:
     if wrapped:
         import pandas as pd
 
-        positions = [i for i, name in enumerate(table.column_names) if name not in _index_fields(table.schema)]
+        positions = _frame_positions(table.schema)
         for index in wrapped:
-            frame.isetitem(positions.index(index), pd.arrays.ArrowExtensionArray(table.column(index)))
+            frame.isetitem(positions[index], pd.arrays.ArrowExtensionArray(table.column(index)))
     return frame
 
 
@@ -253,19 +252,21 @@ def _pandas_columns(schema: pa.Schema) -> list[dict[str, Any]]:
     return (schema.pandas_metadata or {}).get("columns", [])
 
 
-def _index_fields(schema: pa.Schema) -> set[str]:
-    return {name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)}
+def _frame_positions(schema: pa.Schema) -> dict[int, int]:
+    """Field index -> position among the pandas frame's columns (the fields that hold its index are not columns)."""
+    index = {name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)}
+    data = [i for i, name in enumerate(schema.names) if name not in index]
+    return {field: position for position, field in enumerate(data)}
 
 
 def _arrow_dtype_columns(table: pa.Table) -> list[int]:
-    """Positions of the data columns that pandas held as ``ArrowDtype`` when they were sent."""
+    """Field indices of the frame columns that pandas held as ``ArrowDtype`` when they were sent."""
     arrow_dtype = {
         column.get("field_name", column.get("name"))
         for column in _pandas_columns(table.schema)
         if str(column.get("numpy_type", "")).endswith("[pyarrow]")
     }
-    index = _index_fields(table.schema)
-    return [i for i, name in enumerate(table.column_names) if name in arrow_dtype and name not in index]
+    return [i for i in _frame_positions(table.schema) if table.schema.names[i] in arrow_dtype]
 
 
 def _as_objects(schema: pa.Schema, positions: list[int]) -> dict[bytes, bytes]:
@@ -285,16 +286,17 @@ def _as_objects(schema: pa.Schema, positions: list[int]) -> dict[bytes, bytes]:
 def _check_exact_integers(table: pa.Table, frame: Any, what: str) -> None:
     """pandas gives 64-bit integer columns with nulls as float64, which rounds values beyond 2**53: refuse those."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    limit = 2**53
-    for index, field in enumerate(table.schema):
-        if field.type not in (pa.int64(), pa.uint64()) or not table.column(index).null_count:
+    for index, position in _frame_positions(table.schema).items():
+        column = table.column(index)
+        if column.type not in (pa.int64(), pa.uint64()) or not column.null_count:
             continue
-        if field.name not in frame.columns or frame[field.name].dtype != np.float64:
-            continue
-        bounds = pc.min_max(table.column(index))
-        if max(abs(bounds["min"].as_py()), abs(bounds["max"].as_py())) > limit:
-            raise _cannot_hold(what, "pandas", field, "with nulls it becomes float64, which rounds beyond 2**53")
+        low, high = (bound.as_py() for bound in pc.min_max(column).values())
+        if low is not None and max(-low, high) > 2**53 and frame.dtypes.iloc[position] == np.float64:
+            raise _cannot_hold(
+                what, "pandas", table.field(index), "with nulls it becomes float64, which rounds beyond 2**53"
+            )
 
 
 def _has_decimal256(arrow_type: pa.DataType) -> bool:
