@@ -20,6 +20,7 @@ import errno
 import functools
 import mmap
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -47,6 +48,7 @@ SHM_DIR = "/dev/shm"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # N.B. Below this many rows, pandas conversions on one thread: starting a thread pool cost more than the work.
 _THREADED_ROWS = 1_000_000
+_INT64_IDS = (pa.int64().id, pa.uint64().id)
 _SHM_FIX = (
     "raise it: Docker `--shm-size=2g` (compose: `shm_size`), Kubernetes an emptyDir with `medium: Memory` and a "
     "`sizeLimit` mounted at /dev/shm"
@@ -232,7 +234,7 @@ def _to_pandas(table: pa.Table) -> Any:
     dictionary types ("list<item: int64>[pyarrow]"), reads "string[pyarrow]" as pandas' own string dtype, and drops
     decimals to objects: such columns are converted as placeholders, then replaced by the Arrow data itself.
     """
-    wrapped = _arrow_dtype_columns(table)
+    wrapped = _arrow_dtype_columns(table.schema)
     converted = table
     for index in wrapped:
         converted = converted.set_column(index, table.field(index).with_type(pa.null()), pa.nulls(table.num_rows))
@@ -242,34 +244,33 @@ def _to_pandas(table: pa.Table) -> Any:
     if wrapped:
         import pandas as pd
 
-        positions = _frame_positions(table.schema)
-        for index in wrapped:
-            frame.isetitem(positions[index], pd.arrays.ArrowExtensionArray(table.column(index)))
+        for index, position in wrapped.items():
+            frame.isetitem(position, pd.arrays.ArrowExtensionArray(table.column(index)))
     return frame
 
 
-def _pandas_columns(schema: pa.Schema) -> list[dict[str, Any]]:
-    return (schema.pandas_metadata or {}).get("columns", [])
-
-
-def _frame_positions(schema: pa.Schema) -> dict[int, int]:
+def _frame_positions(schema: pa.Schema, metadata: dict[str, Any] | None) -> dict[int, int]:
     """Field index -> position among the pandas frame's columns (the fields that hold its index are not columns)."""
-    index = {name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)}
+    index = {name for name in (metadata or {}).get("index_columns", []) if isinstance(name, str)}
     data = [i for i, name in enumerate(schema.names) if name not in index]
     return {field: position for position, field in enumerate(data)}
 
 
-def _arrow_dtype_columns(table: pa.Table) -> list[int]:
-    """Field indices of the frame columns that pandas held as ``ArrowDtype`` when they were sent."""
+def _arrow_dtype_columns(schema: pa.Schema) -> dict[int, int]:
+    """Field index -> frame position of the columns that pandas held as ``ArrowDtype`` when they were sent."""
+    metadata = schema.pandas_metadata
+    if not metadata:
+        return {}
     arrow_dtype = {
         column.get("field_name", column.get("name"))
-        for column in _pandas_columns(table.schema)
+        for column in metadata.get("columns", [])
         if str(column.get("numpy_type", "")).endswith("[pyarrow]")
     }
-    return [i for i in _frame_positions(table.schema) if table.schema.names[i] in arrow_dtype]
+    positions = _frame_positions(schema, metadata)
+    return {i: position for i, position in positions.items() if schema.names[i] in arrow_dtype}
 
 
-def _as_objects(schema: pa.Schema, positions: list[int]) -> dict[bytes, bytes]:
+def _as_objects(schema: pa.Schema, positions: Iterable[int]) -> dict[bytes, bytes]:
     """The schema's metadata with the columns at ``positions`` described as plain object columns."""
     import json
 
@@ -285,15 +286,16 @@ def _as_objects(schema: pa.Schema, positions: list[int]) -> dict[bytes, bytes]:
 
 def _check_exact_integers(table: pa.Table, frame: Any, what: str) -> None:
     """pandas gives 64-bit integer columns with nulls as float64, which rounds values beyond 2**53: refuse those."""
+    nullable = [i for i, column in enumerate(table.columns) if column.type.id in _INT64_IDS and column.null_count]
+    if not nullable:
+        return
     import numpy as np
     import pyarrow.compute as pc
 
-    for index, position in _frame_positions(table.schema).items():
-        column = table.column(index)
-        if column.type not in (pa.int64(), pa.uint64()) or not column.null_count:
-            continue
-        low, high = (bound.as_py() for bound in pc.min_max(column).values())
-        if low is not None and max(-low, high) > 2**53 and frame.dtypes.iloc[position] == np.float64:
+    positions = _frame_positions(table.schema, table.schema.pandas_metadata)
+    for index in nullable:
+        low, high = (bound.as_py() for bound in pc.min_max(table.column(index)).values())
+        if low is not None and max(-low, high) > 2**53 and frame.dtypes.iloc[positions[index]] == np.float64:
             raise _cannot_hold(
                 what, "pandas", table.field(index), "with nulls it becomes float64, which rounds beyond 2**53"
             )
