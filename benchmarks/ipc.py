@@ -109,7 +109,7 @@ def worker(fd: int) -> None:
     import os
 
     from modelpex_runtime.channel import Channel, ChannelClosed
-    from modelpex_runtime.transport import keep_only, read_frame, write_frame
+    from modelpex_runtime.transport import read_frame, write_frame
 
     channel = Channel.from_fd(fd)
     channel.send({"ready": True})
@@ -118,7 +118,6 @@ def worker(fd: int) -> None:
             call, fds = channel.receive()
         except ChannelClosed:
             return
-        keep_only(fds)
         frame = read_frame(call["ref"], fds[call["ref"]["slot"]], call["library"])
         ref = write_frame(frame, fds[call["out"]], call["out"])
         del frame

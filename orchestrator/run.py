@@ -43,6 +43,7 @@ from modelpex_runtime.protocol import (
     CallError,
     ModelCall,
     ModelFailure,
+    ShmSpaceError,
     StateRef,
     TransportError,
 )
@@ -79,6 +80,7 @@ DEFAULT_ENV_ALLOW = (
 )
 STDERR_TAIL_LINES = 40
 STATE_OUTPUT = "fitted state"
+_SHM_SPACE = f"{ShmSpaceError.__module__}.{ShmSpaceError.__qualname__}"
 
 
 class ModelRunError(ModelpexError):
@@ -303,11 +305,18 @@ class ModelProcess:
                 os.close(fd)
             kind, ours = message.get("kind"), message.get("id") == call_id
             if kind == "failed" and ours:
-                raise ModelRaisedError(self.label, message.get("failure") or {})
+                raise self._failed(message.get("failure") or {})
             if kind == "pipes" and ours and link is not None:
                 self._forward(link, message.get("message"), doing)
             elif (kind == "done" and ours) or (kind == "ready" and call_id == 0):
                 return message
+
+    def _failed(self, failure: ModelFailure) -> ModelpexError:
+        """The model's own exception, except running out of shared memory for an output (the runtime grows each
+        output to what the model wrote): that is the transport's, and its one line says how to make room."""
+        if failure.get("type") == _SHM_SPACE:
+            return ShmSpaceError(str(failure.get("message")))
+        return ModelRaisedError(self.label, failure)
 
     def _forward(self, link: PipesLink, message: object, doing: str) -> None:
         """One Pipes message to the call's session; one it refuses is the model breaking the protocol."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import queue
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -83,8 +84,11 @@ class Segment:
         self.capacity = os.fstat(self.fd).st_size
 
     def close(self) -> None:
+        """Drop our mapping and descriptor; the kernel frees the segment once the model's are gone too."""
         self._mapping = None  # N.B. Dropped, not closed: the kernel unmaps it when nothing refers to it.
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class _IdleBudget:
@@ -109,7 +113,7 @@ class _IdleBudget:
             while self._idle and sum(s.capacity for s in self._idle) > limit:
                 evicted.append(self._idle.popitem(last=False))
         for old, owner in evicted:
-            owner.discard(old)
+            owner.evict(old)
 
     def remove(self, segment: Segment) -> None:
         with self._lock:
@@ -136,52 +140,87 @@ class SegmentPool:
     """The segments of one model process: leased to one call at a time, idle between calls, closed with it."""
 
     def __init__(self) -> None:
-        self.output_sizes: dict[str, int] = {}  # output name -> its last size: the next one is reserved that big
+        self.output_sizes: dict[str, int] = {}  # output name -> its last size: the idle segment that fits it is taken
         self._idle: list[Segment] = []
         self._owned: set[Segment] = set()
+        self._returned: queue.SimpleQueue[Segment] = queue.SimpleQueue()
         self._lock = threading.Lock()
 
     def acquire(self, size: int, what: str) -> Segment:
         """An idle segment that already holds ``size`` bytes of pages, or a new one of exactly that size."""
+        segment = self._take(size, any_size=False)
+        if segment is None:
+            segment = Segment(size, what)
+            with self._lock:
+                self._owned.add(segment)
+        return segment
+
+    def take_idle(self, size: int) -> Segment | None:
+        """The idle segment that fits ``size`` best, else the largest idle one (to be grown), else None."""
+        return self._take(size, any_size=True)
+
+    def _take(self, size: int, *, any_size: bool) -> Segment | None:
+        self.settle()
         with self._lock:
             fits = [s for s in self._idle if s.capacity >= size]
             if fits:
                 segment = min(fits, key=lambda s: s.capacity)
-                self._idle.remove(segment)
-                idle_budget().remove(segment)
-                return segment
-        segment = Segment(size, what)
-        with self._lock:
-            self._owned.add(segment)
+            elif any_size and self._idle:
+                segment = max(self._idle, key=lambda s: s.capacity)
+            else:
+                return None
+            self._idle.remove(segment)
+        idle_budget().remove(segment)
         return segment
 
     def release(self, segment: Segment) -> None:
-        with self._lock:
-            if segment not in self._owned or segment in self._idle:
-                return
-            segment.refresh()
-            self._idle.append(segment)
-        idle_budget().add(segment, self)
+        """Give a leased segment back; it turns idle at this pool's next step (`settle`).
 
-    def discard(self, segment: Segment) -> None:
+        N.B. Nothing but a `queue.SimpleQueue.put`, which is reentrant and takes no lock of ours: a finalizer, a
+        signal handler or a garbage collection that runs while this pool's lock is held can release safely.
+        """
+        self._returned.put(segment)
+
+    def settle(self) -> None:
+        """Turn released segments idle, then let the process-wide budget close what it cannot keep."""
+        settled = []
         with self._lock:
-            if segment not in self._owned:
+            while not self._returned.empty():
+                segment = self._returned.get_nowait()
+                if segment in self._owned and segment not in self._idle:
+                    segment.refresh()
+                    self._idle.append(segment)
+                    settled.append(segment)
+        for segment in settled:  # N.B. Outside our lock: the budget may evict from any pool, this one included.
+            idle_budget().add(segment, self)
+
+    def evict(self, segment: Segment) -> None:
+        """Close a segment the budget cannot keep, if it is still idle: one leased again meanwhile is in use."""
+        with self._lock:
+            if segment not in self._idle:
                 return
+            self._idle.remove(segment)
             self._owned.discard(segment)
-            if segment in self._idle:
-                self._idle.remove(segment)
-        idle_budget().remove(segment)
         segment.close()
 
     def close(self) -> None:
+        """Close every segment, leased ones included: the model process they were handed to has ended."""
         with self._lock:
-            owned = list(self._owned)
+            owned, self._owned, self._idle = list(self._owned), set(), []
         for segment in owned:
-            self.discard(segment)
+            idle_budget().remove(segment)
+            segment.close()
 
     def held_bytes(self) -> int:
+        self.settle()
         with self._lock:
             return sum(s.capacity for s in self._owned)
+
+    def leased_bytes(self) -> int:
+        """What calls hold and have not given back: zero between calls, or a call leaked its segments."""
+        self.settle()
+        with self._lock:
+            return sum(s.capacity for s in self._owned if s not in self._idle)
 
 
 class FrameExchange:
@@ -197,7 +236,6 @@ class FrameExchange:
         self._segments: list[Segment] = []
         self._opened: list[int] = []  # read-only descriptors we opened for this call
         self._reserved: dict[int, str] = {}  # slot -> output name
-        self._input_sizes: list[int] = []
 
     def __enter__(self) -> FrameExchange:
         return self
@@ -220,7 +258,6 @@ class FrameExchange:
             self.pool.release(segment)
             raise
         self._opened.append(fd)
-        self._input_sizes.append(size)
         return self._slot(segment, fd), size
 
     def put(self, name: str, frame: Any) -> FrameRef:
@@ -244,13 +281,13 @@ class FrameExchange:
         return self._slot(segment, fd)
 
     def reserve(self, name: str) -> int:
-        """A writable segment for an output (or the state) that the model will write and may grow; its slot.
+        """A writable segment for an output (or the state), which the model grows to what it writes; its slot.
 
-        N.B. Reserved as big as this output was last time (or as the largest input): a re-used segment of that
-        size already has its pages, where a small one would be grown into fresh pages by the model.
+        N.B. Never new beyond one page: the model grows the segment to the exact size of what it writes, so a call
+        needs no room for an output bigger than the real one. An idle segment comes first (the best fit for this
+        output's last size), because writing into pages already there is several times faster than into fresh ones.
         """
-        expected = self.pool.output_sizes.get(name, max(self._input_sizes, default=0))
-        segment = self.pool.acquire(expected, f"output {name!r}")
+        segment = self.pool.take_idle(self.pool.output_sizes.get(name, 0)) or self.pool.acquire(0, f"output {name!r}")
         slot = self._slot(segment, segment.fd)
         self._reserved[slot] = name
         return slot
@@ -278,7 +315,7 @@ class FrameExchange:
         if not isinstance(ref, dict):
             raise TransportError(f"{what}: the model answered {ref!r} instead of a frame reference")
         payload = self._payload(ref.get("slot"), ref.get("size"), name, what)
-        return from_arrow(read_table(payload, ref, what), library)
+        return from_arrow(read_table(payload, ref, what), library, what)
 
     def get_bytes(self, name: str, slot: object, size: object, what: str) -> bytes:
         return self._payload(slot, size, name, what).to_pybytes()
@@ -290,3 +327,4 @@ class FrameExchange:
         segments, self._segments, self.fds, self._reserved = self._segments, [], [], {}
         for segment in segments:
             self.pool.release(segment)
+        self.pool.settle()

@@ -11,12 +11,16 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from orchestrator.build import Builder, BuildResult
 from orchestrator.specs import load_base_env
 from orchestrator.store import LocalPexStore
+
+if TYPE_CHECKING:
+    from orchestrator.transport import SegmentPool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +34,22 @@ def shm_used() -> int:
 SHM_AT_START = shm_used()
 
 
+def assert_pool_holds_only_idle(pool: SegmentPool, before: int) -> None:
+    """Between calls a pool holds idle segments only, and /dev/shm no more than they take (``before`` the pool).
+
+    N.B. Check before the pool closes: closing frees leased segments too, so a call that never gave its segments
+    back is invisible afterwards, and so to the suite-level check below, which runs once every pool has closed.
+    """
+    assert pool.leased_bytes() == 0, "every call gave its segments back"
+    assert shm_used() <= before + pool.held_bytes() + (1 << 20), "/dev/shm holds only what the pool keeps idle"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """No shared memory of ours may outlive the suite: every test closed its model processes and pools."""
+    """No shared memory of ours may outlive the suite: every test closed its model processes and pools.
+
+    N.B. This sees only segments nobody closed; a leak inside a live pool is checked where the pool lives
+    (`assert_pool_holds_only_idle`), and a timed-out call's on a tmpfs of its own (tests/test_transport.py).
+    """
     import gc
 
     gc.collect()

@@ -4,15 +4,20 @@ mid-write, the orchestrator raising or dying)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import decimal
 import fcntl
+import gc
 import json
+import math
 import mmap
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +25,13 @@ import pandas as pd
 import polars as pl
 import polars.testing
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modelpex_runtime.protocol import ShmSpaceError, TransportError
 from modelpex_runtime.transport import (
     check_space,
-    from_arrow,
-    keep_only,
     map_fd,
     read_frame,
     to_arrow,
@@ -36,96 +40,196 @@ from modelpex_runtime.transport import (
 
 from orchestrator.transport import FrameExchange, SegmentPool, idle_budget
 
-from .conftest import shm_used
+from .conftest import assert_pool_holds_only_idle, shm_used
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
 
 
-def model_side(exchange: FrameExchange, ref: dict, out: int, library: str) -> dict:
-    """What a model process does with the descriptors of a call: read the input, write it back as the output."""
-    return write_frame(read_frame(ref, exchange.fds[ref["slot"]], library), exchange.fds[out], out)
-
-
-def round_trip(table: pa.Table, library: str, pool: SegmentPool):
-    """Orchestrator -> model side -> orchestrator, in the library the model asked for."""
+def round_trip(frame: object, library: str, pool: SegmentPool) -> tuple[object, object]:
+    """Orchestrator -> model side -> orchestrator, the model reading and writing ``library``: what the model saw,
+    and what came back."""
     with FrameExchange(pool) as exchange:
-        ref = exchange.put("frame", from_arrow(table, library))
+        ref = exchange.put("frame", frame)
         out = exchange.reserve("frame")
-        return exchange.get("frame", model_side(exchange, ref, out, library), library, "frame")
+        seen = read_frame(ref, exchange.fds[ref["slot"]], library)
+        return seen, exchange.get("frame", write_frame(seen, exchange.fds[out], out), library, "frame")
 
 
 @pytest.fixture
 def pool():
-    """A pool of the test's own, closed at the end: what it held must be gone from /dev/shm then."""
+    """A pool of the test's own: between calls it holds only idle segments, and closed, nothing."""
     before = shm_used()
     pool = SegmentPool()
     yield pool
+    assert_pool_holds_only_idle(pool, before)
     pool.close()
-    keep_only([])  # N.B. The model side, which these tests play in this process, lets go of its mappings.
     assert shm_used() <= before + (1 << 20), "the pool's segments are freed when it closes"
 
 
-def assert_same(expected: pa.Table, got, library: str) -> None:
-    want = from_arrow(expected, library)
-    if library == "pandas":
-        pd.testing.assert_frame_equal(got, want)
-    elif library == "polars":
-        pl.testing.assert_frame_equal(got, want)
-    else:
-        assert got.schema.equals(want.schema, check_metadata=False), (got.schema, want.schema)
-        assert got.equals(want)
+# --- every column kind users send, for each library ---------------------------------------------------------
 
 
-# --- every column kind, for each library ---------------------------------------------------------------------
+def _integers(arrow_type: pa.DataType) -> st.SearchStrategy[int]:
+    bits = arrow_type.bit_width
+    if pa.types.is_signed_integer(arrow_type):
+        return st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return st.integers(0, 2**bits - 1)
 
-COLUMNS = {
-    "int": (pa.int64(), st.integers(-(2**63), 2**63 - 1)),
-    "float": (pa.float64(), st.floats(allow_nan=False)),
+
+def _ticks(unit: str) -> st.SearchStrategy[int]:
+    """Counts of ``unit`` within about 146 years of 1970, which every library holds at every unit."""
+    limit = 2**62 // {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[unit]
+    return st.integers(-limit, limit)
+
+
+SPECIAL_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, -0.0])  # N.B. Else NaN is rare.
+UNITS = ("s", "ms", "us", "ns")
+ZONES = (None, "UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata")
+INTEGERS = (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64())
+COLUMNS: dict[str, tuple[pa.DataType | None, st.SearchStrategy]] = {
+    **{str(t): (t, _integers(t)) for t in INTEGERS},
+    "float32": (pa.float32(), SPECIAL_FLOATS | st.floats(width=32)),
+    "float64": (pa.float64(), SPECIAL_FLOATS | st.floats()),
     "bool": (pa.bool_(), st.booleans()),
-    "string": (pa.large_string(), st.text(max_size=8)),
-    "timestamp_tz": (
-        pa.timestamp("us", tz="Europe/Paris"),
-        st.datetimes(dt.datetime(1970, 1, 2), dt.datetime(2200, 1, 1), timezones=st.just(dt.UTC)),
+    "date32": (pa.date32(), st.dates()),
+    **{f"timestamp_{unit}": (None, _ticks(unit)) for unit in UNITS},  # N.B. Naive or zoned, drawn per table.
+    **{f"duration_{unit}": (pa.duration(unit), _ticks(unit)) for unit in UNITS},
+    "decimal128": (pa.decimal128(12, 3), st.decimals(-(10**9) + 1, 10**9 - 1, places=3)),
+    "decimal256": (pa.decimal256(40, 5), st.decimals(-(10**35) + 1, 10**35 - 1, places=5)),
+    "string": (pa.string(), st.text(max_size=8)),
+    "large_string": (pa.large_string(), st.text(max_size=8)),
+    "string_view": (pa.string_view(), st.text(max_size=8)),
+    "binary": (pa.binary(), st.binary(max_size=8)),
+    "dictionary": (pa.dictionary(pa.int32(), pa.string()), st.sampled_from(["low", "medium", "high"])),
+    "list": (pa.list_(pa.int64()), st.lists(st.one_of(st.none(), st.integers(-1000, 1000)), max_size=4)),
+    "struct": (
+        pa.struct([("a", pa.int64()), ("b", pa.string())]),
+        st.fixed_dictionaries({"a": st.none() | st.integers(-1000, 1000), "b": st.none() | st.text(max_size=4)}),
     ),
-    "category": (pa.dictionary(pa.int32(), pa.large_string()), st.sampled_from(["low", "medium", "high"])),
-    "decimal": (
-        pa.decimal128(12, 3),
-        st.decimals(min_value=-(10**8), max_value=10**8, places=3, allow_nan=False, allow_infinity=False),
-    ),
-    "list": (pa.large_list(pa.int64()), st.lists(st.integers(-1000, 1000), max_size=4)),
 }
+POLARS_CANNOT_HOLD = {"decimal256"}  # N.B. Its refusal is tested on its own, below.
 
 
 @st.composite
-def tables(draw, library: str) -> pa.Table:
-    rows = draw(st.integers(0, 40))
-    names = draw(st.lists(st.sampled_from(sorted(COLUMNS)), unique=True, max_size=len(COLUMNS)))
+def tables(draw: st.DrawFn, kinds: list[str]) -> pa.Table:
+    """A table of some of ``kinds``, each column with nulls or without, in one record batch or two."""
+    rows = draw(st.integers(0, 30))
     arrays = {}
-    for name in names:
+    for name in draw(st.lists(st.sampled_from(kinds), unique=True, max_size=10)):
         arrow_type, values = COLUMNS[name]
-        nullable = draw(st.booleans()) and name not in ("bool",)
-        column = draw(st.lists(st.one_of(st.none(), values) if nullable else values, min_size=rows, max_size=rows))
-        if name == "category":
-            arrays[name] = pa.array(column, pa.large_string()).dictionary_encode().cast(arrow_type)
-        elif name == "decimal":
-            arrays[name] = pa.array([None if v is None else decimal.Decimal(v) for v in column], arrow_type)
-        else:
-            arrays[name] = pa.array(column, arrow_type)
+        if arrow_type is None:
+            arrow_type = pa.timestamp(name.removeprefix("timestamp_"), draw(st.sampled_from(ZONES)))
+        column = draw(st.lists(st.none() | values if draw(st.booleans()) else values, min_size=rows, max_size=rows))
+        arrays[name] = pa.array(column, arrow_type)
     table = pa.table(arrays) if arrays else pa.table({})
-    if rows > 1 and names and draw(st.booleans()):  # N.B. More than one record batch.
+    if rows > 1 and arrays and draw(st.booleans()):
         table = pa.concat_tables([table.slice(0, rows // 2), table.slice(rows // 2)])
     return table
 
 
+# N.B. pandas' masked dtypes: how pandas users hold integers (and others) with nulls.
+NULLABLE = {
+    **{t: pd.api.types.pandas_dtype(str(t).replace("int", "Int").replace("uInt", "UInt")) for t in INTEGERS},
+    pa.float32(): pd.Float32Dtype(),
+    pa.float64(): pd.Float64Dtype(),
+    pa.bool_(): pd.BooleanDtype(),
+    pa.string(): pd.StringDtype(),
+    pa.large_string(): pd.StringDtype(),
+}
+PANDAS_STYLES = {"numpy": None, "nullable": NULLABLE.get, "arrow": pd.ArrowDtype}
+
+
+def sent_frame(table: pa.Table, library: str, style: str = "numpy") -> object:
+    """The frame a user of ``library`` sends, built by that library (never by the transport under test)."""
+    if library == "pyarrow":
+        return table
+    if library == "polars":
+        return pl.from_arrow(table)
+    return table.to_pandas(types_mapper=PANDAS_STYLES[style])
+
+
+def assert_same(got: object, sent: object, library: str) -> None:
+    """Equal to the frame that was sent, types included; NaN equals NaN (and stays apart from null)."""
+    if library == "pandas":
+        # N.B. pandas cannot compare some ArrowDtype columns (string_view): those are compared as the Arrow data.
+        arrow = [name for name, dtype in sent.dtypes.items() if isinstance(dtype, pd.ArrowDtype)]
+        assert list(got.dtypes.items()) == list(sent.dtypes.items())
+        pd.testing.assert_frame_equal(got.drop(columns=arrow), sent.drop(columns=arrow))
+        for name in arrow:
+            assert_arrays_equal(_arrow_data(got[name]), _arrow_data(sent[name]), name)
+    elif library == "polars":
+        pl.testing.assert_frame_equal(got, sent)
+    else:
+        assert got.schema.equals(sent.schema, check_metadata=False), (got.schema, sent.schema)
+        for name in sent.column_names:
+            assert_arrays_equal(got[name], sent[name], name)
+
+
+def _arrow_data(series: pd.Series) -> pa.ChunkedArray:
+    data = pa.array(series.array)  # N.B. An Array, or a ChunkedArray when the column has no chunk at all.
+    return data if isinstance(data, pa.ChunkedArray) else pa.chunked_array([data])
+
+
+def assert_arrays_equal(got: pa.ChunkedArray, sent: pa.ChunkedArray, name: str) -> None:
+    if pa.types.is_floating(sent.type):
+        assert pc.is_nan(got).equals(pc.is_nan(sent)), name
+        got, sent = (pc.if_else(pc.is_nan(x), 0, x) for x in (got, sent))
+    assert got.equals(sent), name
+
+
 @pytest.mark.parametrize("library", ["pyarrow", "polars", "pandas"])
-def test_round_trip_keeps_schema_and_values(library: str, pool: SegmentPool) -> None:
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(table=tables(library))
-    def check(table: pa.Table) -> None:
-        assert_same(table, round_trip(table, library, pool), library)
+def test_round_trip_gives_back_the_frame_that_was_sent(library: str, pool: SegmentPool) -> None:
+    """Issue 9: what the model sees and what comes back equal the sent frame, compared in its own library."""
+    kinds = [kind for kind in COLUMNS if library != "polars" or kind not in POLARS_CANNOT_HOLD]
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(table=tables(kinds), style=st.sampled_from(sorted(PANDAS_STYLES)))
+    def check(table: pa.Table, style: str) -> None:
+        sent = sent_frame(table, library, style)
+        seen, back = round_trip(sent, library, pool)
+        assert_same(seen, sent, library)
+        assert_same(back, sent, library)
 
     check()
+
+
+@pytest.mark.parametrize(
+    ("library", "column", "problem"),
+    [
+        ("polars", pa.array([decimal.Decimal("1.5")], pa.decimal256(40, 5)), "polars' decimals have at most 38 digits"),
+        ("polars", pa.array([0], pa.timestamp("us", "+05:30")), "unable to parse time zone: '\\+05:30'"),
+        (
+            "pandas",
+            pa.array([2**53 + 1, None], pa.int64()),
+            "with nulls it becomes float64, which rounds beyond 2\\*\\*53",
+        ),
+        ("pandas", pa.array([None, 2**64 - 1], pa.uint64()), "with nulls it becomes float64"),
+    ],
+)
+def test_a_column_the_library_cannot_hold_is_named(
+    library: str, column: pa.Array, problem: str, pool: SegmentPool
+) -> None:
+    """Issue 9: one line naming the frame, the column and its type, the problem, and the fix; never changed values."""
+    table = pa.table({"fine": pa.array([1] * len(column)), "odd": column})
+    expected = (
+        f"^input 'frame' of m: {library} cannot hold column 'odd' \\({re.escape(str(column.type))}\\): {problem}.*; "
+        f'cast the column to a type {library} holds, or declare frames = "pyarrow"$'
+    )
+    with FrameExchange(pool) as exchange:
+        ref = exchange.put("frame", table)
+        with pytest.raises(TransportError, match=expected):
+            read_frame(ref, exchange.fds[ref["slot"]], library, "input 'frame' of m")
+
+
+def test_integers_with_nulls_reach_pandas_as_float64_where_it_is_exact(pool: SegmentPool) -> None:
+    """pandas' own way with integer nulls (NaN in float64) is kept wherever float64 holds every value."""
+    table = pa.table({"small": pa.array([2**53, None]), "none": pa.nulls(2, pa.int64()), "full": pa.array([2**62, 1])})
+    with FrameExchange(pool) as exchange:
+        ref = exchange.put("frame", table)
+        frame = read_frame(ref, exchange.fds[ref["slot"]], "pandas")
+    assert [str(dtype) for dtype in frame.dtypes] == ["float64", "float64", "int64"]
+    assert frame["small"][0] == 2**53 and frame["full"][0] == 2**62
 
 
 @pytest.mark.parametrize("library", ["pyarrow", "polars", "pandas"])
@@ -134,7 +238,9 @@ def test_empty_zero_column_and_multi_batch_frames(library: str, pool: SegmentPoo
     batches = pa.Table.from_batches(big.to_batches(max_chunksize=70_000))
     cases = [pa.table({"a": pa.array([], pa.int64())}), pa.table({}), batches]
     for table in cases:
-        assert_same(table, round_trip(table, library, pool), library)
+        sent = sent_frame(table, library)
+        for got in round_trip(sent, library, pool):
+            assert_same(got, sent, library)
     assert len(batches.to_batches()) > 1
 
 
@@ -142,7 +248,9 @@ def test_seed_frame_at_a_million_rows(pool: SegmentPool) -> None:
     n = 1_000_000
     table = pa.table({"a": np.arange(n), "b": np.arange(n), "c": pa.array(["c"] * n)})
     for library in ("pandas", "polars", "pyarrow"):
-        assert_same(table, round_trip(table, library, pool), library)
+        sent = sent_frame(table, library)
+        for got in round_trip(sent, library, pool):
+            assert_same(got, sent, library)
 
 
 # --- zero copy on the model side, copies on ours ---------------------------------------------------------------
@@ -251,8 +359,8 @@ def test_pandas_needs_its_metadata_only_where_arrow_types_fall_short(
     frame: pd.DataFrame, plain: bool, pool: SegmentPool
 ) -> None:
     """Plain frames skip from_pandas (the small-frame fast path); the others keep their index, names and dtypes."""
-    back = round_trip(to_arrow(frame), "pandas", pool)
-    pd.testing.assert_frame_equal(back, frame)
+    for got in round_trip(frame, "pandas", pool):
+        pd.testing.assert_frame_equal(got, frame)
     assert (to_arrow(frame).schema.metadata is None) is plain
 
 
@@ -281,9 +389,7 @@ def call_model(mode: str, pool: SegmentPool) -> None:
         ref = exchange.put("frame", pa.table({"a": np.arange(1000)}))
         out = exchange.reserve("out")
         if mode == "orchestrator-raises":
-            with pytest.raises(RuntimeError):
-                raise RuntimeError("the orchestrator failed between two steps")
-            return
+            raise RuntimeError("the orchestrator failed between two steps")
         code = MODEL_SIDE.format(src=str(REPO / "base_env" / "src"))
         process = subprocess.Popen(
             [sys.executable, "-c", code, json.dumps({"ref": ref, "out": out, "mode": mode})],
@@ -296,18 +402,27 @@ def call_model(mode: str, pool: SegmentPool) -> None:
             assert process.stdout.readline().strip() == b"writing"
             process.send_signal(signal.SIGKILL)  # N.B. Killed mid-write, as a timeout would.
         stdout, stderr = process.communicate(timeout=60)
-        if mode == "raise":
-            assert b"ValueError: model failed after reading its input" in stderr
         if mode == "ok":
             assert exchange.get("out", json.loads(stdout), "pandas", "out")["a"].sum() == 499500
+            return
+        if mode == "raise":
+            assert b"ValueError: model failed after reading its input" in stderr
+        announced = {**ref, "slot": out, "size": 50_000_000 if mode == "hang-mid-write" else mmap.PAGESIZE}
+        with pytest.raises(TransportError, match="'out' is not a valid Arrow IPC stream"):
+            exchange.get("out", announced, "pandas", "'out'")  # N.B. What a model that died or raised left there.
 
 
 @pytest.mark.parametrize("mode", ["ok", "raise", "hang-mid-write", "orchestrator-raises"])
 def test_every_path_frees_the_shared_memory(mode: str) -> None:
-    """Each path of a call; once the pool closes, /dev/shm holds what it held before."""
+    """Each path of a call gives every segment back to the pool, and /dev/shm holds what it held once it closes."""
     before = shm_used()
     pool = SegmentPool()
-    call_model(mode, pool)
+    if mode == "orchestrator-raises":
+        with pytest.raises(RuntimeError, match="the orchestrator failed between two steps"):
+            call_model(mode, pool)
+    else:
+        call_model(mode, pool)
+    assert_pool_holds_only_idle(pool, before)
     pool.close()
     assert shm_used() <= before + (1 << 20)
 
@@ -348,23 +463,46 @@ def test_pool_reuses_segments_between_calls(pool: SegmentPool) -> None:
         assert exchange._segments[0] is first
 
 
-def test_a_model_process_keeps_only_the_mappings_of_its_current_segments(pool: SegmentPool) -> None:
-    """Mappings are re-used while the orchestrator hands the same segment back, and dropped once it does not."""
+def test_a_model_process_holds_a_segment_only_while_a_frame_views_it(pool: SegmentPool) -> None:
+    """A mapping kept after the call would hold the space of a segment the orchestrator has closed."""
     before = shm_used()
-    big = pa.table({"a": np.arange(4_000_000)})
     with FrameExchange(pool) as exchange:
-        ref = exchange.put("frame", big)
-        first = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
-    with FrameExchange(pool) as exchange:
-        ref = exchange.put("frame", big)
-        keep_only(exchange.fds)
-        second = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
-        assert first["a"].chunks[0].buffers()[1].address == second["a"].chunks[0].buffers()[1].address
-    del first, second
+        ref = exchange.put("frame", pa.table({"a": np.arange(4_000_000)}))
+        frame = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
     pool.close()
-    assert shm_used() > before + 30_000_000, "a kept mapping holds the segment's memory"
-    keep_only([])
+    assert shm_used() > before + 30_000_000, "a frame the model still holds keeps its segment"
+    del frame
     assert shm_used() <= before + (1 << 20)
+
+
+def test_release_is_safe_from_a_finalizer_run_while_the_pool_is_busy() -> None:
+    """Issue 9: a release from a finalizer took the pool's own lock, so a garbage collection that ran while the
+    thread held it (any allocation inside the pool can start one) deadlocked that thread."""
+    pool = SegmentPool()
+    segment = pool.acquire(mmap.PAGESIZE, "a lease")
+
+    class Lease:
+        pass
+
+    gc.disable()  # N.B. Until the collection below: one that ran earlier would release with no lock held.
+    try:
+        lease = Lease()
+        lease.cycle = lease  # N.B. Only a collection frees it.
+        weakref.finalize(lease, pool.release, segment)
+        del lease
+
+        def collect_while_busy() -> None:
+            with pool._lock:
+                gc.collect()
+
+        worker = threading.Thread(target=collect_while_busy, daemon=True)
+        worker.start()
+        worker.join(10)
+    finally:
+        gc.enable()
+    assert not worker.is_alive(), "release deadlocked on the pool's own lock"
+    assert pool.acquire(mmap.PAGESIZE, "the next call") is segment, "the released segment is idle again"
+    pool.close()
 
 
 def test_idle_budget_is_shared_by_every_pool(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,3 +517,130 @@ def test_idle_budget_is_shared_by_every_pool(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         for pool in pools:
             pool.close()
+
+
+# --- a small /dev/shm of our own, through the real model-process call path -----------------------------------
+
+SIZED_MODEL = """
+import time
+
+import numpy as np
+import pyarrow as pa
+
+
+def train(inputs, params):
+    return {}
+
+
+def predict(inputs, state, params):
+    if params.get("hang"):
+        time.sleep(600)
+    return pa.table({"y": np.zeros(params["out_mib"] << 17)})  # N.B. 1 MiB per 131,072 float64 values.
+"""
+
+# N.B. Runs as root in a mount namespace of its own, whose /dev/shm is a fresh tmpfs: what it measures there is
+# this driver's alone, whatever else runs on the machine.
+SMALL_SHM_DRIVER = """
+import json, os, sys
+
+import numpy as np
+import pyarrow as pa
+
+from orchestrator.build import Interpreter
+from orchestrator.pipes import console_link
+from orchestrator.runner import Runner
+from orchestrator.settings import Settings
+from orchestrator.store import LocalPexStore
+
+
+def used():
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+args = json.loads(sys.argv[1])
+settings = Settings.from_env(
+    env={"MODELPEX_SIGNING_KEY_FILE": args["key_file"]}, project=args["project"], store_url=args["store"]
+)
+record = LocalPexStore(args["store"]).record("model", "sized", args["key"])
+results = []
+with Runner(settings, Interpreter.detect(), timeout=300) as runner:
+    for call in args["calls"]:
+        runner.timeout = call.get("timeout", 300)
+        data = pa.table({"x": np.zeros(call["in_mib"] << 17)})
+        try:
+            outcome = runner.call(record, console_link, action="train_predict", inputs={"data": data}, params=call)
+            result = {"rows": outcome.rows_out["predictions"]}
+        except Exception as exc:
+            result = {"error": type(exc).__name__, "message": str(exc)}
+        del data
+        results.append({**result, "used": used()})
+results.append({"used": used()})
+with open(args["results"], "w") as handle:
+    json.dump(results, handle)
+"""
+
+
+@pytest.fixture
+def sized_model(project, store, tmp_path: Path) -> dict:
+    """A built model whose output is as many MiB as the call asks for, and the driver's fixed arguments."""
+    from orchestrator.build import Builder
+    from orchestrator.specs import load_base_env, load_model_spec
+    from orchestrator.versions import ModelSource
+
+    from .conftest import write_model
+
+    folder = write_model(project.models, "sized", code=SIZED_MODEL)
+    builder = Builder(store, load_base_env(project.root / "base_env"))
+    record = builder.model(ModelSource(load_model_spec(folder), None)).record
+    return {
+        "project": str(project.root),
+        "store": str(store.root),
+        "key": record.key,
+        "key_file": str(tmp_path / "keys" / "signing.key"),
+        "results": str(tmp_path / "results.json"),
+    }
+
+
+needs_mounts = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="a private tmpfs needs root and unshare (CI has both)"
+)
+
+
+def in_small_shm(size: str, args: dict, calls: list[dict]) -> list[dict]:
+    """Run ``calls`` through a Runner in a mount namespace whose /dev/shm is a tmpfs of ``size``; what each left."""
+    mount = f'mount -t tmpfs -o size={size} modelpex-test /dev/shm && exec "{sys.executable}" -c "$0" "$1"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, SMALL_SHM_DRIVER,
+         json.dumps({**args, "calls": calls})],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(Path(args["results"]).read_text())
+
+
+MiB = 1 << 20
+
+
+@needs_mounts
+def test_a_call_needs_only_the_shared_memory_its_output_takes(sized_model: dict) -> None:
+    """Issue 9: an 84 MB /dev/shm refused a call that needed 48 + 28 MB, as the output was reserved at 48 MB."""
+    fits, too_big = {"in_mib": 48, "out_mib": 28}, {"in_mib": 48, "out_mib": 40}
+    first, warm, refused, again, closed = in_small_shm("84m", sized_model, [fits, fits, too_big, fits])
+    assert first.get("error") is None and first["rows"] == 28 << 17, first
+    assert warm.get("error") is None, "a warm process's second call fits too"
+    assert refused["error"] == "ShmSpaceError", refused
+    message = refused["message"]
+    assert "output 'predictions'" in message and "MB of shared memory" in message and "--shm-size" in message
+    assert "\n" not in message, "one line: the thing, the problem, the fix"
+    assert again.get("error") is None, "a refused call leaves room for the next"
+    assert closed["used"] == 0, "nothing is left once the runner closes"
+
+
+@needs_mounts
+def test_a_call_that_times_out_leaves_no_segment_behind(sized_model: dict) -> None:
+    """The timeout path frees its segments at once, not when the runner closes: measured on a tmpfs of our own."""
+    warm_up, hang = {"in_mib": 1, "out_mib": 1}, {"in_mib": 48, "out_mib": 1, "hang": True, "timeout": 3}
+    _, timed_out, _ = in_small_shm("256m", sized_model, [warm_up, hang])
+    assert timed_out["error"] == "ModelTimeoutError", timed_out
+    assert timed_out["used"] < MiB, f"{timed_out['used'] / MiB:.1f} MiB of segments outlived the timed-out call"

@@ -9,10 +9,9 @@ Before anything else it arms its *lifeline*: a pipe whose other end only the orc
 closes, however the orchestrator died (kill -9 included), the kernel sends SIGKILL to this process's whole process
 group (``O_ASYNC`` with ``F_SETSIG``), whatever the model's code is doing, even holding the GIL.
 
-Between calls nothing of the model's is kept: inputs, outputs and states are fresh objects per call. Mappings of
-segments the orchestrator hands back again are re-used, and only those: a segment is only ever handed to the one
-process whose pool it belongs to. What a model keeps in its own module globals stays, which is why a model that
-does so declares ``reuse = false`` and gets a process per call.
+Between calls nothing of the model's is kept: inputs, outputs and states are fresh objects per call, and a segment
+stays mapped only while a frame views it. What a model keeps in its own module globals stays, which is why a model
+that does so declares ``reuse = false`` and gets a process per call.
 """
 
 from __future__ import annotations
@@ -138,14 +137,13 @@ def _slot(fds: list[int], slot: int, what: str) -> int:
 
 def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) -> ModelResult:
     """Run one call of the model in this process; everything the orchestrator needs comes back in the result."""
-    from modelpex_runtime.transport import keep_only, read_bytes, read_frame, write_bytes, write_frame
+    from modelpex_runtime.transport import read_bytes, read_frame, write_bytes, write_frame
 
     if call.get("protocol") != PROTOCOL_VERSION:
         raise CallError(
             f"the orchestrator speaks modelpex protocol {call.get('protocol')!r}, this base speaks "
             f"{PROTOCOL_VERSION}: rebuild the base and the model with the orchestrator's version"
         )
-    keep_only(fds)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
