@@ -81,7 +81,7 @@ def test_an_existing_project_adds_a_model_repository(project: Project, store: Lo
     listed = json.loads(dg("list", "defs", "--json", cwd=root, env=env).stdout)
     assets = {a["asset_key"] for a in listed["assets"]}
     assert {"model/m/v1_0_0", "acme/m/state", "acme/m/predictions", "modelpex/base"} <= assets
-    assert {s["name"] for s in listed["sensors"]} == {"modelpex_redeploy", "modelpex_failures"}
+    assert {s["name"] for s in listed["sensors"]} == {"modelpex_automation", "modelpex_redeploy", "modelpex_failures"}
 
 
 def test_this_repository_is_a_dg_project() -> None:
