@@ -12,11 +12,14 @@ writes ``defs/models/defs.yaml``::
 The component builds exactly what `orchestrator.definitions.build_definitions` builds for that repository (the
 code location in workspace.yaml uses the same function), so YAML and Python stay one product.
 
-N.B. Not a `StateBackedComponent`: its state would be the catalog of model versions (git tags and folder digests),
-and a load already reads that from the repository in well under a second (tag digests are cached by git tree id).
-The repository is present wherever definitions load, because runs build or fetch pexes from the model sources it
-holds; a state file would be a second copy of git that can go stale. Versions appear without a manual step through
-the redeploy sensor, which reloads the code location when the tree changes (orchestrator/sensors.py).
+N.B. Not (yet) a `StateBackedComponent`. Its state would be the catalog: every model version with its content key,
+from the working tree, the release tags and the store. Today the catalog is read from the repository at each load
+(a few git calls; tag digests are cached by git tree id: 10 ms for this repository), which needs the model sources
+and their tags wherever definitions load. That holds on a developer's machine and in CI; it does not in an image
+without `.git`, where released versions that clients pin cannot be resolved. Building definitions from state written
+by `dg utils refresh-defs-state` where git is (CI, the image build), with versions found in the store, is the fit for
+that case and the next step. New versions still appear without a manual step: the redeploy sensor reloads the code
+location when the tree changes (orchestrator/sensors.py).
 """
 
 from dataclasses import dataclass
