@@ -46,8 +46,12 @@ WORKDIR /app
 COPY pyproject.toml README.md workspace.yaml deployments.yaml ./
 COPY base_env/ base_env/
 COPY orchestrator/ orchestrator/
+# The `cluster` extra makes this also the user-code image of deploy/'s configurations: the code server
+# (`dagster code-server start -m orchestrator.definitions -a defs`) and each run's worker (`dagster api execute_run`)
+# need the instance's storage (dagster-postgres) and the run launchers it names (dagster-docker, dagster-k8s).
+# N.B. An s3:// MODELPEX_STORE needs the S3 store's client (boto3) in this image too: install its extra here with it.
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir ./base_env . \
+ && pip install --no-cache-dir ./base_env './[cluster]' \
  && mkdir -p /app/pex_builds \
  && install -d -m 0700 /app/.dagster_home
 
@@ -55,5 +59,6 @@ RUN python -m venv /opt/venv \
 RUN modelpex build base && modelpex warm
 
 COPY model_packages/ model_packages/
+COPY deploy/ deploy/
 EXPOSE 3000
 CMD ["modelpex", "ui", "--host", "0.0.0.0", "--port", "3000"]
