@@ -33,6 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from orchestrator.settings import Settings  # noqa: E402
+
 TARGET_S = 60.0
 PYTHON = Path(sys.executable)
 
@@ -245,7 +249,7 @@ def main() -> None:
             process.wait(timeout=60)
     figures = {
         "target_s": TARGET_S,
-        "sensor_interval_s": 30,
+        "sensor_interval_s": Settings.sensor_interval,
         "edit_to_predictions_s": edits,
         "release_to_predictions_s": [r[0] for r in releases],
         "release_to_asset_s": [r[1] for r in releases],

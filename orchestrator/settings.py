@@ -14,7 +14,7 @@
 | MODELPEX_TIMEOUT          | seconds a model call may run                     | 3600                       |
 | MODELPEX_SHM_POOL_BYTES   | shared memory kept between calls                 | 1G, <= 1/4 of /dev/shm     |
 | MODELPEX_GC_GRACE         | seconds before gc removes a dead run's leftovers | 3600                       |
-| MODELPEX_SENSOR_INTERVAL  | seconds between the sensors' ticks               | 30                         |
+| MODELPEX_SENSOR_INTERVAL  | seconds between the sensors' ticks               | 15                         |
 | MODELPEX_WEBSERVER_URL    | the Dagster webserver the redeploy sensor reloads | none (`modelpex ui` sets it) |
 | DAGSTER_HOME              | Dagster's instance folder                        | <project>/.dagster_home    |
 
@@ -105,7 +105,7 @@ class Settings:
     signing_key_file: str | None = None
     gc_grace: float = 3600.0
     shm_pool_bytes: int | None = None  # N.B. Read by orchestrator.transport; validated here with the rest.
-    sensor_interval: float = 30.0
+    sensor_interval: float = 15.0  # N.B. Two ticks lie between an edit and its redeploy (benchmarks/redeploy.py).
     webserver_url: str | None = None
 
     @classmethod
@@ -131,7 +131,9 @@ class Settings:
             signing_key_file=env.get("MODELPEX_SIGNING_KEY_FILE") or None,
             gc_grace=parse_seconds(env.get("MODELPEX_GC_GRACE"), "MODELPEX_GC_GRACE", 3600.0),
             shm_pool_bytes=parse_size(env.get("MODELPEX_SHM_POOL_BYTES"), "MODELPEX_SHM_POOL_BYTES", 0) or None,
-            sensor_interval=parse_seconds(env.get("MODELPEX_SENSOR_INTERVAL"), "MODELPEX_SENSOR_INTERVAL", 30.0),
+            sensor_interval=parse_seconds(
+                env.get("MODELPEX_SENSOR_INTERVAL"), "MODELPEX_SENSOR_INTERVAL", cls.sensor_interval
+            ),
             webserver_url=parse_url(env.get("MODELPEX_WEBSERVER_URL"), "MODELPEX_WEBSERVER_URL"),
         )
 
