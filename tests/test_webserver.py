@@ -62,6 +62,7 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
         "MODELPEX_PROJECT": str(project.root),
         "MODELPEX_STORE": str(store.root),
         "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "MODELPEX_SENSOR_INTERVAL": "2",
     }
     log = open(tmp_path / "dagster-dev.log", "w")
     process = subprocess.Popen(
@@ -129,15 +130,8 @@ def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) 
     assert repository["schedules"] == [], "the crons are automation conditions on the assets"
     assert ["model", "m", "v1_0_0"] in [a["assetKey"]["path"] for a in repository["assetNodes"]]
 
-    params = {"selector": {**REPOSITORY, "jobName": "client_acme"}, "runConfigData": {}}
-    launched = graphql(LAUNCH, params=params)["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 240
-    while (status := graphql(STATUS, id=run_id)["runOrError"]["status"]) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, f"run {run_id} still {status}"
-        time.sleep(1)
-    assert status == "SUCCESS"
+    run_id = launch(graphql, "client_acme")
+    assert finish(graphql, run_id) == "SUCCESS"
 
     (materialization,) = graphql(METADATA, path=["acme", "m", "predictions"])["assetOrError"]["assetMaterializations"]
     assert materialization["runId"] == run_id
@@ -148,6 +142,79 @@ def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) 
     assert "customer_id" in entries["preview"]["mdStr"]
     assert graphql(METADATA, path=["globex", "m", "predictions"])["assetOrError"]["assetMaterializations"] == []
 
+    stop(process)
+
+
+def launch(graphql: GraphQL, job: str) -> str:
+    params = {"selector": {**REPOSITORY, "jobName": job}, "runConfigData": {}}
+    launched = graphql(LAUNCH, params=params)["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def finish(graphql: GraphQL, run_id: str, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := graphql(STATUS, id=run_id)["runOrError"]["status"]) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, f"run {run_id} still {status}"
+        time.sleep(1)
+    return status
+
+
+LATEST = """
+query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
+    assetMaterializations(limit: 1) { timestamp metadataEntries { label ... on TextMetadataEntry { text } } }
+} } }
+"""
+
+
+def latest(graphql: GraphQL, *path: str) -> dict[str, str] | None:
+    """The timestamp and text metadata of an asset's latest materialisation, None when it has none."""
+    found = graphql(LATEST, path=list(path))["assetOrError"].get("assetMaterializations") or []
+    if not found:
+        return None
+    return {"timestamp": found[0]["timestamp"], **{e["label"]: e.get("text") for e in found[0]["metadataEntries"]}}
+
+
+def asset_paths(graphql: GraphQL) -> list[list[str]]:
+    (repository,) = graphql(LOCATION)["repositoriesOrError"]["nodes"]
+    return [a["assetKey"]["path"] for a in repository["assetNodes"]]
+
+
+def poll(what: str, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(1)
+
+
+def test_changes_redeploy_themselves_without_a_reload(server: tuple[GraphQL, subprocess.Popen], project: Project):
+    """No one presses Reload: an edit of the version acme follows is trained and predicted again, and a new release
+    tag gets its asset and becomes what acme runs. The redeploy sensor reloads the code location through the
+    webserver `modelpex ui` started; the assets' automation conditions do the rest."""
+    graphql, process = server
+    assert [finish(graphql, launch(graphql, f"client_{c}")) for c in ("acme", "globex")] == ["SUCCESS"] * 2
+    before, globex = latest(graphql, "acme", "m", "predictions"), latest(graphql, "globex", "m", "predictions")
+    model_py = project.models / "m" / "src" / "m" / "model.py"
+    model_py.write_text(model_py.read_text() + "\n# an edit\n")
+    poll(
+        "acme's predictions after the edit",
+        lambda: latest(graphql, "acme", "m", "predictions") != before,
+    )
+    assert latest(graphql, "model", "m", "v1_0_0") is not None, "the edited version's pex was rebuilt"
+    assert latest(graphql, "globex", "m", "predictions") != globex, "globex follows latest too"
+
+    pyproject = project.models / "m" / "pyproject.toml"
+    project.commit_and_tag("m 1.0.0 edited")
+    pyproject.write_text(pyproject.read_text().replace('"1.0.0"', '"2.0.0"'))
+    project.commit_and_tag("m 2.0.0")
+    pyproject.write_text(pyproject.read_text().replace('"2.0.0"', '"1.0.0"'))
+    project.commit_and_tag("back to developing 1.0.0")
+    project.git("tag", "m/v2.0.0", "HEAD~1")
+    poll("the asset of m@2.0.0", lambda: ["model", "m", "v2_0_0"] in asset_paths(graphql))
+    poll(
+        "acme's predictions from m@2.0.0",
+        lambda: (latest(graphql, "acme", "m", "predictions") or {}).get("model_version") == "2.0.0",
+    )
     stop(process)
 
 
