@@ -53,6 +53,17 @@ def _on_crons(crons: Iterable[str], ignore: AssetSelection | None) -> Condition 
     return _any(parts)
 
 
+def _trained(state: AssetKey) -> Condition:
+    """The client's state exists, is not being trained, and was trained by the code the client runs now: a cron's
+    prediction waits for a redeploy's training (which predicts after it) instead of failing on a stale state."""
+    stale = (
+        AutomationCondition.code_version_changed().since(AutomationCondition.newly_updated())
+        | AutomationCondition.in_progress()
+        | AutomationCondition.missing()
+    )
+    return (~AutomationCondition.any_deps_match(stale).allow(AssetSelection.assets(state))).with_label("trained")
+
+
 def conditions(deployments: Deployments, version_keys: Iterable[AssetKey]) -> dict[AssetKey, Condition]:
     """Asset key -> its automation condition, for the base, every model version and every client's assets."""
     versions = AssetSelection.assets(*version_keys)
@@ -68,6 +79,7 @@ def conditions(deployments: Deployments, version_keys: Iterable[AssetKey]) -> di
             readers[dataset_key(d.client, dataset)] += [c for c in (train, predict) if c]
         found[state] = _any(filter(None, [rebuild(versions), _on_crons([train] if train else [], pexes)]))
         on_cron = _on_crons([predict] if predict else [], pexes | AssetSelection.assets(state))
+        on_cron = on_cron & _trained(state) if on_cron is not None else None
         after_training = _handled(AutomationCondition.any_deps_updated().allow(AssetSelection.assets(state)))
         found[predictions] = _any(filter(None, [after_training.with_label("after training"), on_cron]))
     for key, crons in readers.items():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -241,3 +244,61 @@ def sample_table() -> Iterator[object]:
     import pyarrow as pa
 
     yield pa.table({"x": pa.array([1.0, 2.0, 3.0, 6.0])})
+
+
+def pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    assert found, f"{name} not found: install PostgreSQL (Debian: apt-get install postgresql), as .ci/run does"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """initdb refuses to run as root: run the server tools as the postgres user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture
+def postgres() -> Iterator[dict[str, str]]:
+    # N.B. Not under pytest's tmp_path: that is private to root, and the server runs as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="modelpex-pg-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (root, sockets):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    subprocess.run(
+        _as_postgres([pg_bin("initdb"), "-D", str(data), "-U", "modelpex", "--auth=trust"]),
+        check=True,
+        capture_output=True,
+    )
+    port = str(free_port())
+    # N.B. mmap dynamic shared memory keeps the server's own segments out of /dev/shm, where ours are checked.
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c dynamic_shared_memory_type=mmap"
+    # N.B. -l: the server must not inherit our pipes, or waiting for pg_ctl's output would wait for the server.
+    subprocess.run(
+        _as_postgres([pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start"]),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=60,
+    )
+    try:
+        subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "modelpex", "dagster"], check=True)
+        yield {
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": port,
+            "DAGSTER_PG_DB": "dagster",
+            "DAGSTER_PG_USER": "modelpex",
+            "DAGSTER_PG_PASSWORD": "",
+        }
+    finally:
+        subprocess.run(
+            _as_postgres([pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
+        shutil.rmtree(root, ignore_errors=True)

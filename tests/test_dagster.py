@@ -24,6 +24,7 @@ from dagster import (
     build_run_status_sensor_context,
     build_sensor_context,
     define_asset_job,
+    evaluate_automation_conditions,
 )
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 from dagster._core.scheduler.instigation import TickStatus
@@ -556,3 +557,35 @@ def test_every_change_redeploys_even_back_to_content_seen_before(
         assert run.tags["modelpex/redeploy"] == "base"
     assert len(daemon.runs()) == 7
     assert len({r.tags[RUN_KEY_TAG] for r in daemon.runs()}) == 7
+
+
+def requested(result) -> set[str]:
+    """Asset keys (as strings) that one automation tick requests."""
+    return {r.key.to_user_string() for r in result.results if r.true_subset.size}
+
+
+def test_automation_redeploys_exactly_what_changed(two_versions: Project, store: LocalPexStore) -> None:
+    """Tick by tick on one instance, as the daemon evaluates the conditions after each reload: an edit rebuilds the
+    version's pex and retrains its followers (and predicts) in one tick; a client moved back to a version it ran
+    before retrains; an unchanged tree requests nothing."""
+    project = two_versions
+    write_deployments(project, {"a": client("latest"), "b": client("1.0.0"), "c": client("latest")})
+    with DagsterInstance.ephemeral() as instance:
+        defs = defs_for(project, store)
+        assert defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance).success
+        tick = evaluate_automation_conditions(defs, instance)
+        assert requested(tick) == set(), "the first tick only remembers code versions"
+        assert requested(tick := evaluate_automation_conditions(defs, instance, cursor=tick.cursor)) == set()
+
+        model_py = project.models / "m" / "src" / "m" / "model.py"
+        model_py.write_text(model_py.read_text() + "\n# an edit of 1.1.0\n")
+        tick = evaluate_automation_conditions(defs_for(project, store), instance, cursor=tick.cursor)
+        assert requested(tick) == {"model/m/v1_1_0", "a/m/state", "a/m/predictions", "c/m/state", "c/m/predictions"}
+
+        for version in ("1.1.0", "1.0.0"):  # N.B. b moves, then back to the version it ran before.
+            write_deployments(project, {"a": client("latest"), "b": client(version), "c": client("latest")})
+            reloaded = defs_for(project, store)
+            tick = evaluate_automation_conditions(reloaded, instance, cursor=tick.cursor)
+            assert requested(tick) == {"b/m/state", "b/m/predictions"}, version
+            tick = evaluate_automation_conditions(reloaded, instance, cursor=tick.cursor)
+            assert requested(tick) == set(), "requested once"

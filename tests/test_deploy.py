@@ -37,7 +37,6 @@ from orchestrator import settings
 from orchestrator.settings import parse_size
 
 from .conftest import REPO
-from .test_postgres import postgres  # noqa: F401  (a fixture: a throwaway PostgreSQL server on loopback)
 
 DOCKER_YAML = REPO / "deploy" / "docker" / "dagster.yaml"
 DOCKER_WORKSPACE = REPO / "deploy" / "docker" / "workspace.yaml"
@@ -177,7 +176,7 @@ def test_docker_workspace_is_a_valid_code_server_target() -> None:
 
 
 def test_docker_dagster_yaml_loads_into_an_instance_on_postgres(
-    postgres: dict[str, str],  # noqa: F811
+    postgres: dict[str, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

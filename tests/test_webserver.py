@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,10 @@ from dagster._core.storage.tags import SENSOR_NAME_TAG
 
 from orchestrator.store import LocalPexStore
 
-from .conftest import REPO, Project
+from .conftest import REPO, Project, free_port
 from .test_dagster import client, m_model, write_deployments
 
 REPOSITORY = {"repositoryLocationName": "modelpex", "repositoryName": "__repository__"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class GraphQL:
@@ -56,7 +49,7 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
     schedules = {"train": "0 2 1 1 *", "predict": "0 3 1 1 *"}  # N.B. Never during a test: automation is on.
     write_deployments(project, {"acme": {**client("latest"), "schedules": schedules}, "globex": client("latest")})
     shutil.copyfile(REPO / "workspace.yaml", project.root / "workspace.yaml")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MODELPEX_PROJECT": str(project.root),
