@@ -80,9 +80,9 @@ class CompletePlatform:
         markers, tags = data.get("marker_environment"), data.get("compatible_tags")
         if not isinstance(markers, dict) or not isinstance(tags, list) or not tags:
             raise PlatformError("lacks a marker_environment object or a non-empty compatible_tags list")
-        unknown = sorted(set(markers) - _MARKER_NAMES)
-        if unknown or not all(isinstance(v, str) for v in markers.values()):
-            raise PlatformError(f"has marker_environment entries that are not PEP 508 strings ({', '.join(unknown)})")
+        wrong = sorted(k for k, v in markers.items() if k not in _MARKER_NAMES or not isinstance(v, str))
+        if wrong:
+            raise PlatformError(f"has marker_environment entries that are not PEP 508 strings ({', '.join(wrong)})")
         for tag in tags:
             try:
                 if not isinstance(tag, str):
@@ -95,16 +95,20 @@ class CompletePlatform:
     @classmethod
     def load(cls, path: str | os.PathLike[str], what: str) -> CompletePlatform:
         """Read and validate a complete platform file; errors are one line naming ``what`` (the option) and the fix."""
-        fix = f"generate it on a worker with {inspect_hint()}"
+        fix, problem = f"generate it on a worker with {inspect_hint()}", f"{what} {path} is not a pex complete platform"
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise PlatformError(f"{what} {path}: cannot read it ({reason}): {fix}") from None
         try:
-            return cls.parse(json.loads(text))
-        except (ValueError, PlatformError) as exc:
-            raise PlatformError(f"{what} {path} is not a pex complete platform: it {exc}: {fix}") from None
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PlatformError(f"{problem}: it is not JSON ({exc}): {fix}") from None
+        try:
+            return cls.parse(data)
+        except PlatformError as exc:
+            raise PlatformError(f"{problem}: it {exc}: {fix}") from None
 
     @property
     def marker_environment(self) -> dict[str, str]:
