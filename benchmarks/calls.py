@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from orchestrator.build import Builder, Interpreter  # noqa: E402
 from orchestrator.datasets import customers  # noqa: E402
 from orchestrator.pipes import console_link as loud_link  # noqa: E402
 from orchestrator.run import ModelProcess  # noqa: E402
@@ -254,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats, clients = (3, 5) if args.quick else (7, 20)
     settings = Settings.from_env(project=str(REPO))
-    builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
+    builder = settings.builder()
     with tempfile.TemporaryDirectory(prefix="modelpex-bench-") as tmp:
         record = builder.model(resolve_source(REPO, settings.models_dir, ModelRef("churn"), Path(tmp))).record
     with (

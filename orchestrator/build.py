@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,7 @@ from packaging.utils import canonicalize_name
 
 from orchestrator.errors import BuildError, DependencyConflictError, ModelpexWarning, RecordError, SpecError
 from orchestrator.files import staged
+from orchestrator.platforms import PLATFORM_DETAIL, CompletePlatform, Interpreter, pex3_command
 from orchestrator.specs import (
     BASE_DISTRIBUTION,
     BaseEnv,
@@ -42,20 +43,24 @@ __all__ = [
     "BuildResult",
     "Builder",
     "Interpreter",
+    "Step",
     "layer_args",
     "lock_base",
-    "pex_command",
     "lock_model",
     "model_requirements",
+    "pex3_command",
+    "pex_command",
 ]
 
-# N.B. Bump when the pex flags below change what an artifact contains: it is part of every key.
+# N.B. Bump when the pex flags below change what an artifact contains: it is part of every key. (Builds for a complete
+# platform have keys of a new form, see `Builder.base_key`; native builds and their keys are unchanged.)
 RECIPE = "modelpex-recipe-2"
 # N.B. pex's vendored pip (20.3.4) cannot bootstrap newer pips here; 25.3 resolves and builds offline from cache.
 PIP_VERSION = "25.3"
 LOCK_SYSTEM = ("--style", "universal", "--target-system", "linux", "--interpreter-constraint", "CPython>=3.11,<3.14")
 RUNTIME_MODULE = "modelpex_runtime"
 KEY_LENGTH = 32
+_NO_WHEEL = re.compile(r"^\s*\d+\.\) (\S+ \S+) .*?does not have any compatible artifacts", re.MULTILINE)
 
 Step = Callable[[str], None]
 
@@ -68,32 +73,6 @@ def _pex_version() -> str:
     from pex.version import __version__
 
     return __version__
-
-
-@dataclass(frozen=True)
-class Interpreter:
-    """The Python that runs the pexes; its identity is part of the base key (wheels are per ABI and platform).
-
-    N.B. ``path`` is the real interpreter behind a venv's ``python`` symlink: model processes run it as another
-    user, outside the orchestrator's venv, which may sit in a folder that user cannot enter.
-    """
-
-    path: str
-    identity: str
-
-    @classmethod
-    @functools.cache
-    def detect(cls, path: str | None = None) -> Interpreter:
-        path = os.path.realpath(path or sys.executable)
-        probe = (
-            "import json, platform, sys, sysconfig; print(json.dumps([sys.implementation.name, "
-            "platform.python_version(), sysconfig.get_platform(), *platform.libc_ver()]))"
-        )
-        try:
-            out = subprocess.run([path, "-I", "-c", probe], capture_output=True, text=True, check=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise BuildError(f"cannot run the interpreter {path} ({exc}): pass an existing Python 3.11+") from None
-        return cls(path, "-".join(json.loads(out.stdout)))
 
 
 @dataclass(frozen=True)
@@ -147,10 +126,21 @@ def _lock_excludes(spec: ModelSpec, extra: list[str], pins: dict[str, str]) -> l
 
 
 def _run(command: Sequence[str], *, what: str, cwd: Path | None = None) -> str:
-    """Run a build command; on failure raise `BuildError` with the tail of its output."""
+    """Run a build command; on failure raise `BuildError` with the tail of its output.
+
+    N.B. pex lists every distribution of a lock that has no wheel for the target, over a hundred lines for a
+    platform the lock does not cover: the first line names them, since the tail shows only the last.
+    """
     done = subprocess.run(list(command), capture_output=True, text=True, cwd=cwd, check=False)
     if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
+        output = (done.stderr or done.stdout).strip()
+        tail = "\n".join(output.splitlines()[-12:])
+        missing = list(dict.fromkeys(_NO_WHEEL.findall(output)))
+        if missing:
+            raise BuildError(
+                f"{what} failed: the lock has no wheel for this target of {', '.join(missing)}; build for a platform "
+                f"the lock covers ({' '.join(LOCK_SYSTEM)}), or lock for this one:\n{tail}"
+            )
         raise BuildError(f"{what} failed (exit {done.returncode}):\n{tail}")
     return done.stdout
 
@@ -168,10 +158,6 @@ def layer_args(base_filename: str) -> list[str]:
 
 def pex_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pex", "--pip-version", PIP_VERSION, *args]
-
-
-def pex3_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from pex.cli.pex import main; sys.exit(main())", *args]
 
 
 def _write_lock(command: list[str], destination: Path, what: str) -> Path:
@@ -201,20 +187,43 @@ def lock_model(spec: ModelSpec, base: BaseEnv) -> Path | None:
 
 
 class Builder:
-    """Builds or finds the base and model pexes of one base environment for one interpreter, in one store."""
+    """Builds or finds the base and model pexes of one base environment, in one store, for one target: this
+    interpreter (native), or the workers' complete platform (``platform``) when they run on another machine."""
 
     def __init__(
-        self, store: PexStore, base: BaseEnv, interpreter: Interpreter | None = None, step: Step | None = None
+        self,
+        store: PexStore,
+        base: BaseEnv,
+        interpreter: Interpreter | None = None,
+        step: Step | None = None,
+        *,
+        platform: CompletePlatform | None = None,
     ):
         self.store = store
         self.base_env = base
         self.interpreter = interpreter or Interpreter.detect()
         self.step = step or (lambda message: None)
+        self.platform = platform
+
+    def for_platform(self, platform: CompletePlatform | None) -> Builder:
+        """The same base environment and store, for another target."""
+        return Builder(self.store, self.base_env, self.interpreter, self.step, platform=platform)
+
+    @property
+    def target(self) -> str:
+        """What the artifacts are built for, as records say it: the interpreter's identity or the platform."""
+        return self.platform.describe() if self.platform else self.interpreter.identity
 
     @functools.cached_property
     def base_key(self) -> str:
-        """Content key of the base: its lock and runtime sources, the interpreter and platform, the recipe."""
-        return _key(RECIPE, _pex_version(), tree_digest(self.base_env.folder), self.interpreter.identity)
+        """Content key of the base: its lock and runtime sources, the target (interpreter or complete platform),
+        the recipe.
+
+        N.B. A complete platform stands in for the interpreter: the key is then the same on every machine that
+        builds for that platform (a laptop, CI, the workers themselves), and never one of a native build.
+        """
+        target = f"complete-platform {self.platform.digest}" if self.platform else self.interpreter.identity
+        return _key(RECIPE, _pex_version(), tree_digest(self.base_env.folder), target)
 
     def model_key(self, digest: str) -> str:
         """Content key of a model pex: the digest of its folder (`tree_digest`) and the base key."""
@@ -222,8 +231,10 @@ class Builder:
 
     def base(self, *, force: bool = False) -> BuildResult:
         """The base pex for the current base_env, built only when its key is not in the store."""
+        # N.B. Workers read the target from here before running anything built on this base (`check_runs_here`).
+        details = {PLATFORM_DETAIL: self.platform.to_json()} if self.platform else {}
         record = ArtifactRecord(
-            "base", "base", self.base_env.version, self.base_key, interpreter=self.interpreter.identity
+            "base", "base", self.base_env.version, self.base_key, interpreter=self.target, details=details
         )
         return self._publish(record, self._build_base, force=force)
 
@@ -242,7 +253,7 @@ class Builder:
             self.model_key(tree_digest(spec.folder)),
             base_key=base.key,
             git_commit=source.commit,
-            interpreter=self.interpreter.identity,
+            interpreter=self.target,
             details={"train": spec.train, "predict": spec.predict, "frames": spec.frames, "requirements": extra},
         )
         return self._publish(record, lambda work: self._build_model(spec, base, extra, overlap, work), force=force)
@@ -292,16 +303,29 @@ class Builder:
                 str(self.base_env.lock_file),
                 "--project",
                 str(work / wheel),
-                "--python",
-                self.interpreter.path,
+                *self._target_args(work),
                 "--venv",
                 "--sh-boot",
                 "-o",
                 str(output),
             ),
-            what="building the base pex",
+            what=f"building the base pex for {self.target}",
         )
         return output
+
+    def _target_args(self, work: Path) -> list[str]:
+        """pex flags for the target: this interpreter, or the complete platform (written into the build folder, so
+        pex builds for exactly what the key says) with wheels only.
+
+        N.B. ``--no-build``: for a foreign platform pex would compile an sdist with this machine's interpreter
+        (minutes, for a wheel of the wrong platform); without a wheel for the target it fails at once, naming it.
+        """
+        if self.platform is None:
+            return ["--python", self.interpreter.path]
+        path = work / "complete-platform.json"
+        if not path.exists():
+            path.write_text(json.dumps(self.platform.to_json(), indent=1))
+        return ["--complete-platform", str(path), "--no-build"]
 
     def _build_model(
         self, spec: ModelSpec, base: ArtifactRecord, extra: list[str], overlap: list[str], work: Path
@@ -314,8 +338,7 @@ class Builder:
                 "-D",
                 str(spec.source_dir),
                 *resolve,
-                "--python",
-                self.interpreter.path,
+                *self._target_args(work),
                 *layer_args(base.filename),
                 "-m",
                 RUNTIME_MODULE,
@@ -324,7 +347,7 @@ class Builder:
                 "-o",
                 str(output),
             ),
-            what=f"building model {spec.name!r} {spec.version}",
+            what=f"building model {spec.name!r} {spec.version} for {self.target}",
             cwd=work,
         )
         return output

@@ -4,6 +4,8 @@
   orchestrator, read-only) and hashed once. A copy is trusted again without re-hashing only while its inode, size,
   mtime and ctime are those recorded beside it when it was hashed: nobody can set a ctime back, so any change to the
   file forces a new hash. This takes hashing a 186 MB base off every call.
+- Platforms: an artifact whose base was built for another platform than this interpreter's is refused before any
+  of it is copied here (`orchestrator.platforms.check_runs_here`).
 - Venvs: ``PEX_ROOT`` (``<cache>/pex_root`` by default) belongs to the orchestrator and is read-only to model
   processes, so a model cannot edit the code a later run executes. The orchestrator creates a model version's venv
   itself without running the model's code: a model pex carrying a startup hook (a ``.pth`` file or a
@@ -27,6 +29,7 @@ from filelock import FileLock
 
 from orchestrator.errors import IntegrityError, SandboxError, StoreError
 from orchestrator.files import owned_dir, staged, write_atomic
+from orchestrator.platforms import Interpreter, check_runs_here
 from orchestrator.store import ArtifactRecord, PexStore, file_sha256
 
 __all__ = ["ArtifactCache", "Prepared", "startup_hooks"]
@@ -98,7 +101,7 @@ def _private(path: Path) -> bool:
 class ArtifactCache:
     """Verified local copies of artifacts, and the venvs model processes run in."""
 
-    def __init__(self, root: Path, pex_root: Path, interpreter: str) -> None:
+    def __init__(self, root: Path, pex_root: Path, interpreter: Interpreter) -> None:
         self.root = root
         self.pex_root = pex_root
         self.interpreter = interpreter
@@ -156,7 +159,7 @@ class ArtifactCache:
         """Create (or find) the venv of ``pex`` under PEX_ROOT through pex's own bootstrap; return its prefix."""
         env = {"PATH": SYSTEM_PATH, "PEX_ROOT": str(self.pex_root), "PEX_INTERPRETER": "1", "HOME": str(workdir)}
         done = subprocess.run(
-            [self.interpreter, str(pex), "-c", _PREFIX],
+            [self.interpreter.path, str(pex), "-c", _PREFIX],
             cwd=workdir,
             env=env,
             capture_output=True,
@@ -182,6 +185,7 @@ class ArtifactCache:
     def warm(self, store: PexStore, base: ArtifactRecord, model: ArtifactRecord | None = None) -> Path:
         """The venv of ``model`` (or of the base alone), created and compiled once; returns its prefix."""
         target = model or base
+        check_runs_here(base, target, self.interpreter)
         ready = self.artifacts / f"{target.sha256}.ready"
         if ready.is_file() and _private(ready):
             venv = Path(ready.read_text())

@@ -7,6 +7,7 @@ traceback would only hide that line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,9 +26,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.build import Builder, BuildResult, Interpreter, lock_base, lock_model
-from orchestrator.errors import ModelpexError, ModelpexWarning
+from orchestrator.build import Builder, BuildResult, lock_base, lock_model
+from orchestrator.errors import ModelpexError, ModelpexWarning, PlatformError
 from orchestrator.files import staged
+from orchestrator.platforms import CompletePlatform, recorded_platform
 from orchestrator.settings import Settings, parse_seconds
 from orchestrator.specs import ModelRef, ModelSpec, discover_models, load_model_spec
 from orchestrator.store import ArtifactRecord, IndexScan, LocalPexStore, referenced
@@ -71,12 +73,7 @@ def _mb(size: int) -> str:
 @contextmanager
 def _builder(settings: Settings) -> Iterator[Builder]:
     with err.status("starting") as status:
-        yield Builder(
-            settings.store(),
-            settings.base_env(),
-            Interpreter.detect(settings.python),
-            step=lambda message: status.update(message),
-        )
+        yield settings.builder(step=lambda message: status.update(message))
 
 
 def _report(result: BuildResult) -> None:
@@ -107,6 +104,9 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     targets: list[str] = args.targets
     if not targets and not args.all:
         raise UsageError("nothing to build: name `base`, one or more models (`churn` or `churn@1.2.0`), or --all")
+    if args.complete_platform:
+        CompletePlatform.load(args.complete_platform, "--complete-platform")  # N.B. Named as the user typed it.
+        settings = dataclasses.replace(settings, complete_platform=args.complete_platform)
     with _builder(settings) as builder:
         if args.all or "base" in targets:
             _report(builder.base(force=args.force))
@@ -135,7 +135,8 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
     scan = store.scan()
     records = sorted(scan.records, key=lambda r: (r.kind != "base", r.name, r.version, r.built_at))
     table = Table(title=f"artifacts in {store.url}")
-    for column in ("kind", "name", "version", "key", "size", "base key", "git commit", "built at", "sha256"):
+    columns = ("kind", "name", "version", "key", "size", "base key", "git commit", "built at", "sha256", "built for")
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for r in records:
         table.add_row(
@@ -148,6 +149,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
             (r.git_commit or "")[:12],
             r.built_at,
             r.sha256[:12],
+            r.interpreter,
         )
     out.print(table)
     for problem in scan.problems.values():
@@ -166,7 +168,7 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     store = settings.store()
     if not args.dry_run:
         store.check_writable("remove garbage (`modelpex gc --dry-run` only lists it)")
-    builder = Builder(store, settings.base_env(), Interpreter.detect(settings.python))
+    builder = settings.builder()
     scan = store.scan()
     for problem in scan.problems.values():
         warn(f"{problem}; gc keeps its artifact meanwhile")
@@ -204,9 +206,22 @@ def kept_keys(builder: Builder, catalog: Catalog, scan: IndexScan, pinned: set[t
 
     N.B. What gc cannot judge it keeps: a missing tag or a broken folder is fixed in minutes, a deleted artifact
     that a client pins may not be rebuildable at all. While some record is unreadable, every base is kept too,
-    since nothing tells which base that record's model runs on.
+    since nothing tells which base that record's model runs on. Current artifacts are kept for every complete
+    platform a base in the store was built for, not only this machine's target: a laptop's gc must not remove what
+    it built for the workers, nor a worker's what CI built for another fleet.
     """
-    live = {builder.base_key} | {builder.model_key(v.digest) for v in catalog.all()}
+    builders, judged = [builder], set()
+    for record in scan.records:
+        try:
+            platform = recorded_platform(record) if record.kind == "base" else None
+        except PlatformError:
+            judged.add(record.key)  # N.B. A base whose platform cannot be read cannot be judged: kept.
+            continue
+        if platform is not None and platform != builder.platform:
+            builders.append(builder.for_platform(platform))
+    live = set(judged)
+    for each in builders:
+        live |= {each.base_key} | {each.model_key(v.digest) for v in catalog.all()}
     unresolved = pinned - {(v.name, v.version) for v in catalog.all()}
 
     def keep(record: ArtifactRecord) -> bool:
@@ -426,7 +441,7 @@ def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
 
     with _builder(settings) as builder:
         record = builder.base().record
-    cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, builder.interpreter.path)
+    cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, builder.interpreter)
     started = time.perf_counter()
     with err.status(f"unpacking base {record.key} into {settings.model_pex_root}"):
         cache.warm(builder.store, record)
@@ -435,7 +450,7 @@ def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     """The main job: build the base and every model version, then materialise every asset on the instance."""
-    cmd_build(argparse.Namespace(targets=[], all=True, force=False), settings)
+    cmd_build(argparse.Namespace(targets=[], all=True, force=False, complete_platform=None), settings)
     os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     from dagster import DagsterInstance
 
@@ -512,6 +527,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("targets", nargs="*", metavar="base|MODEL[@VERSION]")
     build.add_argument("--all", action="store_true", help="the base and every model version (working tree and tags)")
     build.add_argument("--force", action="store_true", help="rebuild even when the key exists")
+    build.add_argument(
+        "--complete-platform",
+        metavar="FILE",
+        help="build for the workers' platform: the file `pex3 interpreter inspect --markers --tags -o FILE` writes "
+        "on a worker (MODELPEX_COMPLETE_PLATFORM)",
+    )
     build.set_defaults(func=cmd_build)
 
     lock = commands.add_parser("lock", help="(re)create base_env/pex.lock or a model's pex.lock (needs the index)")

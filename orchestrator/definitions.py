@@ -27,7 +27,6 @@ from orchestrator.assets import (
     model_version_key,
 )
 from orchestrator.automation import conditions, with_conditions
-from orchestrator.build import Builder, Interpreter
 from orchestrator.deployments import load_deployments
 from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource
 from orchestrator.sensors import failure_sensor, redeploy_sensor
@@ -45,7 +44,7 @@ def build_definitions(
     """
     settings = settings or Settings.from_env()
     catalog = settings.catalog()
-    builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
+    builder = settings.builder()
     deployments = load_deployments(settings.deployments_file, catalog)
 
     version_assets = {f"{v.name}@{v.version}": model_version_key(v) for v in catalog.all()}

@@ -14,6 +14,7 @@ __all__ = [
     "IntegrityError",
     "ModelpexError",
     "ModelpexWarning",
+    "PlatformError",
     "RecordError",
     "SandboxError",
     "SpecError",
@@ -53,6 +54,10 @@ class ModelpexWarning(UserWarning):
 
     The CLI prints it as one ``warning:`` line; elsewhere it is an ordinary Python warning.
     """
+
+
+class PlatformError(ModelpexError):
+    """A complete platform file is not valid, or an artifact was built for another platform than this worker's."""
 
 
 class SandboxError(ModelpexError):

@@ -30,7 +30,7 @@ from dagster import (
 from modelpex_runtime.transport import to_arrow
 from pydantic import Field, PrivateAttr
 
-from orchestrator.build import Builder, Interpreter
+from orchestrator.build import Builder
 from orchestrator.catalog import Catalog, ModelVersion
 from orchestrator.errors import ModelpexError
 from orchestrator.files import staged
@@ -124,7 +124,7 @@ class ModelpexResource(ConfigurableResource):
     def builder(self) -> Builder:
         if self._builder is None:
             settings = self.settings
-            self._builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
+            self._builder = settings.builder()
         return self._builder
 
     def catalog(self) -> Catalog:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from orchestrator.build import Interpreter
 from orchestrator.cache import ArtifactCache, Prepared
 from orchestrator.errors import ModelpexError
+from orchestrator.platforms import Interpreter
 from orchestrator.run import DEFAULT_ENV_ALLOW, ModelProcesses, PipesLink, RunOutcome
 from orchestrator.sandbox import Sandbox
 from orchestrator.settings import Settings
@@ -44,7 +44,7 @@ class Runner:
         self.timeout = timeout or settings.timeout
         self.store = settings.store()
         self.sandbox = Sandbox.create(settings.cache_dir, settings.isolation, settings.model_user, settings.sandbox)
-        self.cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, interpreter.path)
+        self.cache = ArtifactCache(settings.cache_dir, settings.model_pex_root, interpreter)
         self.sandbox.check_reachable(settings.model_pex_root, "PEX_ROOT")
         self.sandbox.check_reachable(interpreter.path, "the interpreter")
         self.processes = ModelProcesses(self.sandbox, env_allow=env_allow, env=env)

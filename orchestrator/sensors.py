@@ -42,7 +42,6 @@ from dagster import (
 )
 
 from orchestrator.assets import dataset_key, predictions_key, state_key
-from orchestrator.build import Builder, Interpreter
 from orchestrator.deployments import Deployments, ModelDeployment
 from orchestrator.resources import ModelpexResource
 
@@ -54,7 +53,7 @@ def snapshot(modelpex: ModelpexResource, deployments: Deployments) -> dict[str, 
     each client's model resolves to."""
     settings, catalog = modelpex.settings, modelpex.catalog()
     # N.B. A fresh Builder, not the resource's: that one keeps the base_env it read first, and this tick must see now's.
-    builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
+    builder = settings.builder()
     return {
         "base": builder.base_key,
         "models": {f"{v.name}@{v.version}": builder.model_key(v.digest) for v in catalog.all()},

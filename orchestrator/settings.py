@@ -1,24 +1,29 @@
 """Settings: every environment variable modelpex reads, in one place, with its default.
 
-| variable                  | meaning                                          | default                    |
-| ------------------------- | ------------------------------------------------ | -------------------------- |
-| MODELPEX_PROJECT          | the repository (base_env/, model_packages/)      | found upwards from the cwd |
-| MODELPEX_STORE            | artifact store URL or directory                  | <project>/pex_builds       |
-| MODELPEX_PYTHON           | the interpreter pexes are built for and run with | the orchestrator's         |
-| MODELPEX_ISOLATION        | auto, user (switch users or fail), none          | auto                       |
-| MODELPEX_SANDBOX          | auto, bwrap (namespaces or fail), none           | auto                       |
-| MODELPEX_MODEL_USER       | the unprivileged user models run as              | modelpex-model             |
-| MODELPEX_CACHE            | verified artifacts, venvs, model folders         | /var/cache/modelpex (*)    |
-| MODELPEX_PEX_ROOT         | PEX_ROOT of model processes                      | <cache>/pex_root           |
-| MODELPEX_SIGNING_KEY_FILE | the key fitted states are signed with            | ~/.config/modelpex/...     |
-| MODELPEX_TIMEOUT          | seconds a model call may run                     | 3600                       |
-| MODELPEX_SHM_POOL_BYTES   | shared memory kept between calls                 | 1G, <= 1/4 of /dev/shm     |
-| MODELPEX_GC_GRACE         | seconds before gc removes a dead run's leftovers | 3600                       |
-| MODELPEX_SENSOR_INTERVAL  | seconds between the sensors' ticks               | 15                         |
-| MODELPEX_WEBSERVER_URL    | the Dagster webserver the redeploy sensor reloads | none (`modelpex ui` sets it) |
-| DAGSTER_HOME              | Dagster's instance folder                        | <project>/.dagster_home    |
+| variable                   | meaning                                           | default                      |
+| -------------------------- | ------------------------------------------------- | ---------------------------- |
+| MODELPEX_PROJECT           | the repository (base_env/, model_packages/)       | found upwards from the cwd   |
+| MODELPEX_STORE             | artifact store URL or directory                   | <project>/pex_builds         |
+| MODELPEX_PYTHON            | the interpreter pexes are built for and run with  | the orchestrator's           |
+| MODELPEX_COMPLETE_PLATFORM | the workers' platform to build for (**)           | none (this interpreter)      |
+| MODELPEX_ISOLATION         | auto, user (switch users or fail), none           | auto                         |
+| MODELPEX_SANDBOX           | auto, bwrap (namespaces or fail), none            | auto                         |
+| MODELPEX_MODEL_USER        | the unprivileged user models run as               | modelpex-model               |
+| MODELPEX_CACHE             | verified artifacts, venvs, model folders          | /var/cache/modelpex (*)      |
+| MODELPEX_PEX_ROOT          | PEX_ROOT of model processes                       | <cache>/pex_root             |
+| MODELPEX_SIGNING_KEY_FILE  | the key fitted states are signed with             | ~/.config/modelpex/...       |
+| MODELPEX_TIMEOUT           | seconds a model call may run                      | 3600                         |
+| MODELPEX_SHM_POOL_BYTES    | shared memory kept between calls                  | 1G, <= 1/4 of /dev/shm       |
+| MODELPEX_GC_GRACE          | seconds before gc removes a dead run's leftovers  | 3600                         |
+| MODELPEX_SENSOR_INTERVAL   | seconds between the sensors' ticks                | 15                           |
+| MODELPEX_WEBSERVER_URL     | the Dagster webserver the redeploy sensor reloads | none (`modelpex ui` sets it) |
+| DAGSTER_HOME               | Dagster's instance folder                         | <project>/.dagster_home      |
 
 (*) when models run as another user; ~/.cache/modelpex otherwise.
+(**) ``pex3 interpreter inspect --markers --tags -o FILE`` on a worker writes it. Every command that builds or finds
+artifacts uses it (build, run, warm, deploy, gc, the Dagster code location): set the same file where artifacts are
+built (``modelpex build --complete-platform FILE`` overrides it there) and on the workers, so both compute the same
+keys. A worker refuses to run an artifact built for a platform that is not its own.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from orchestrator.build import Builder, Step
 from orchestrator.catalog import Catalog
 from orchestrator.errors import ModelpexError, SpecError
+from orchestrator.platforms import CompletePlatform, Interpreter
 from orchestrator.specs import BaseEnv, load_base_env
 from orchestrator.store import PexStore, open_store
 
@@ -96,6 +103,7 @@ class Settings:
     project: Path
     store_url: str
     python: str | None = None
+    complete_platform: str | None = None
     pex_root: str | None = None
     timeout: float = 3600.0
     isolation: str = "auto"
@@ -122,6 +130,7 @@ class Settings:
             project=project,
             store_url=str(overrides.get("store_url") or env.get("MODELPEX_STORE") or project / "pex_builds"),
             python=str(overrides.get("python") or env.get("MODELPEX_PYTHON") or "") or None,
+            complete_platform=env.get("MODELPEX_COMPLETE_PLATFORM") or None,
             pex_root=env.get("MODELPEX_PEX_ROOT") or None,
             timeout=parse_seconds(env.get("MODELPEX_TIMEOUT"), "MODELPEX_TIMEOUT", 3600.0),
             isolation=env.get("MODELPEX_ISOLATION") or "auto",
@@ -183,6 +192,18 @@ class Settings:
 
     def store(self) -> PexStore:
         return open_store(self.store_url)
+
+    def target_platform(self) -> CompletePlatform | None:
+        """The complete platform artifacts are built for, validated; ``None`` builds for this interpreter."""
+        if not self.complete_platform:
+            return None
+        return CompletePlatform.load(self.complete_platform, "MODELPEX_COMPLETE_PLATFORM")
+
+    def builder(self, step: Step | None = None) -> Builder:
+        """The builder of this project's base and models, in this store, for this interpreter or platform."""
+        return Builder(
+            self.store(), self.base_env(), Interpreter.detect(self.python), step, platform=self.target_platform()
+        )
 
     def catalog(self) -> Catalog:
         """Every model version; tag digests are cached beside the store (tags never change)."""
