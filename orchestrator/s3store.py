@@ -39,6 +39,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from filelock import FileLock
 
 from orchestrator.cache import VerifiedCopies
@@ -209,10 +210,11 @@ class S3PexStore(PexStore):
             if isinstance(exc.__context__, ClientError):
                 self._raise_client_error(action, exc.__context__)
             raise StoreError(f"cannot {action}: {_one_line(exc)}") from None
-        except HTTPClientError as exc:
+        except (HTTPClientError, BotoConnectionError) as exc:
+            # N.B. The exception's own text repeats the whole request URL: its kind says enough.
             raise StoreError(
-                f"cannot {action}: the endpoint {self._endpoint_or_default()} does not answer ({_one_line(exc)}); "
-                "check AWS_ENDPOINT_URL (or the profile's endpoint_url) and the network"
+                f"cannot {action}: the endpoint {self._endpoint_or_default()} does not answer "
+                f"({type(exc).__name__}); check AWS_ENDPOINT_URL (or the profile's endpoint_url) and the network"
             ) from None
         except BotoCoreError as exc:
             # N.B. NoCredentialsError and its kin: nothing in the environment, profile or config files.
@@ -533,7 +535,12 @@ class S3PexStore(PexStore):
         except _Missing:
             return False
         expected = head.get("Metadata", {}).get("sha256")
-        if expected is not None and digest != expected:
+        if expected is None:
+            raise IntegrityError(
+                f"refusing frame {self._url_of(key)}: it carries no sha256, so modelpex did not write it. "
+                "Materialise it again"
+            )
+        if digest != expected:
             raise IntegrityError(
                 f"refusing frame {self._url_of(key)}: its bytes hash to {digest[:12]}, not {expected[:12]} as stored "
                 "with it; it was altered in the store. Materialise it again"

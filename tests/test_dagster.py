@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -164,6 +165,14 @@ def two_versions(project: Project) -> Project:
 def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Definitions:
     settings = Settings.from_env(env={}, project=str(project.root), store_url=str(store.root))
     modelpex = ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)
+    return build_definitions(settings, automation_running=False, modelpex=modelpex)
+
+
+def defs_for_url(project: Project, store_url: str) -> Definitions:
+    """Definitions on the store at ``store_url``, with this process's cache settings (a simulated host's)."""
+    env = {name: os.environ[name] for name in ("MODELPEX_CACHE", "MODELPEX_PEX_ROOT") if name in os.environ}
+    settings = Settings.from_env(env=env, project=str(project.root), store_url=store_url)
+    modelpex = ModelpexResource(project_dir=str(project.root), store_url=store_url)
     return build_definitions(settings, automation_running=False, modelpex=modelpex)
 
 
