@@ -46,8 +46,9 @@ WORKDIR /app
 COPY pyproject.toml README.md workspace.yaml deployments.yaml ./
 COPY base_env/ base_env/
 COPY orchestrator/ orchestrator/
+# The s3 extra (boto3): a worker may run on MODELPEX_STORE=s3://bucket/prefix, credentials from the AWS_* variables.
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir ./base_env . \
+ && pip install --no-cache-dir ./base_env './[s3]' \
  && mkdir -p /app/pex_builds \
  && install -d -m 0700 /app/.dagster_home
 
