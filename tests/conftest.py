@@ -19,7 +19,7 @@ from orchestrator.build import Builder, BuildResult
 from orchestrator.specs import load_base_env
 from orchestrator.store import LocalPexStore
 
-from .seaweed import SeaweedServer, unique_prefix
+from .seaweed import SERVICE_PIDS, SeaweedServer, unique_prefix
 
 if TYPE_CHECKING:
     from orchestrator.transport import SegmentPool
@@ -59,6 +59,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if grown > 1 << 20:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\n/dev/shm holds {grown / 1e6:.1f} MB more than when the suite started", file=sys.stderr)
+
+
+def leaked_children() -> list[object]:
+    """This process's descendants, less the servers the session keeps running (SeaweedFS) and theirs."""
+    import psutil
+
+    services = {pid for pid in SERVICE_PIDS if psutil.pid_exists(pid)}
+    for pid in list(services):
+        services |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    return [child for child in psutil.Process().children(recursive=True) if child.pid not in services]
 
 
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis")

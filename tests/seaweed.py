@@ -20,7 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SeaweedServer"]
+__all__ = ["SERVICE_PIDS", "SeaweedServer"]
+
+# N.B. Servers the session keeps running are children of the test process: tests that check for leaked model
+# processes leave these out (`conftest.leaked_children`).
+SERVICE_PIDS: set[int] = set()
 
 IDENTITIES = {"admin": ("Admin", "Read", "Write", "List", "Tagging"), "reader": ("Read", "List")}
 START_SECONDS = 60.0
@@ -95,6 +99,7 @@ class SeaweedServer:
         (folder / "data").mkdir()
         with open(folder / "weed.log", "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        SERVICE_PIDS.add(process.pid)
         server = cls(folder, s3, process)
         try:
             server._wait_until_ready()
@@ -171,6 +176,7 @@ class SeaweedServer:
                         f"weed did not stop within {STOP_SECONDS} s of SIGTERM:\n{self.log_tail()}"
                     ) from None
         returncode = self.process.returncode
+        SERVICE_PIDS.discard(self.process.pid)
         shutil.rmtree(self.folder / "data", ignore_errors=True)
         if check and returncode != 0:
             raise RuntimeError(f"weed exited with {returncode} on SIGTERM:\n{self.log_tail()}")
