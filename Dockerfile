@@ -48,10 +48,10 @@ COPY base_env/ base_env/
 COPY orchestrator/ orchestrator/
 # The `cluster` extra makes this also the user-code image of deploy/'s configurations: the code server
 # (`dagster code-server start -m orchestrator.definitions -a defs`) and each run's worker (`dagster api execute_run`)
-# need the instance's storage (dagster-postgres) and the run launchers it names (dagster-docker, dagster-k8s).
-# N.B. An s3:// MODELPEX_STORE needs the S3 store's client (boto3) in this image too: install its extra here with it.
+# need the instance's storage (dagster-postgres) and the run launchers it names (dagster-docker, dagster-k8s). The s3
+# extra (boto3): a worker may run on MODELPEX_STORE=s3://bucket/prefix, credentials from the AWS_* variables.
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir ./base_env './[cluster]' \
+ && pip install --no-cache-dir ./base_env './[cluster,s3]' \
  && mkdir -p /app/pex_builds \
  && install -d -m 0700 /app/.dagster_home
 

@@ -1,9 +1,12 @@
 """Cache: verified copies of artifacts on this machine and their unpacked venvs, all a model process ever runs.
 
-- Artifacts: each one fetched from the store is copied to ``<cache>/artifacts/<sha256>.pex`` (owned by the
-  orchestrator, read-only) and hashed once. A copy is trusted again without re-hashing only while its inode, size,
-  mtime and ctime are those recorded beside it when it was hashed: nobody can set a ctime back, so any change to the
-  file forces a new hash. This takes hashing a 186 MB base off every call.
+- Artifacts (`VerifiedCopies`): each one fetched from the store is copied, or downloaded from an object store, to
+  ``<cache>/artifacts/<sha256>.pex`` (owned by the orchestrator, read-only) and hashed on the way, once per machine:
+  concurrent fetches of one artifact wait on a per-digest file lock, and a copy appears by rename only once it is
+  whole and verified. A copy is trusted again without re-hashing only while its inode, size, mtime and ctime are
+  those recorded beside it when it was hashed: nobody can set a ctime back, so any change to the file forces a new
+  hash. This takes hashing (and downloading) a 186 MB base off every call. A remote store fetches into the same
+  folder (`orchestrator.s3store`), so a worker downloads each artifact once, whoever asks first.
 - Platforms: an artifact whose base was built for another platform than this interpreter's is refused before any
   of it is copied here (`orchestrator.platforms.check_runs_here`).
 - Venvs: ``PEX_ROOT`` (``<cache>/pex_root`` by default) belongs to the orchestrator and is read-only to model
@@ -27,12 +30,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from orchestrator.errors import IntegrityError, SandboxError, StoreError
+from orchestrator.errors import SandboxError, StoreError
 from orchestrator.files import owned_dir, staged, write_atomic
 from orchestrator.platforms import Interpreter, check_runs_here
-from orchestrator.store import ArtifactRecord, PexStore, file_sha256
+from orchestrator.store import ArtifactRecord, PexStore
 
-__all__ = ["ArtifactCache", "Prepared", "startup_hooks"]
+__all__ = ["ArtifactCache", "Prepared", "VerifiedCopies", "startup_hooks"]
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PEX_INTERNALS = (".bootstrap/", "__pex__/", ".layout.json")
@@ -98,29 +101,28 @@ def _private(path: Path) -> bool:
     return info.st_uid == os.geteuid() and not info.st_mode & 0o022
 
 
-class ArtifactCache:
-    """Verified local copies of artifacts, and the venvs model processes run in."""
+class VerifiedCopies:
+    """``<cache>/artifacts``: verified copies of artifacts by sha256, each fetched once per machine."""
 
-    def __init__(self, root: Path, pex_root: Path, interpreter: Interpreter) -> None:
-        self.root = root
-        self.pex_root = pex_root
-        self.interpreter = interpreter
+    def __init__(self, root: Path) -> None:
         self.artifacts = root / "artifacts"
         self._locks = root / "locks"
         # N.B. Ours alone to write: what model processes read from here was verified by us.
-        for folder, mode in ((self.artifacts, 0o755), (self._locks, 0o700), (pex_root, 0o755)):
+        for folder, mode in ((self.artifacts, 0o755), (self._locks, 0o700)):
             owned_dir(folder, mode)
         self._verified: dict[str, dict[str, int]] = {}
-        self._prepared: dict[str, Prepared] = {}
 
-    def _lock(self, name: str) -> FileLock:
+    def lock(self, name: str) -> FileLock:
         return FileLock(self._locks / f"{name}.lock")
 
     def path(self, record: ArtifactRecord) -> Path:
         return self.artifacts / f"{record.sha256}.pex"
 
+    def _memo(self, record: ArtifactRecord) -> Path:
+        return self.artifacts / f"{record.sha256}.verified"
+
     def _trusted(self, record: ArtifactRecord) -> bool:
-        path, memo = self.path(record), self.artifacts / f"{record.sha256}.verified"
+        path, memo = self.path(record), self._memo(record)
         try:
             if self._verified.get(record.sha256) == _signature(path):
                 return True
@@ -130,30 +132,68 @@ class ArtifactCache:
         except (OSError, ValueError):
             return False
 
-    def artifact(self, store: PexStore, record: ArtifactRecord) -> Path:
-        """The artifact's verified local copy: copied from the store and hashed only when it is not already here."""
+    def _vouch(self, record: ArtifactRecord) -> None:
+        signature = _signature(self.path(record))
+        # N.B. Written after the copy it vouches for.
+        write_atomic(self._memo(record), json.dumps(signature))
+        self._verified[record.sha256] = signature
+
+    def get(self, store: PexStore, record: ArtifactRecord) -> Path:
+        """The artifact's verified local copy: fetched from the store and hashed only when it is not already here."""
         if not record.sha256:
             raise StoreError(f"{record.label} (key {record.key}) has no sha256 in the index: rebuild it")
         path = self.path(record)
         if self._trusted(record):
             return path
-        with self._lock(record.sha256):
+        with self.lock(record.sha256):
+            if self._trusted(record):
+                return path  # N.B. Another process fetched it while we waited.
+            with staged(path, mode=0o444) as copy:
+                store.download(record, copy)  # N.B. Hashed as it is written; a copy that differs is never renamed.
+            self._vouch(record)
+        return path
+
+    def adopt(self, record: ArtifactRecord, source: Path) -> Path:
+        """Take ``source``, whose bytes were just hashed as ``record``'s (an upload), as the verified copy.
+
+        N.B. Only for a file that nobody else can write (a build folder of ours): it saves downloading back what
+        this machine has just uploaded. A hard link when it can be, a copy otherwise.
+        """
+        path = self.path(record)
+        with self.lock(record.sha256):
             if self._trusted(record):
                 return path
-            source = store.fetch(record)  # N.B. Verified once in the store, then once more as our copy.
             with staged(path, mode=0o444) as copy:
-                shutil.copyfile(source, copy)
-                actual = file_sha256(copy)
-                if actual != record.sha256:
-                    raise IntegrityError(
-                        f"refusing to run {record.label}: its copy from {store.url} has sha256 {actual}, not "
-                        f"{record.sha256} as recorded; rebuild it with `modelpex build {record.label} --force`"
-                    )
-            signature = _signature(path)
-            # N.B. Written after the copy it vouches for.
-            write_atomic(self.artifacts / f"{record.sha256}.verified", json.dumps(signature))
-            self._verified[record.sha256] = signature
+                copy.unlink()
+                try:
+                    os.link(source, copy)
+                except OSError:
+                    shutil.copyfile(source, copy)
+            self._vouch(record)
         return path
+
+
+class ArtifactCache:
+    """Verified local copies of artifacts, and the venvs model processes run in."""
+
+    def __init__(self, root: Path, pex_root: Path, interpreter: Interpreter) -> None:
+        self.root = root
+        self.pex_root = pex_root
+        self.interpreter = interpreter
+        self.copies = VerifiedCopies(root)
+        self.artifacts = self.copies.artifacts
+        owned_dir(pex_root, 0o755)
+        self._prepared: dict[str, Prepared] = {}
+
+    def _lock(self, name: str) -> FileLock:
+        return self.copies.lock(name)
+
+    def path(self, record: ArtifactRecord) -> Path:
+        return self.copies.path(record)
+
+    def artifact(self, store: PexStore, record: ArtifactRecord) -> Path:
+        """The artifact's verified local copy (see `VerifiedCopies.get`)."""
+        return self.copies.get(store, record)
 
     def _venv(self, pex: Path, workdir: Path) -> Path:
         """Create (or find) the venv of ``pex`` under PEX_ROOT through pex's own bootstrap; return its prefix."""

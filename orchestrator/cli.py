@@ -32,7 +32,7 @@ from orchestrator.files import staged
 from orchestrator.platforms import CompletePlatform, recorded_platform
 from orchestrator.settings import Settings, parse_seconds
 from orchestrator.specs import ModelRef, ModelSpec, discover_models, load_model_spec
-from orchestrator.store import ArtifactRecord, IndexScan, LocalPexStore, referenced
+from orchestrator.store import ArtifactRecord, IndexScan, Leftover, PexStore, referenced
 from orchestrator.versions import ModelSource, resolve_source, tag_name
 
 if TYPE_CHECKING:
@@ -179,22 +179,22 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
         out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
         if not args.dry_run:
             store.delete(record)
-    for path in unindexed_garbage(store, keep, scan) if isinstance(store, LocalPexStore) else []:
-        out.print(f"{verb} unindexed file {path}")
+    for leftover in unindexed_garbage(store, keep, scan):
+        out.print(f"{verb} unindexed file {leftover.where}")
         if not args.dry_run:
-            path.unlink()
+            store.remove(leftover)
     states = StateKeeper(store, settings.signing_key_path)
     for record in unused_states(states.records(), keep, settings.gc_grace):
         out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
         if not args.dry_run:
             store.delete_state(record.model, record.sha256)
-    leftovers = sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-    if isinstance(store, LocalPexStore):
-        leftovers += sweep(store.root / "work", BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-        strays = [path for path in store.stray_states() if _older(path, settings.gc_grace)]
-        for path in [] if args.dry_run else strays:
-            path.unlink(missing_ok=True)
-        leftovers += strays
+    leftovers: list[Path | str] = []
+    leftovers += sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
+    leftovers += sweep(store.work_root, BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
+    strays = [stray for stray in store.stray_states() if stray.modified < time.time() - settings.gc_grace]
+    for stray in [] if args.dry_run else strays:
+        store.remove(stray)
+    leftovers += [stray.where for stray in strays]
     for path in leftovers:
         out.print(f"{verb} {path}, left by a run that ended")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
@@ -241,29 +241,24 @@ def kept_keys(builder: Builder, catalog: Catalog, scan: IndexScan, pinned: set[t
     return kept
 
 
-def unindexed_garbage(store: LocalPexStore, keep: set[str], scan: IndexScan) -> list[Path]:
+def unindexed_garbage(store: PexStore, keep: set[str], scan: IndexScan) -> list[Leftover]:
     """Artifact files without a record, except those whose record is unreadable and bases that gc keeps.
 
     N.B. A base whose record was lost is still what kept models run on: deleting it would break them all.
     """
     unreadable = {location.partition("/")[2] for location in scan.problems}
     garbage = []
-    for path in store.unindexed_files():
-        key = path.stem.rpartition("-")[2]
-        if key in unreadable:
-            warn(f"kept {path}: its index record is unreadable (see above)")
-        elif path.parent.name == "bases" and (key in keep or scan.problems):
+    for leftover in store.unindexed():
+        if leftover.key in unreadable:
+            warn(f"kept {leftover.where}: its index record is unreadable (see above)")
+        elif leftover.kind == "base" and (leftover.key in keep or scan.problems):
             warn(
-                f"kept {path}: it has no index record but kept models run on it (`modelpex build base` restores the "
-                "record of the current base)"
+                f"kept {leftover.where}: it has no index record but kept models run on it (`modelpex build base` "
+                "restores the record of the current base)"
             )
         else:
-            garbage.append(path)
+            garbage.append(leftover)
     return garbage
-
-
-def _older(path: Path, seconds: float) -> bool:
-    return path.stat().st_mtime < time.time() - seconds
 
 
 def unused_states(records: list[StateRecord], keep: set[str], grace: float) -> list[StateRecord]:

@@ -31,6 +31,7 @@ from orchestrator.deployments import load_deployments
 from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource
 from orchestrator.sensors import failure_sensor, redeploy_sensor
 from orchestrator.settings import Settings
+from orchestrator.store import is_remote
 
 __all__ = ["build_definitions", "defs"]
 
@@ -93,7 +94,11 @@ def build_definitions(
         description="Trains and predicts on the deployments' crons; rebuilds a pex whose code version changed and "
         "retrains the clients that run it (orchestrator/automation.py).",
     )
-    frame_store = FrameStore(base_dir=str(settings.project / ".dagster_home" / "frames"))
+    # N.B. With an object store, frames live there too: every host's runs read what any host's runs wrote.
+    frame_store = FrameStore(
+        base_dir=str(settings.project / ".dagster_home" / "frames"),
+        store_url=settings.store_url if is_remote(settings.store_url) else "",
+    )
     return Definitions(
         assets=assets,
         jobs=[*jobs, build_model],

@@ -5,7 +5,7 @@ that version's pex (the same call behind the model-version asset and the ``build
 it through Dagster Pipes in its sandboxed model process (`orchestrator.runner`). Within one run, one process per
 model version serves every call; the resource ends them all when the run's execution ends.
 `ArrowParquetIOManager` stores frames between assets as Parquet (never pickle) and hands them back as Arrow tables,
-which the transport writes into shared memory.
+which the transport writes into shared memory; with an object store (``s3://``) they live there, beside the states.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from orchestrator.pipes import dagster_link
 from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome
 from orchestrator.runner import Runner
 from orchestrator.settings import Settings
-from orchestrator.store import ArtifactRecord
+from orchestrator.store import ArtifactRecord, PexStore, open_store
 
-__all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource"]
+__all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource", "StoredFrame"]
 
 
 @dataclass(frozen=True)
@@ -155,28 +155,68 @@ class ModelpexResource(ConfigurableResource):
         return self.runner.call(record, lambda: dagster_link(context), action=action, **kwargs)
 
 
+@dataclass(frozen=True)
+class StoredFrame:
+    """Where a frame was written (a file, or a URL in the store) and its size in bytes."""
+
+    where: str
+    size: int
+
+
 class FrameStore(ConfigurableResource):
-    """Frames by asset key as Parquet files, written atomically, read back memory-mapped as Arrow tables."""
+    """Frames by asset key as Parquet files, written whole, read back memory-mapped as Arrow tables.
+
+    In a folder on this machine by default; in the artifact store's ``frames/`` when that is an object store
+    (``store_url``), so that a run on another host finds what a run on this host wrote.
+    """
 
     base_dir: str = Field(default="", description="Folder for the Parquet files; '' = <project>/.dagster_home/frames.")
+    store_url: str = Field(
+        default="",
+        description="An object-store URL (s3://bucket/prefix) whose frames/ holds the frames instead; '' = base_dir.",
+    )
+
+    _store: PexStore | None = PrivateAttr(default=None)
 
     @property
     def root(self) -> Path:
         return Path(self.base_dir) if self.base_dir else Settings.from_env().project / ".dagster_home" / "frames"
 
+    @property
+    def store(self) -> PexStore | None:
+        """The object store frames live in, or ``None`` when they stay in ``root``."""
+        if self.store_url and self._store is None:
+            self._store = open_store(self.store_url)
+        return self._store
+
     def path(self, key: AssetKey) -> Path:
         return self.root.joinpath(*key.path).with_suffix(".parquet")
 
-    def save_table(self, key: AssetKey, table: pa.Table) -> Path:
+    def save_table(self, key: AssetKey, table: pa.Table) -> StoredFrame:
+        if self.store is not None:
+            # N.B. A private folder: the file holds a client's data until it is uploaded.
+            with tempfile.TemporaryDirectory(prefix="modelpex-frame-") as folder:
+                path = Path(folder) / "frame.parquet"
+                pq.write_table(table, path)
+                return StoredFrame(self.store.put_frame(key.path, path), path.stat().st_size)
         path = self.path(key)
         # N.B. Every client's data: readable by the orchestrator only, never by a model process.
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root.chmod(0o700)
         with staged(path) as temporary:
             pq.write_table(table, temporary)
-        return path
+        return StoredFrame(str(path), path.stat().st_size)
 
     def load_table(self, key: AssetKey) -> pa.Table:
+        if self.store is not None:
+            with tempfile.TemporaryDirectory(prefix="modelpex-frame-") as folder:
+                path = Path(folder) / "frame.parquet"
+                if not self.store.fetch_frame(key.path, path):
+                    raise ModelpexError(
+                        f"{key.to_user_string()} has no stored frame in {self.store.url}: materialise it first"
+                    )
+                # N.B. The mapping outlives the file's name: the folder can go at once.
+                return pq.read_table(path, memory_map=True)
         path = self.path(key)
         if not path.is_file():
             raise ModelpexError(f"{key.to_user_string()} has no stored frame at {path}: materialise it first")
@@ -190,8 +230,8 @@ class ArrowParquetIOManager(ConfigurableIOManager):
 
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         table = to_arrow(obj, context.asset_key.to_user_string())
-        path = self.store.save_table(context.asset_key, table)
-        context.add_output_metadata({"path": str(path), "rows": table.num_rows, "parquet_bytes": path.stat().st_size})
+        stored = self.store.save_table(context.asset_key, table)
+        context.add_output_metadata({"path": stored.where, "rows": table.num_rows, "parquet_bytes": stored.size})
 
     def load_input(self, context: InputContext) -> pa.Table:
         return self.store.load_table(context.asset_key)

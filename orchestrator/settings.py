@@ -3,7 +3,7 @@
 | variable                   | meaning                                           | default                      |
 | -------------------------- | ------------------------------------------------- | ---------------------------- |
 | MODELPEX_PROJECT           | the repository (base_env/, model_packages/)       | found upwards from the cwd   |
-| MODELPEX_STORE             | artifact store URL or directory                   | <project>/pex_builds         |
+| MODELPEX_STORE             | artifact store: directory, file:// or s3:// URL   | <project>/pex_builds         |
 | MODELPEX_PYTHON            | the interpreter pexes are built for and run with  | the orchestrator's           |
 | MODELPEX_COMPLETE_PLATFORM | the workers' platform to build for (**)           | none (this interpreter)      |
 | MODELPEX_ISOLATION         | auto, user (switch users or fail), none           | auto                         |
@@ -24,6 +24,13 @@
 artifacts uses it (build, run, warm, deploy, gc, the Dagster code location): set the same file where artifacts are
 built (``modelpex build --complete-platform FILE`` overrides it there) and on the workers, so both compute the same
 keys. A worker refuses to run an artifact built for a platform that is not its own.
+
+An ``s3://bucket/prefix`` store (``pip install 'modelpex[s3]'``) reads its endpoint, credentials and region from
+boto3's standard chain, with no modelpex names for them: ``AWS_ENDPOINT_URL`` (an S3-compatible server),
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and
+``~/.aws/config``. Model processes never see them (their environment is an allow-list). Fitted states and the frames
+between assets live in that store too, so a run on another host finds what a run on this host wrote; artifacts are
+fetched once per machine into MODELPEX_CACHE.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.platforms import CompletePlatform, Interpreter
 from orchestrator.specs import BaseEnv, load_base_env
-from orchestrator.store import PexStore, open_store
+from orchestrator.store import PexStore, is_remote, open_store
 
 __all__ = ["Settings", "find_project_root", "parse_seconds", "parse_size", "parse_url"]
 
@@ -191,7 +198,8 @@ class Settings:
         return load_base_env(self.project / "base_env")
 
     def store(self) -> PexStore:
-        return open_store(self.store_url)
+        """The artifact store; a remote one fetches artifacts into this machine's cache (`cache_dir`)."""
+        return open_store(self.store_url, cache=self.cache_dir if is_remote(self.store_url) else None)
 
     def target_platform(self) -> CompletePlatform | None:
         """The complete platform artifacts are built for, validated; ``None`` builds for this interpreter."""

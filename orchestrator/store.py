@@ -1,9 +1,10 @@
 """Store: where built pex files live, with an index of what each one is, verified before anything runs.
 
 The interface is a handful of primitives (`put`, raw index entries by location, `_download`, `delete`) in the
-manner of fsspec; `record`, `scan`, `find`, `verify` and `fetch` are built on them, so what a record may say, and
-whether it is the one that was asked for, is checked once for every backend. Backends are chosen by URL so an
-object-store backend can be added without touching callers; the local directory (``pex_builds/``) is the default.
+manner of fsspec; `record`, `scan`, `find`, `verify`, `download` and `fetch` are built on them, so what a record may
+say, whether it is the one that was asked for, and whether fetched bytes are the recorded ones, is checked once for
+every backend. Backends are chosen by URL: the local directory (``pex_builds/``, any path or ``file://`` URL) is the
+default; ``s3://bucket/prefix`` is an S3-compatible object store (`orchestrator.s3store`, imported only when chosen).
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ from urllib.parse import urlparse
 from filelock import FileLock
 
 from orchestrator.errors import IntegrityError, ModelpexError, RecordError, StoreError
-from orchestrator.files import write_atomic
+from orchestrator.files import staged, write_atomic
 from orchestrator.leases import lease_dir
 from orchestrator.specs import validate_name, validate_version
 
 __all__ = [
     "ArtifactRecord",
     "IndexScan",
+    "Leftover",
     "LocalPexStore",
     "PexStore",
+    "copy_hashing",
     "file_sha256",
     "index_location",
+    "is_remote",
     "open_store",
     "referenced",
 ]
@@ -65,10 +69,38 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+COPY_CHUNK = 1 << 20
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, streamed so a 200 MB base does not sit in memory twice."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def copy_hashing(source: Path, destination: Path) -> str:
+    """Copy ``source`` to ``destination`` and return the sha256 of the bytes written, in one pass."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(destination, "wb") as writer:
+        while chunk := reader.read(COPY_CHUNK):
+            digest.update(chunk)
+            writer.write(chunk)
+    return digest.hexdigest()
+
+
+def _state_name(model: str, sha256: str) -> str:
+    """``<model>/<sha256>``, where a fitted state is filed; both parts validated before any path is built."""
+    if not isinstance(sha256, str) or not _is_hex(sha256, 64):
+        raise StoreError(f"{sha256!r} is not a sha256 digest")
+    return f"{validate_name(model)}/{sha256}"
+
+
+def _frame_name(parts: Iterable[str]) -> str:
+    """``a/b/c``: an asset key's parts as a path under ``frames/``, none of which may climb out of it."""
+    parts = list(parts)
+    if not parts or any(not p or p in (".", "..") or "/" in p or "\\" in p or "\0" in p for p in parts):
+        raise StoreError(f"asset key {parts!r} cannot name a stored frame")
+    return "/".join(parts)
 
 
 def _is_hex(text: str, length: int) -> bool:
@@ -214,11 +246,22 @@ class IndexScan:
     problems: dict[str, RecordError]  # index location (``<folder>/<key>``) -> why it is not trusted
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """Bytes in the store that no record points at: an artifact or a fitted state a crash or a lost race left."""
+
+    where: str  # its file or URL, as messages name it
+    kind: Literal["base", "model", "state"]
+    key: str  # the artifact key, or the state's sha256
+    modified: float  # seconds since the epoch
+
+
 class PexStore(ABC):
     """Artifacts by (kind, name, key), each with an index record; a fetched artifact is always verified.
 
     Backends provide raw primitives (index entries as bytes by location, artifact bytes, locks). What a record may
-    say, and whether it is the record that was asked for, is checked here, once for every backend.
+    say, whether it is the record that was asked for, and whether downloaded bytes are the recorded ones, is checked
+    here, once for every backend.
     """
 
     url: str
@@ -228,7 +271,8 @@ class PexStore(ABC):
         """Publish ``path`` as ``record`` atomically: readers see the whole artifact or none of it.
 
         An existing record of the key wins (and is returned) unless ``replace``: then the old artifact stays in place
-        and usable until the new one is wholly there, so a crash during a forced rebuild loses nothing.
+        and usable until the new one is wholly there, so a crash during a forced rebuild loses nothing. Two
+        publishers of one key cannot overwrite each other's record: one wins, the other gets the winner's record.
         """
 
     @abstractmethod
@@ -252,8 +296,15 @@ class PexStore(ABC):
         """Where the artifact's bytes are, or will be once fetched, on this machine."""
 
     @abstractmethod
-    def _download(self, record: ArtifactRecord, destination: Path) -> None:
-        """Copy the artifact's bytes to ``destination`` (a no-op when the store is local)."""
+    def _download(self, record: ArtifactRecord, destination: Path) -> str | None:
+        """Write the artifact's bytes to ``destination``; return their sha256 when it was computed on the way.
+
+        A missing artifact is an `IntegrityError` naming it (its record exists: something removed the bytes).
+        """
+
+    @abstractmethod
+    def fetch(self, record: ArtifactRecord) -> Path:
+        """The artifact on local disk, verified; nothing unverified is ever returned."""
 
     @abstractmethod
     def delete(self, record: ArtifactRecord) -> None:
@@ -276,25 +327,62 @@ class PexStore(ABC):
         """Remove a state's record first, then its bytes."""
 
     @abstractmethod
+    def put_frame(self, parts: Iterable[str], source: Path) -> str:
+        """Publish a Parquet file as the frame of an asset key (its parts); return where it now is."""
+
+    @abstractmethod
+    def fetch_frame(self, parts: Iterable[str], destination: Path) -> bool:
+        """Write an asset's stored frame to ``destination``; ``False`` when there is none."""
+
+    @abstractmethod
+    def unindexed(self) -> list[Leftover]:
+        """Artifacts no record points at (a crash between upload and index, a lost race, a forced replacement)."""
+
+    @abstractmethod
+    def stray_states(self) -> list[Leftover]:
+        """State bytes without a record: leftovers of a crash between the two writes."""
+
+    @abstractmethod
+    def remove(self, leftover: Leftover) -> None:
+        """Remove a leftover that `unindexed` or `stray_states` reported."""
+
+    @abstractmethod
     def lock(self, name: str) -> FileLock:
-        """An inter-process lock for building ``name`` once even when two processes try at the same time."""
+        """An inter-process lock for building ``name`` once even when two processes try at the same time.
+
+        N.B. It spans the processes of one machine; publication itself settles races between machines.
+        """
+
+    @property
+    @abstractmethod
+    def work_root(self) -> Path:
+        """The local folder builds happen in (`work_dir`), swept by `modelpex gc`."""
+
+    @contextmanager
+    def work_dir(self) -> Iterator[Path]:
+        """A fresh folder to build into, leased while the build runs (gc removes it after its owner is gone)."""
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        with lease_dir(self.work_root, BUILD_PREFIX) as folder:
+            yield folder
 
     def record(self, kind: Kind, name: str, key: str, version: str | None = None) -> ArtifactRecord | None:
         """The index record of one artifact (of ``version``, when given), or ``None`` when it was never published.
 
         A record that cannot be read, or that is not the record of what was asked for, is a `RecordError` naming
-        its file: it is never returned, so nothing builds a path or runs a pex from it.
+        its file: it is never returned, so nothing builds a path or runs a pex from it. A store that cannot be
+        reached at all is a plain `StoreError` (the record is not at fault).
         """
         location = index_location(kind, name, key)
         fix = f"remove it, or rebuild with `modelpex build {_label(kind, name, version, '<version>')} --force`"
         try:
             data = self._read_index(location)
-            if data is None:
-                return None
-            record = ArtifactRecord.from_json(data)
-            record.check_identity(kind, name, key, version)
         except OSError as exc:
             raise _record_error(self._where(location), f"cannot be read ({exc.strerror or exc})", fix) from None
+        if data is None:
+            return None
+        try:
+            record = ArtifactRecord.from_json(data)
+            record.check_identity(kind, name, key, version)
         except StoreError as exc:
             raise _record_error(self._where(location), str(exc), fix) from None
         return record
@@ -306,13 +394,15 @@ class PexStore(ABC):
         for location in self._index_locations():
             kind, name, key = _filed_as(location)
             try:
-                found = self.record(kind, name, key)
-            except RecordError as exc:
-                problems[location] = exc
-                continue
+                index_location(kind, name, key)
             except ModelpexError:
                 where = self._where(location)
                 problems[location] = _record_error(where, "is not filed as <model>/<key> or base/<key>", "remove it")
+                continue
+            try:
+                found = self.record(kind, name, key)
+            except RecordError as exc:
+                problems[location] = exc
                 continue
             if found is not None:
                 records.append(found)
@@ -336,32 +426,46 @@ class PexStore(ABC):
         """Check size and sha256 against the index; raise `IntegrityError` naming the artifact otherwise."""
         path = path or self.local_path(record)
         if not path.is_file():
-            raise IntegrityError(
-                f"{record.label} (key {record.key}) is in the index of {self.url} but its file {path} is "
-                f"missing: rebuild it with `modelpex build {record.label} --force`"
-            )
+            raise self._missing(record, str(path))
         size = path.stat().st_size
         actual = file_sha256(path) if size == record.size else None
-        if actual != record.sha256:
-            found = f"{size} bytes" if actual is None else f"sha256 {actual}"
-            raise IntegrityError(
-                f"refusing to run {record.label}: {path} has {found} but the index recorded {record.size} "
-                f"bytes with sha256 {record.sha256}; it was truncated or tampered with. Rebuild it with "
-                f"`modelpex build {record.label} --force`"
-            )
+        self._check_bytes(record, str(path), size, actual)
         return path
 
-    def fetch(self, record: ArtifactRecord) -> Path:
-        """The artifact on local disk, verified; nothing unverified is ever returned."""
-        path = self.local_path(record)
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._download(record, path)
-        return self.verify(record, path)
+    def download(self, record: ArtifactRecord, destination: Path) -> Path:
+        """Copy the artifact to ``destination`` and check the copy against the index, hashing it on the way where
+        the backend can. Raises `IntegrityError` naming the artifact when the bytes are not the recorded ones.
+
+        N.B. The copy is what is checked, not the source: what runs is the copy, and nobody else can write it.
+        """
+        digest = self._download(record, destination)
+        size = destination.stat().st_size
+        if digest is None and size == record.size:
+            digest = file_sha256(destination)
+        self._check_bytes(record, f"its copy from {self.url}", size, digest)
+        return destination
+
+    def _missing(self, record: ArtifactRecord, where: str) -> IntegrityError:
+        return IntegrityError(
+            f"{record.label} (key {record.key}) is in the index of {self.url} but its file {where} is "
+            f"missing: rebuild it with `modelpex build {record.label} --force`"
+        )
+
+    @staticmethod
+    def _check_bytes(record: ArtifactRecord, what: str, size: int, digest: str | None) -> None:
+        if size == record.size and digest == record.sha256:
+            return
+        found = f"{size} bytes" if size != record.size or digest is None else f"sha256 {digest}"
+        raise IntegrityError(
+            f"refusing to run {record.label}: {what} has {found} but the index recorded {record.size} "
+            f"bytes with sha256 {record.sha256}; it was truncated or tampered with. Rebuild it with "
+            f"`modelpex build {record.label} --force`"
+        )
 
 
 class LocalPexStore(PexStore):
-    """A directory: ``bases/``, ``models/<name>/``, ``index/<name>/<key>.json``, ``locks/``, ``work/``.
+    """A directory: ``bases/``, ``models/<name>/``, ``index/<name>/<key>.json``, ``states/``, ``frames/``,
+    ``locks/``, ``work/``.
 
     N.B. Files are moved into place with `os.replace` from ``work/`` on the same file system, and the index
     record is written last: a crash leaves at worst an unindexed file, which `modelpex gc` removes.
@@ -406,12 +510,9 @@ class LocalPexStore(PexStore):
                 "it writable, or use another store (--store or MODELPEX_STORE)"
             ) from None
 
-    @contextmanager
-    def work_dir(self) -> Iterator[Path]:
-        """A fresh directory on the store's file system to build into, leased while the build runs."""
-        (self.root / "work").mkdir(parents=True, exist_ok=True)
-        with lease_dir(self.root / "work", BUILD_PREFIX) as folder:
-            yield folder
+    @property
+    def work_root(self) -> Path:
+        return self.root / "work"
 
     def put(self, record: ArtifactRecord, path: Path, *, replace: bool = False) -> ArtifactRecord:
         existing = None if replace else self.record(record.kind, record.name, record.key)
@@ -421,23 +522,41 @@ class LocalPexStore(PexStore):
         destination.parent.mkdir(parents=True, exist_ok=True)
         if file_sha256(path) != record.sha256:
             raise IntegrityError(f"{record.label}: {path} changed between its build and its publication")
-        staged = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-        if Path(path).resolve().is_relative_to(self.root / "work"):
-            os.replace(path, staged)
-        else:
-            shutil.copyfile(path, staged)
-        os.chmod(staged, 0o555)
-        # N.B. Replacing, the old artifact stays whole until this rename and its record follows at once; a crash
-        # between the two leaves new bytes under the old record, which `verify` refuses, naming `build --force`.
-        os.replace(staged, destination)
-        write_atomic(self._index_path(record.kind, record.name, record.key), record.to_json())
+        staged = destination.with_name(f".{destination.name}.{os.getpid()}.{id(path)}.tmp")
+        try:
+            if Path(path).resolve().is_relative_to(self.work_root):
+                os.replace(path, staged)
+            else:
+                shutil.copyfile(path, staged)
+            os.chmod(staged, 0o555)
+            # N.B. Not the builder's lock (it may hold that one): this one covers publication alone, so two
+            # publishers of one key (not built under one lock) cannot put one's bytes under the other's record.
+            with self.lock(f"publish-{record.kind}-{record.key}"):
+                existing = None if replace else self.record(record.kind, record.name, record.key)
+                if existing is not None:
+                    return existing
+                # N.B. Replacing, the old artifact stays whole until this rename and its record follows at once; a
+                # crash between the two leaves new bytes under the old record, which `verify` refuses, naming
+                # `build --force`.
+                os.replace(staged, destination)
+                write_atomic(self._index_path(record.kind, record.name, record.key), record.to_json())
+        finally:
+            staged.unlink(missing_ok=True)
         return record
 
     def local_path(self, record: ArtifactRecord) -> Path:
         return self._artifact_path(record)
 
-    def _download(self, record: ArtifactRecord, destination: Path) -> None:
-        return None  # N.B. The bytes are already here; `verify` reports them missing.
+    def _download(self, record: ArtifactRecord, destination: Path) -> str:
+        source = self._artifact_path(record)
+        try:
+            return copy_hashing(source, destination)
+        except FileNotFoundError:
+            raise self._missing(record, str(source)) from None
+
+    def fetch(self, record: ArtifactRecord) -> Path:
+        """The artifact where it is, verified (the store is on this machine: nothing to copy)."""
+        return self.verify(record)
 
     def delete(self, record: ArtifactRecord) -> None:
         self._index_path(record.kind, record.name, record.key).unlink(missing_ok=True)
@@ -449,10 +568,19 @@ class LocalPexStore(PexStore):
         files = [*self.root.glob("bases/*.pex"), *self.root.glob("models/*/*.pex")]
         return sorted(p for p in files if p not in indexed)
 
+    def unindexed(self) -> list[Leftover]:
+        return [
+            Leftover(
+                str(path),
+                "base" if path.parent.name == "bases" else "model",
+                path.stem.rpartition("-")[2],
+                path.stat().st_mtime,
+            )
+            for path in self.unindexed_files()
+        ]
+
     def _state_path(self, model: str, sha256: str, suffix: str) -> Path:
-        if len(sha256) != 64 or not set(sha256) <= _KEY_CHARS:
-            raise StoreError(f"{sha256!r} is not a sha256 digest")
-        return self.root / "states" / validate_name(model) / f"{sha256}{suffix}"
+        return self.root / "states" / f"{_state_name(model, sha256)}{suffix}"
 
     def put_state(self, model: str, sha256: str, payload: bytes, record: str) -> None:
         folder = self._state_path(model, sha256, "").parent
@@ -476,22 +604,66 @@ class LocalPexStore(PexStore):
         self._state_path(model, sha256, ".json").unlink(missing_ok=True)
         self._state_path(model, sha256, ".state").unlink(missing_ok=True)
 
-    def stray_states(self) -> list[Path]:
-        """State bytes without a record: leftovers of a crash between the two writes."""
-        return sorted(p for p in self.root.glob("states/*/*.state") if not p.with_suffix(".json").exists())
+    def stray_states(self) -> list[Leftover]:
+        return [
+            Leftover(str(p), "state", p.stem, p.stat().st_mtime)
+            for p in sorted(self.root.glob("states/*/*.state"))
+            if not p.with_suffix(".json").exists()
+        ]
+
+    def remove(self, leftover: Leftover) -> None:
+        Path(leftover.where).unlink(missing_ok=True)
+
+    def _frame_path(self, parts: Iterable[str]) -> Path:
+        return self.root / "frames" / f"{_frame_name(parts)}.parquet"
+
+    def put_frame(self, parts: Iterable[str], source: Path) -> str:
+        path = self._frame_path(parts)
+        # N.B. Every client's data: readable by the orchestrator only.
+        (self.root / "frames").mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with staged(path) as temporary:
+            shutil.copyfile(source, temporary)
+        return str(path)
+
+    def fetch_frame(self, parts: Iterable[str], destination: Path) -> bool:
+        try:
+            shutil.copyfile(self._frame_path(parts), destination)
+        except FileNotFoundError:
+            return False
+        return True
 
     def lock(self, name: str) -> FileLock:
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(self.root / "locks" / f"{name}.lock")
 
 
-_BACKENDS: dict[str, Callable[[str], PexStore]] = {
-    "file": lambda url: LocalPexStore(Path(urlparse(url).path)),
+def is_remote(url: str | os.PathLike[str]) -> bool:
+    """Whether a store URL names an object store (``s3://``) rather than a folder on this machine."""
+    return urlparse(os.fspath(url)).scheme not in ("", "file")
+
+
+def _s3_store(url: str, cache: Path | None) -> PexStore:
+    try:
+        from orchestrator.s3store import S3PexStore
+    except ImportError as exc:
+        raise StoreError(
+            f"the artifact store {url} needs boto3 ({exc}): install it with `pip install 'modelpex[s3]'`"
+        ) from None
+    return S3PexStore(url, cache=cache)
+
+
+_BACKENDS: dict[str, Callable[[str, Path | None], PexStore]] = {
+    "file": lambda url, cache: LocalPexStore(Path(urlparse(url).path)),
+    "s3": _s3_store,
 }
 
 
-def open_store(url: str | os.PathLike[str]) -> PexStore:
-    """A store from a URL (``file:///abs/dir``) or a plain path; unknown schemes say what exists."""
+def open_store(url: str | os.PathLike[str], *, cache: Path | None = None) -> PexStore:
+    """A store from a URL (``file:///abs/dir``, ``s3://bucket/prefix``) or a plain path; unknown schemes say what
+    exists. ``cache`` is this machine's artifact cache (`orchestrator.cache`), where a remote store's artifacts are
+    fetched to; default ``~/.cache/modelpex``.
+    """
     text = os.fspath(url)
     scheme = urlparse(text).scheme
     if scheme in ("", "file") and not text.startswith("file:"):
@@ -500,9 +672,9 @@ def open_store(url: str | os.PathLike[str]) -> PexStore:
     if backend is None:
         raise StoreError(
             f"no artifact store backend for {text!r}: supported URL schemes are "
-            f"{', '.join(sorted(_BACKENDS))}:// (or a plain directory path)"
+            f"{', '.join(f'{scheme}://' for scheme in sorted(_BACKENDS))} (or a plain directory path)"
         )
-    return backend(text)
+    return backend(text, cache)
 
 
 def referenced(records: Iterable[ArtifactRecord], keep: Callable[[ArtifactRecord], bool]) -> set[str]:

@@ -22,6 +22,8 @@ from orchestrator.build import Builder, BuildResult
 from orchestrator.specs import load_base_env
 from orchestrator.store import LocalPexStore
 
+from .seaweed import SERVICE_PIDS, SeaweedServer, unique_prefix
+
 if TYPE_CHECKING:
     from orchestrator.transport import SegmentPool
 
@@ -62,6 +64,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\n/dev/shm holds {grown / 1e6:.1f} MB more than when the suite started", file=sys.stderr)
 
 
+def leaked_children() -> list[object]:
+    """This process's descendants, less the servers the session keeps running (SeaweedFS) and theirs."""
+    import psutil
+
+    services = {pid for pid in SERVICE_PIDS if psutil.pid_exists(pid)}
+    for pid in list(services):
+        services |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    return [child for child in psutil.Process().children(recursive=True) if child.pid not in services]
+
+
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis")
 
 
@@ -91,6 +103,30 @@ def clone_store(session: SessionBase, root: Path) -> LocalPexStore:
 @pytest.fixture
 def store(session_base: SessionBase, tmp_path: Path) -> LocalPexStore:
     return clone_store(session_base, tmp_path / "store")
+
+
+S3_BUCKET = "modelpex"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS server on loopback for the session (up in about 3 s), with the bucket ``modelpex``; it must stop
+    cleanly at the end (exit 0 on SIGTERM), or the session reports an error."""
+    server = SeaweedServer.start(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.create_bucket(S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: SeaweedServer, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh ``s3://`` store URL (a prefix of its own in the session's bucket), with the standard AWS variables
+    that reach the server set for this test, as a user would set them."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{S3_BUCKET}/{unique_prefix(request.node.name)}"
 
 
 def write_model(

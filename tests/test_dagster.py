@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -43,7 +43,7 @@ from orchestrator.specs import ModelRef, load_base_env
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import resolve_source
 
-from .conftest import REPO, CliResult, Project, write_model
+from .conftest import REPO, CliResult, Project, leaked_children, write_model
 
 M_INPUTS = (
     '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
@@ -168,6 +168,14 @@ def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Defi
     return build_definitions(settings, automation_running=False, modelpex=modelpex)
 
 
+def defs_for_url(project: Project, store_url: str) -> Definitions:
+    """Definitions on the store at ``store_url``, with this process's cache settings (a simulated host's)."""
+    env = {name: os.environ[name] for name in ("MODELPEX_CACHE", "MODELPEX_PEX_ROOT") if name in os.environ}
+    settings = Settings.from_env(env=env, project=str(project.root), store_url=store_url)
+    modelpex = ModelpexResource(project_dir=str(project.root), store_url=store_url)
+    return build_definitions(settings, automation_running=False, modelpex=modelpex)
+
+
 def materialised(result) -> dict[AssetKey, dict]:
     return {
         e.materialization.asset_key: {k: v.value for k, v in e.materialization.metadata.items()}
@@ -230,7 +238,7 @@ def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalP
     meta = materialised(result)
     state, predictions = meta[AssetKey(["acme", "m", "state"])], meta[AssetKey(["acme", "m", "predictions"])]
     assert state["process_start_seconds"] > 0 and predictions["process_start_seconds"] == 0, "one warm process"
-    assert not psutil.Process().children(recursive=True), "the run's model processes ended with the run"
+    assert not leaked_children(), "the run's model processes ended with the run"
 
 
 def test_model_process_gets_an_explicit_environment(two_versions: Project, store: LocalPexStore, monkeypatch) -> None:
@@ -277,7 +285,7 @@ def test_hanging_model_is_killed_at_its_timeout(project: Project, store: LocalPe
     with DagsterInstance.ephemeral() as instance:
         result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
     assert "ran longer than its timeout of 5 s and was killed" in step_failure(result)
-    assert not psutil.Process().children(recursive=True), "the model's process group is gone"
+    assert not leaked_children(), "the model's process group is gone"
 
 
 def test_retry_policy_acts_on_model_failures(project: Project, store: LocalPexStore) -> None:

@@ -1,10 +1,14 @@
-"""The artifact store's contract, run against every backend: atomic publication, verified fetches, a clear index."""
+"""The artifact store's contract, run against every backend (a local folder, by path and by URL, and S3 on a real
+SeaweedFS server): atomic publication, one winner among publishers of a key, verified fetches, a clear index,
+fitted states and frames."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,15 +21,62 @@ KEY = "0123456789abcdef0123456789abcdef"
 OTHER_KEY = "00000000000000000000000000000000"
 BASE_KEY = "fedcba9876543210fedcba9876543210"
 
-BACKENDS: dict[str, Callable[[Path], PexStore]] = {
-    "local-path": lambda root: open_store(root),
-    "local-url": lambda root: open_store(root.as_uri()),
+
+def s3_backend(request: pytest.FixtureRequest, tmp_path: Path) -> PexStore:
+    from orchestrator.s3store import S3PexStore
+
+    # N.B. Two entries a page: every listing in these tests goes through the paginator.
+    return S3PexStore(request.getfixturevalue("s3_url"), cache=tmp_path / "cache", page_size=2, settle_seconds=0)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], PexStore]] = {
+    "local-path": lambda request, tmp_path: open_store(tmp_path / "store"),
+    "local-url": lambda request, tmp_path: open_store((tmp_path / "store").as_uri()),
+    "s3": s3_backend,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> PexStore:
-    return BACKENDS[request.param](tmp_path / "store")
+    return BACKENDS[request.param](request, tmp_path)
+
+
+def another_host(store: PexStore, tmp_path: Path) -> PexStore:
+    """The same store as seen from another machine: another object, and for S3 another cache."""
+    if isinstance(store, LocalPexStore):
+        return LocalPexStore(store.root)
+    from orchestrator.s3store import S3PexStore
+
+    assert isinstance(store, S3PexStore)
+    cache = tmp_path / f"cache-{os.urandom(4).hex()}"
+    return S3PexStore(store.url, cache=cache, page_size=store.page_size, settle_seconds=store.settle_seconds)
+
+
+def stored_bytes(store: PexStore, record: ArtifactRecord) -> bytes | None:
+    """The artifact's bytes where the store keeps them (not a fetched copy), or ``None``."""
+    if isinstance(store, LocalPexStore):
+        path = store.local_path(record)
+        return path.read_bytes() if path.exists() else None
+    found = store._get(store._artifact_key(record), "test")  # type: ignore[attr-defined]
+    return found
+
+
+def replace_stored_bytes(store: PexStore, record: ArtifactRecord, data: bytes | None) -> None:
+    """Change (or with ``None`` remove) the artifact's bytes behind the store's back, as a tamperer or a failing
+    disk would; on S3, on the server itself."""
+    if isinstance(store, LocalPexStore):
+        path = store.local_path(record)
+        if data is None:
+            path.unlink()
+        else:
+            os.chmod(path, 0o644)
+            path.write_bytes(data)
+        return
+    key = store._artifact_key(record)  # type: ignore[attr-defined]
+    if data is None:
+        store.client.delete_object(Bucket=store.bucket, Key=key)  # type: ignore[attr-defined]
+    else:
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=data)  # type: ignore[attr-defined]
 
 
 def artifact(
@@ -48,6 +99,52 @@ def test_put_then_fetch_round_trip(backend: PexStore, tmp_path: Path) -> None:
     fetched = backend.fetch(record)
     assert fetched.read_bytes() == path.read_bytes()
     assert stat.S_IMODE(fetched.stat().st_mode) & 0o222 == 0, "published read-only: no write bit for anyone"
+    elsewhere = another_host(backend, tmp_path)
+    assert elsewhere.records() == [record] and elsewhere.fetch(record).read_bytes() == path.read_bytes()
+
+
+def test_listings_cover_every_page(backend: PexStore, tmp_path: Path) -> None:
+    records = []
+    for n in range(5):
+        (tmp_path / str(n)).mkdir()
+        record, path = artifact(tmp_path / str(n), f"artifact {n}".encode(), key=f"{n:032x}")
+        records.append(backend.put(record, path))
+    assert sorted(backend.records(), key=lambda r: r.key) == records
+    for n in range(3):
+        backend.put_state("churn", f"{n:064x}", b"state", json.dumps({"n": n}))
+    assert sorted(json.loads(text)["n"] for _, text in backend.state_records()) == [0, 1, 2]
+
+
+def test_publishers_of_one_key_agree_on_one_winner(backend: PexStore, tmp_path: Path) -> None:
+    """Eight builders of one key, each with other bytes, publish at once: one record wins, every builder gets it,
+    and the bytes are the winner's."""
+    builders = []
+    for n in range(8):
+        (tmp_path / f"b{n}").mkdir()
+        builders.append((another_host(backend, tmp_path), *artifact(tmp_path / f"b{n}", f"build {n}".encode())))
+    barrier = threading.Barrier(len(builders))
+    results: list[ArtifactRecord | BaseException] = [None] * len(builders)  # type: ignore[list-item]
+
+    def publish(n: int) -> None:
+        store, record, path = builders[n]
+        barrier.wait()
+        try:
+            results[n] = store.put(record, path)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[n] = exc
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(len(builders))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winner = results[0]
+    assert isinstance(winner, ArtifactRecord), winner
+    assert all(result == winner for result in results), results
+    assert backend.record("model", "churn", KEY) == winner
+    assert backend.fetch(winner).read_bytes() == stored_bytes(backend, winner)
+    assert hashlib.sha256(stored_bytes(backend, winner) or b"").hexdigest() == winner.sha256
+    assert backend.unindexed() == [], "the losers left no bytes behind"
 
 
 def test_put_never_overwrites(backend: PexStore, tmp_path: Path) -> None:
@@ -63,34 +160,76 @@ def test_put_never_overwrites(backend: PexStore, tmp_path: Path) -> None:
 def test_tampered_artifact_is_refused(backend: PexStore, tmp_path: Path, damage: str) -> None:
     record, path = artifact(tmp_path)
     backend.put(record, path)
-    local = backend.local_path(record)
-    os.chmod(local, 0o644)
-    data = bytearray(local.read_bytes())
+    data = bytearray(stored_bytes(backend, record) or b"")
     if damage == "flip a byte":
         data[3] ^= 0xFF
     elif damage == "truncate":
         data = data[:-5]
     else:
         data += b"rm -rf /\n"
-    local.write_bytes(bytes(data))
+    replace_stored_bytes(backend, record, bytes(data))
     with pytest.raises(IntegrityError, match=r"refusing to run churn@1.2.0: .* tampered with\. Rebuild it with"):
         backend.fetch(record)
-    assert local.read_bytes() == bytes(data), "verification must not delete evidence"
+    assert stored_bytes(backend, record) == bytes(data), "verification must not delete evidence"
+    if not isinstance(backend, LocalPexStore):
+        assert not backend.local_path(record).exists(), "a copy that failed its check is never kept"
 
 
 def test_missing_file_is_reported(backend: PexStore, tmp_path: Path) -> None:
     record, path = artifact(tmp_path)
     backend.put(record, path)
-    backend.local_path(record).unlink()
-    with pytest.raises(IntegrityError, match="its file .* is missing"):
-        backend.verify(record)
+    replace_stored_bytes(backend, record, None)
+    with pytest.raises(IntegrityError, match="its file .* is missing: rebuild it"):
+        backend.fetch(record)
 
 
 def test_delete_removes_record_and_bytes(backend: PexStore, tmp_path: Path) -> None:
     record, path = artifact(tmp_path)
     backend.put(record, path)
     backend.delete(record)
-    assert backend.records() == [] and not backend.local_path(record).exists()
+    assert backend.records() == [] and stored_bytes(backend, record) is None
+
+
+def test_fitted_states_round_trip(backend: PexStore, tmp_path: Path) -> None:
+    sha = hashlib.sha256(b"fitted").hexdigest()
+    assert backend.state("churn", sha) is None
+    backend.put_state("churn", sha, b"fitted", '{"signed": true}')
+    elsewhere = another_host(backend, tmp_path)
+    assert elsewhere.state("churn", sha) == ('{"signed": true}', b"fitted")
+    assert elsewhere.state_records() == [("churn", '{"signed": true}')]
+    assert backend.stray_states() == []
+    backend.delete_state("churn", sha)
+    assert elsewhere.state("churn", sha) is None and elsewhere.state_records() == []
+    with pytest.raises(StoreError, match="is not a sha256 digest"):
+        backend.put_state("churn", "../../escape", b"", "{}")
+
+
+def test_frames_round_trip(backend: PexStore, tmp_path: Path) -> None:
+    source = tmp_path / "frame.parquet"
+    source.write_bytes(b"PAR1 not really parquet PAR1")
+    assert not backend.fetch_frame(("acme", "churn", "predictions"), tmp_path / "none")
+    backend.put_frame(("acme", "churn", "predictions"), source)
+    copy = tmp_path / "copy.parquet"
+    assert another_host(backend, tmp_path).fetch_frame(("acme", "churn", "predictions"), copy)
+    assert copy.read_bytes() == source.read_bytes()
+    with pytest.raises(StoreError, match="cannot name a stored frame"):
+        backend.put_frame(("acme", "..", "escape"), source)
+
+
+def test_unindexed_artifacts_are_found_and_removed(backend: PexStore, tmp_path: Path) -> None:
+    record, path = artifact(tmp_path)
+    backend.put(record, path)
+    assert backend.unindexed() == []
+    # N.B. As a crash between the bytes and the record would leave it: bytes without a record.
+    if isinstance(backend, LocalPexStore):
+        (backend.root / "index" / "churn" / f"{KEY}.json").unlink()
+    else:
+        index = backend._index_key(f"churn/{KEY}")  # type: ignore[attr-defined]
+        backend.client.delete_object(Bucket=backend.bucket, Key=index)  # type: ignore[attr-defined]
+    (leftover,) = backend.unindexed()
+    assert (leftover.kind, leftover.key) == ("model", KEY)
+    backend.remove(leftover)
+    assert backend.unindexed() == [] and stored_bytes(backend, record) is None
 
 
 def test_put_refuses_bytes_that_changed_since_the_build(backend: PexStore, tmp_path: Path) -> None:
@@ -121,7 +260,7 @@ def test_records_with_path_tricks_are_refused(changes: dict[str, str], error: ty
 
 
 def test_unknown_scheme_lists_what_exists() -> None:
-    with pytest.raises(StoreError, match=r"no artifact store backend for 'gs://bucket'.*file://"):
+    with pytest.raises(StoreError, match=r"no artifact store backend for 'gs://bucket'.*file://, s3://"):
         open_store("gs://bucket")
 
 
@@ -136,10 +275,15 @@ def test_unindexed_files_are_found(tmp_path: Path) -> None:
 
 def write_raw_record(store: PexStore, location: str, data: bytes) -> None:
     """Put bytes where the index files the record at ``location`` (``<folder>/<key>``), as a hand edit would."""
-    assert isinstance(store, LocalPexStore), "a new backend says here where its index entries live"
-    path = store.root / "index" / f"{location}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    if isinstance(store, LocalPexStore):
+        path = store.root / "index" / f"{location}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return
+    from orchestrator.s3store import S3PexStore
+
+    assert isinstance(store, S3PexStore), "a new backend says here where its index entries live"
+    store.client.put_object(Bucket=store.bucket, Key=store._index_key(location), Body=data)
 
 
 def _as(**changes: object) -> Callable[[dict], dict]:
