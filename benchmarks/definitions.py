@@ -115,12 +115,12 @@ def tick(project: Path, repeats: int) -> float:
     cursor, times = None, []
     with DagsterInstance.ephemeral() as instance:
         for _ in range(repeats + 1):
-            context = build_sensor_context(
+            with build_sensor_context(
                 instance=instance, cursor=cursor, definitions=defs, resources={"modelpex": resource}
-            )
-            started = time.perf_counter()
-            result = sensor(context)
-            times.append(time.perf_counter() - started)
+            ) as context:
+                started = time.perf_counter()
+                result = sensor(context)
+                times.append(time.perf_counter() - started)
             assert not result.run_requests, "an unchanged tree requests nothing"
             cursor = result.cursor
     return statistics.median(times[1:])
