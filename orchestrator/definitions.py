@@ -1,36 +1,36 @@
 """Definitions: the Dagster code location, assembled from the catalog of model versions and deployments.yaml.
 
-``workspace.yaml`` loads `defs`. Jobs: one per client (exactly that client's assets), one per model (its versions'
-pexes), and ``build_model`` (the build-or-fetch op, for any version by config). Everything at once is Dagster's own
-asset job (the UI's "Materialize all", ``modelpex deploy``).
+``workspace.yaml`` loads `defs`. One job of ours, ``build_model`` (build or fetch any model version, chosen from
+those that exist); every other run is Dagster's own asset job over a selection: everything ("Materialize all",
+``modelpex deploy``), a client (``group:<client>``), a model (``tag:model=<name>``) or a single step.
 Schedules come from the deployments' crons; sensors redeploy changes and record failures.
+
+N.B. No job per client or per model: each would carry its own copy of the clients' graphs in the code location's
+snapshot, and at 100 models x 50 clients those 150 jobs were a third of its load time (benchmarks/definitions.py).
 """
 
 from collections import defaultdict
-from collections.abc import Mapping
 
 from dagster import (
     AssetKey,
-    AssetSelection,
     DefaultScheduleStatus,
     Definitions,
     RunRequest,
     ScheduleDefinition,
     ScheduleEvaluationContext,
-    define_asset_job,
     definitions,
     in_process_executor,
-    job,
     schedule,
 )
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from orchestrator.assets import (
+    AssetIndex,
+    ClientSteps,
     base_asset,
-    build_or_fetch_model,
-    client_asset,
-    dataset_asset,
+    build_model_job,
+    client_assets,
     dataset_key,
+    deployed_models,
     model_version_asset,
     model_version_key,
     predictions_key,
@@ -41,53 +41,68 @@ from orchestrator.deployments import Deployments, ModelDeployment, load_deployme
 from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource
 from orchestrator.sensors import failure_sensor, redeploy_sensor
 from orchestrator.settings import Settings
+from orchestrator.versions import web_remote
 
 __all__ = ["build_definitions", "defs"]
 
+ASSET_JOB = "__ASSET_JOB"  # N.B. Dagster's implicit job over every asset: a schedule runs its selection in it.
+VERBS = {"train": "Trains", "predict": "Predicts with"}
 
-def _schedules(
-    deployments: Deployments, client_jobs: Mapping[str, UnresolvedAssetJobDefinition], status: DefaultScheduleStatus
-) -> list[ScheduleDefinition]:
+
+def _schedules(deployments: Deployments, status: DefaultScheduleStatus) -> list[ScheduleDefinition]:
     """One schedule per client, action and cron: the client's models that share a cron share a run.
 
-    N.B. Each schedule requests a subset of its client's job rather than targeting an asset selection, which
-    would make Dagster build one more job per schedule at load time.
+    Named for what they run: ``acme_train`` when it covers every model acme trains, ``globex_credit_risk_train``
+    for a model on a cron of its own.
     """
     groups: dict[tuple[str, str, str], list[ModelDeployment]] = defaultdict(list)
     for d in deployments.all():
         for action, cron in d.schedules.items():
             groups[(d.client, action, cron)].append(d)
-    schedules, seen = [], defaultdict(int)
+    acting = defaultdict(int)
+    for (client, action, _), members in groups.items():
+        acting[(client, action)] += len(members)
+    names: set[str] = set()
+    schedules = []
     for (client, action, cron), members in sorted(groups.items()):
-        seen[(client, action)] += 1
-        count = seen[(client, action)]
+        name = _schedule_name(client, action, cron, [d.model for d in members], acting[(client, action)], names)
+        names.add(name)
         key_of = state_key if action == "train" else predictions_key
         keys = [key_of(d) for d in members] + [dataset_key(client, ds) for d in members for ds in d.inputs.values()]
-        schedules.append(
-            _schedule(client, action, cron, count, members, list(dict.fromkeys(keys)), client_jobs[client], status)
-        )
+        schedules.append(_schedule(name, client, action, cron, members, list(dict.fromkeys(keys)), status))
     return schedules
 
 
+def _schedule_name(client: str, action: str, cron: str, models: list[str], acting: int, taken: set[str]) -> str:
+    if len(models) == acting:
+        name = f"{client}_{action}"
+    elif len(models) <= 2:
+        name = f"{client}_{'_'.join(models)}_{action}"
+    else:
+        name = f"{client}_{models[0]}_and_{len(models) - 1}_more_{action}"
+    if name in taken:  # N.B. Only odd names collide (client a_b + model c, client a + model b_c): add the cron.
+        name += "_" + "".join(c if c.isalnum() else "_" for c in cron)
+    return name
+
+
 def _schedule(
+    name: str,
     client: str,
     action: str,
     cron: str,
-    count: int,
     members: list[ModelDeployment],
     keys: list[AssetKey],
-    target: UnresolvedAssetJobDefinition,
     status: DefaultScheduleStatus,
 ) -> ScheduleDefinition:
     @schedule(
-        name=f"{client}_{action}" + (f"_{count}" if count > 1 else ""),
+        name=name,
         cron_schedule=cron,
-        job=target,
+        job_name=ASSET_JOB,
         default_status=status,
-        description=f"{action} {', '.join(d.model for d in members)} for {client} on '{cron}'",
+        description=f"{VERBS[action]} {' and '.join(d.model for d in members)} for {client} on cron '{cron}'.",
     )
     def _run(context: ScheduleEvaluationContext) -> RunRequest:
-        return RunRequest(asset_selection=keys, tags={"client": client, "modelpex/action": action})
+        return RunRequest(asset_selection=keys, tags={"client": client, "action": action})
 
     return _run
 
@@ -103,51 +118,32 @@ def build_definitions(
     catalog = settings.catalog()
     builder = Builder(settings.store(), settings.base_env(), Interpreter.detect(settings.python))
     deployments = load_deployments(settings.deployments_file, catalog)
+    web = web_remote(settings.project)
 
-    version_assets = {f"{v.name}@{v.version}": model_version_key(v) for v in catalog.all()}
-    assets = [base_asset(builder.base_key)]
-    assets += [model_version_asset(v, builder.model_key(v.digest)) for v in catalog.all()]
-    for client in deployments.clients.values():
-        versions = {d.model: catalog.resolve(d.model, d.version) for d in client.models.values()}
-        codes = {name: builder.model_key(version.digest) for name, version in versions.items()}
-        assets += [dataset_asset(source) for source in client.datasets.values()]
-        if client.models:
-            assets.append(client_asset(client, versions, codes))
-
-    # N.B. No job of ours selects everything: Dagster's implicit asset job does, and a second one would double the
-    # largest part of the code location's snapshot (benchmarks/definitions.py).
-    client_jobs = {
-        name: define_asset_job(
-            f"client_{name}", selection=AssetSelection.groups(name), description=f"Exactly {name}'s assets."
-        )
-        for name in sorted(deployments.clients)
-    }
-    jobs = list(client_jobs.values())
-    # N.B. A model's job builds or fetches its versions. Running it for every client that uses it is the redeploy
-    # sensor's run (or the selection `tag:model=<name>` in the UI): a job over each client's subset costs load time
-    # per model, as Dagster re-creates each client's multi-asset for it: 2.8 s at 100 models x 50 clients, 0.05 s
-    # (5 s for all 100) at 10 models per client.
-    jobs += [
-        define_asset_job(
-            f"model_{model}",
-            selection=AssetSelection.assets(*(model_version_key(v) for v in catalog.ordered(model))),
-            description=f"Build or fetch every version of {model}.",
-        )
-        for model in sorted(catalog.specs)
+    index = AssetIndex()
+    codes = {str(v.ref): builder.model_key(v.digest) for v in catalog.all()}
+    assets = [base_asset(builder.base_key, index)]
+    assets += [
+        model_version_asset(v, codes[str(v.ref)], index, web, str(settings.models_dir / v.name)) for v in catalog.all()
     ]
-
-    @job(name="build_model", description="Build or fetch one model version's pex (config: model, version).")
-    def build_model() -> None:
-        build_or_fetch_model()
+    steps = ClientSteps(index)
+    for client in deployments.clients.values():
+        if client.datasets or client.models:
+            assets.append(client_assets(client, deployed_models(client, catalog, codes), steps))
 
     status = DefaultScheduleStatus.RUNNING if schedules_running else DefaultScheduleStatus.STOPPED
     frame_store = FrameStore(base_dir=str(settings.project / ".dagster_home" / "frames"))
+    build_model = build_model_job(catalog)
     return Definitions(
         assets=assets,
-        jobs=[*jobs, build_model],
-        schedules=_schedules(deployments, client_jobs, status),
+        jobs=[build_model] if build_model else [],
+        schedules=_schedules(deployments, status),
         sensors=[
-            redeploy_sensor(deployments, version_assets, max(1, round(settings.sensor_interval))),
+            redeploy_sensor(
+                deployments,
+                {str(v.ref): model_version_key(v) for v in catalog.all()},
+                max(1, round(settings.sensor_interval)),
+            ),
             failure_sensor(),
         ],
         resources={

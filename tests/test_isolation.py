@@ -33,6 +33,7 @@ from orchestrator.runner import Runner
 from orchestrator.sandbox import can_switch_users, guarantees
 from orchestrator.settings import Settings
 from orchestrator.specs import load_base_env, load_model_spec
+from orchestrator.states import state_id
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import ModelSource
 
@@ -298,8 +299,9 @@ def test_a_state_swapped_together_with_its_record_is_refused(lab: Lab) -> None:
     payload = b"cos\nsystem\n(S'touch /tmp/modelpex-pwned'\ntR."  # N.B. A pickle that runs a command.
     digest = hashlib.sha256(payload).hexdigest()
     record.update(sha256=digest, size=len(payload), format="pickle")
-    (record_file.parent / f"{digest}.state").write_bytes(payload)
-    (record_file.parent / f"{digest}.json").write_text(json.dumps(record))
+    forged = state_id("bystander", record["version"], "", digest)  # N.B. No secret: anyone can compute where it goes.
+    (record_file.parent / f"{forged}.state").write_bytes(payload)
+    (record_file.parent / f"{forged}.json").write_text(json.dumps(record))
     with pytest.raises(IntegrityError, match="signature does not match"):
         lab.runner.states.load(lab.records["bystander"], digest, client="")
     assert not Path("/tmp/modelpex-pwned").exists()
