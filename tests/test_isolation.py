@@ -535,8 +535,8 @@ def test_terminating_a_dagster_run_cleans_up_like_ctrl_c(
     (home / "dagster.yaml").write_text("")
     before_runs, before_shm = set(_runs(cli_env)), shm_used()
     run = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-m", "orchestrator.definitions",
-         "-a", "defs", "-j", "client_acme"],
+        [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "orchestrator.definitions",
+         "-a", "defs", "--select", "group:acme"],
         env={**cli_env, "DAGSTER_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
