@@ -311,6 +311,12 @@ def _run_metadata(outcome: RunOutcome, ensured: Ensured, d: ModelDeployment, sta
     }
 
 
+def _unclaimed(reported: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model reported through Pipes, less any label modelpex sets itself: it cannot replace what modelpex
+    vouches for (the state's digest above all)."""
+    return {label: value for label, value in reported.items() if label not in ours}
+
+
 class ModelStep:
     """The work of one training or prediction step: one call of a model version in its model process."""
 
@@ -355,13 +361,13 @@ class ModelStep:
             raise ModelpexError(f"{self.d.where}: training reported no fitted state")
         record = self.modelpex.runner.states.save(ensured.record, self.d.client, self.context.run.run_id, outcome.state)
         metadata = {
-            **reported,  # N.B. First: what the model reports cannot replace what modelpex vouches for.
             **metric_metadata(outcome.metrics),
             **_run_metadata(outcome, ensured, self.d, started),
             "state_sha256": record.sha256,  # N.B. Computed and signed here: the digest predictions trust.
             "state_format": record.format,
             "state_size": human_size(record.size),
         }
+        metadata |= _unclaimed(reported, metadata)
         with quiet_beta():
             return Output(None, "result", metadata=metadata, data_version=DataVersion(record.sha256))
 
@@ -386,8 +392,8 @@ class ModelStep:
             reported=reported,
         )
         table = outcome.outputs["predictions"]
-        metadata = {**reported, **frame_metadata(table), **_run_metadata(outcome, ensured, self.d, started)}
-        metadata["state_sha256"] = sha256
+        metadata = {**_run_metadata(outcome, ensured, self.d, started), **frame_metadata(table), "state_sha256": sha256}
+        metadata |= _unclaimed(reported, metadata)
         selected = {check.name for check in self.context.selected_asset_check_keys if check.asset_key == self.key}
         checks = [c.result(self.key, table, outcome.rows_in) for c in self.deployed.checks if c.name in selected]
         with quiet_beta():
