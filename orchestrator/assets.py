@@ -13,6 +13,7 @@ definitions (one per model version), where an asset definition per step took 34 
 clients (benchmarks/definitions.py).
 """
 
+import functools
 import hashlib
 import json
 import time
@@ -26,6 +27,7 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetsDefinition,
+    AssetSpec,
     ConfigMapping,
     DataVersion,
     DependencyDefinition,
@@ -127,6 +129,11 @@ class Deployed:
     def of(cls, d: ModelDeployment, version: ModelVersion, code_version: str) -> "Deployed":
         return cls(d, version, code_version, tuple(prediction_checks(d, version.predictions)))
 
+    @functools.cached_property
+    def keys(self) -> tuple[AssetKey, AssetKey]:
+        """The state's and the predictions' asset keys."""
+        return state_key(self.deployment), predictions_key(self.deployment)
+
 
 @dataclass
 class AssetIndex:
@@ -138,8 +145,8 @@ class AssetIndex:
     versions: dict[AssetKey, ModelVersion] = field(default_factory=dict)
 
     def add(self, deployed: Deployed) -> None:
-        self.steps[state_key(deployed.deployment)] = (deployed, "train")
-        self.steps[predictions_key(deployed.deployment)] = (deployed, "predict")
+        state, predictions = deployed.keys
+        self.steps[state], self.steps[predictions] = (deployed, "train"), (deployed, "predict")
 
 
 def _joined(values: set[str]) -> str:
@@ -408,6 +415,12 @@ class ClientSteps:
         self.index = index
         self.dataset = self._dataset_op()
         self._ops: dict[tuple[object, ...], OpDefinition] = {}
+        self._version_keys: dict[ModelVersion, AssetKey] = {}
+
+    def version_key(self, version: ModelVersion) -> AssetKey:
+        if version not in self._version_keys:
+            self._version_keys[version] = model_version_key(version)
+        return self._version_keys[version]
 
     def _dataset_op(self) -> OpDefinition:
         index = self.index
@@ -508,6 +521,7 @@ class _Graph:
     code_versions: dict[str, str] = field(default_factory=dict)
     checks: list[Any] = field(default_factory=list)
     ops: dict[str, OpDefinition] = field(default_factory=dict)
+    datasets: dict[str, tuple[AssetKey, DependencyDefinition]] = field(default_factory=dict)
 
     def output(self, name: str, node: str, key: AssetKey, deps: set[AssetKey], description: str, tags: dict[str, str]):
         self.outputs.append(
@@ -519,54 +533,55 @@ class _Graph:
 def _add_dataset(graph: _Graph, source: DatasetSource, steps: ClientSteps) -> None:
     key = dataset_key(source.client, source.name)
     steps.index.datasets[key] = source
+    graph.datasets[source.name] = (key, DependencyDefinition(source.name, "result"))
     origin = f"generated ({source.generate})" if source.generate else f"read from {source.path}"
     graph.ops[steps.dataset.name] = steps.dataset
     graph.dependencies[NodeInvocation(steps.dataset.name, alias=source.name)] = {}
     description = f"{source.client}'s {source.name}, {origin}. Replace it to point at real data."
-    graph.output(
-        f"data__{source.name}",
-        source.name,
-        key,
-        set(),
-        description,
-        {"client": source.client, "dagster/kind/parquet": ""},
-    )
+    tags = {"client": source.client, "dagster/kind/parquet": ""}
+    graph.output(f"data__{source.name}", source.name, key, set(), description, tags)
 
 
 def _add_model(graph: _Graph, deployed: Deployed, steps: ClientSteps) -> None:
+    """A model's training and prediction steps, their assets and the prediction's checks.
+
+    N.B. Keys and dependencies are made once per client and version and shared: at 100 models x 50 clients, making
+    them again per model was a tenth of the definitions' build time.
+    """
     d, version = deployed.deployment, deployed.version
     steps.index.add(deployed)
     train, predict = steps.train(version), steps.predict(version, deployed.checks)
     graph.ops[train.name], graph.ops[predict.name] = train, predict
-    datasets = list(dict.fromkeys(d.inputs.values()))
-    data_keys = {dataset_key(d.client, ds) for ds in datasets}
+    datasets = [graph.datasets[name] for name in dict.fromkeys(d.inputs.values())]
+    data_keys = {key for key, _ in datasets}
     trains, predicts = f"{d.model}_train", f"{d.model}_predict"
-    after = [DependencyDefinition(ds, "result") for ds in datasets]
+    after = [dependency for _, dependency in datasets]
     graph.dependencies[NodeInvocation(train.name, alias=trains)] = (
         {"after": MultiDependencyDefinition(after)} if after else {}
     )
     graph.dependencies[NodeInvocation(predict.name, alias=predicts)] = {
         "after": MultiDependencyDefinition([DependencyDefinition(trains, "result"), *after])
     }
+    state, predictions = deployed.keys
     graph.output(
         f"{d.model}__state",
         trains,
-        state_key(d),
-        {model_version_key(version), *data_keys},
+        state,
+        {steps.version_key(version), *data_keys},
         _describe(deployed, "the fitted state, trained at run time; its sha256 is kept"),
         _tags(deployed, "python"),
     )
     graph.output(
         f"{d.model}__predictions",
         predicts,
-        predictions_key(d),
-        {state_key(d), *data_keys},
+        predictions,
+        {state, *data_keys},
         _describe(deployed, "predictions"),
         _tags(deployed, "parquet"),
     )
     graph.code_versions[f"{d.model}__state"] = graph.code_versions[f"{d.model}__predictions"] = deployed.code_version
     for check in deployed.checks:
-        spec = check.spec(predictions_key(d))
+        spec = check.spec(predictions)
         graph.outputs.append(
             OutputMapping(
                 graph_output_name=spec.get_python_identifier(),
@@ -596,16 +611,23 @@ def client_assets(client: ClientDeployment, deployed: Sequence[Deployed], steps:
         output_mappings=graph.outputs,
         config=NO_CONFIG,
     )
-    return AssetsDefinition.from_graph(
-        definition,
+    specs = [
+        AssetSpec(
+            key=graph.keys_out[name],
+            deps=graph.deps[name],
+            description=graph.descriptions[name],
+            tags=graph.tags[name],
+            code_version=graph.code_versions.get(name),
+            group_name=client.name,
+        )
+        for name in graph.keys_out
+    ]
+    return AssetsDefinition(
+        node_def=definition,
         keys_by_input_name=graph.keys_in,
         keys_by_output_name=graph.keys_out,
-        internal_asset_deps=graph.deps,
-        group_name=client.name,
-        descriptions_by_output_name=graph.descriptions,
-        tags_by_output_name=graph.tags,
-        code_versions_by_output_name=graph.code_versions,
-        check_specs=graph.checks,
+        specs=specs,
+        check_specs_by_output_name={spec.get_python_identifier(): spec for spec in graph.checks},
         can_subset=True,
     )
 
