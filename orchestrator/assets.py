@@ -74,11 +74,13 @@ from orchestrator.versions import WebRemote, tag_name
 __all__ = [
     "BASE_KEY",
     "AssetIndex",
+    "ClientSteps",
     "Deployed",
     "base_asset",
     "build_model_job",
     "client_assets",
     "dataset_key",
+    "deployed_models",
     "model_version_asset",
     "model_version_key",
     "predictions_key",
@@ -150,8 +152,12 @@ class AssetIndex:
 
 
 def _joined(values: set[str]) -> str:
+    """Sorted and comma-separated; a list too long for a tag ends with how many more there are."""
     text = ",".join(sorted(values))
-    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 12].rsplit(",", 1)[0] + f",+{len(values)}"
+    if len(text) <= MAX_TAG_CHARS:
+        return text
+    kept = text[: MAX_TAG_CHARS - 16].rsplit(",", 1)[0].split(",")
+    return ",".join(kept) + f",+{len(values) - len(kept)} more"
 
 
 def run_tags(keys: Sequence[AssetKey] | frozenset[AssetKey], index: AssetIndex) -> dict[str, str]:
