@@ -1,62 +1,109 @@
-"""Assets: factories that turn the catalog and deployments.yaml into Dagster assets, and the build-or-fetch op.
+"""Assets: factories that turn the catalog and deployments.yaml into Dagster assets, steps and checks.
 
 - ``modelpex/base``: the base pex (code version: its content key).
-- ``model/<name>/v<version>``: one per model version that exists; materialising builds it or fetches it.
-- ``<client>/<dataset>``: a client's input data, small and replaceable.
-- ``<client>/<model>/state`` and ``<client>/<model>/predictions``: training at run time, then inference; one
-  subsettable multi-asset per client, so a client's step runs exactly the models selected.
+- ``model/<name>/<name>_v<version>``: one per model version that exists; materialising builds it or fetches it.
+- per client, one graph of steps: a step per dataset (``<client>/<dataset>``), and per model a training step
+  (``<client>/<model>/<model>_state``) and a prediction step (``<client>/<model>/<model>_predictions``, which runs
+  the predictions' asset checks). The lineage graph labels a node with the last part of its key only, so every
+  label of a model's asset names the model.
+
+N.B. Why graphs: each model's training and prediction is a step of its own (its own timing and failure on the run
+page), while the definitions stay small: one graph-backed definition per client whose steps all share a few op
+definitions (one per model version), where an asset definition per step took 34 s to load at 100 models x 50
+clients (benchmarks/definitions.py).
 """
 
+import functools
+import hashlib
+import json
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import pyarrow as pa
 from dagster import (
-    AssetExecutionContext,
+    AssetCheckResult,
     AssetKey,
     AssetObservation,
     AssetsDefinition,
     AssetSpec,
-    Config,
+    ConfigMapping,
+    DataVersion,
+    DependencyDefinition,
+    Enum,
+    EnumValue,
+    Field,
+    GraphDefinition,
+    In,
+    InputMapping,
+    JobDefinition,
     MaterializeResult,
     MetadataValue,
+    MultiDependencyDefinition,
+    NodeInvocation,
+    Nothing,
+    OpDefinition,
     OpExecutionContext,
+    Out,
     Output,
+    OutputMapping,
     asset,
-    multi_asset,
+    job,
     op,
 )
 
-from orchestrator.catalog import ModelVersion
+from orchestrator.catalog import LATEST, Catalog, ModelVersion
+from orchestrator.checks import PredictionCheck, prediction_checks
 from orchestrator.datasets import load_dataset
 from orchestrator.deployments import ClientDeployment, DatasetSource, ModelDeployment
 from orchestrator.errors import ModelpexError
+from orchestrator.metadata import (
+    code_references,
+    frame_metadata,
+    frame_version,
+    human_duration,
+    human_size,
+    metric_metadata,
+    quiet_beta,
+)
 from orchestrator.resources import Ensured, FrameStore, ModelpexResource
 from orchestrator.run import RunOutcome
+from orchestrator.versions import WebRemote, tag_name
 
 __all__ = [
     "BASE_KEY",
-    "ModelRunFailures",
+    "AssetIndex",
+    "ClientSteps",
+    "Deployed",
     "base_asset",
-    "build_or_fetch_model",
-    "client_asset",
-    "dataset_asset",
+    "build_model_job",
+    "client_assets",
     "dataset_key",
+    "deployed_models",
     "model_version_asset",
     "model_version_key",
     "predictions_key",
+    "run_tags",
     "state_key",
 ]
 
 BASE_GROUP, VERSIONS_GROUP, VERSIONS_PREFIX = "modelpex", "models", "model"  # N.B. RESERVED_CLIENT_NAMES
 BASE_KEY = AssetKey([BASE_GROUP, "base"])
-PREVIEW_ROWS = 5
 MAX_ERROR_CHARS = 4000
+MAX_TAG_CHARS = 255
+Step = Literal["train", "predict"]
+# N.B. No step takes config. Said once for the whole graph, the run config schema does not list every step of every
+# client: at 100 models x 50 clients that list was 10% of the code location's load time.
+NO_CONFIG = ConfigMapping(config_fn=lambda _: {}, config_schema={})
+# N.B. A client graph's outputs are declared with Dagster's default IO manager whatever its steps use, and a run
+# that selects only frames (a dataset, a prediction without checks) would otherwise drop that resource and fail
+# to build its run config: every step that writes a frame asks for it too.
+DEFAULT_IO_MANAGER_KEY = "io_manager"
 
 
 def model_version_key(version: ModelVersion) -> AssetKey:
-    return AssetKey([VERSIONS_PREFIX, version.name, version.slug])
+    return AssetKey([VERSIONS_PREFIX, version.name, f"{version.name}_{version.slug}"])
 
 
 def dataset_key(client: str, dataset: str) -> AssetKey:
@@ -64,251 +111,537 @@ def dataset_key(client: str, dataset: str) -> AssetKey:
 
 
 def state_key(deployment: ModelDeployment) -> AssetKey:
-    return AssetKey([deployment.client, deployment.model, "state"])
+    return AssetKey([deployment.client, deployment.model, f"{deployment.model}_state"])
 
 
 def predictions_key(deployment: ModelDeployment) -> AssetKey:
-    return AssetKey([deployment.client, deployment.model, "predictions"])
+    return AssetKey([deployment.client, deployment.model, f"{deployment.model}_predictions"])
 
 
-def preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> MetadataValue:
-    """The first rows as a Markdown table, for the materialisation page."""
-    head = table.slice(0, rows).to_pylist()
-    lines = ["| " + " | ".join(table.column_names) + " |", "|" + " --- |" * table.num_columns]
-    lines += [
-        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in head
-    ]
-    return MetadataValue.md("\n".join(lines))
+@dataclass(frozen=True)
+class Deployed:
+    """One client's model as the definitions loaded it: the version it resolved to, its code version, its checks."""
+
+    deployment: ModelDeployment
+    version: ModelVersion
+    code_version: str
+    checks: tuple[PredictionCheck, ...]
+
+    @classmethod
+    def of(cls, d: ModelDeployment, version: ModelVersion, code_version: str) -> "Deployed":
+        return cls(d, version, code_version, tuple(prediction_checks(d, version.predictions)))
+
+    @functools.cached_property
+    def keys(self) -> tuple[AssetKey, AssetKey]:
+        """The state's and the predictions' asset keys."""
+        return state_key(self.deployment), predictions_key(self.deployment)
 
 
-def _run_metadata(outcome: RunOutcome, ensured: Ensured, started: float) -> dict[str, Any]:
-    """What a call did; ``orchestrator_seconds`` is the step's own time for it: everything but the model's code
-    and, on the call that started it, the model process's start (its imports)."""
-    model_seconds = sum(outcome.model_seconds.values())
-    return {
-        "model": ensured.record.name,
-        "model_version": ensured.record.version,
-        "model_key": ensured.record.key,
-        "pex": ensured.metadata["action"],
-        "rows_in": sum(outcome.rows_in.values()),
-        "rows_out": sum(outcome.rows_out.values()),
-        "bytes_moved": outcome.bytes_moved,
-        "transport_seconds": round(outcome.transport_seconds, 4),
-        "model_seconds": round(model_seconds, 4),
-        "wall_seconds": round(outcome.wall_seconds, 3),
-        "orchestrator_seconds": round(time.perf_counter() - started - model_seconds - outcome.start_seconds, 4),
-        "process_start_seconds": round(outcome.start_seconds, 3),
-    }
+@dataclass
+class AssetIndex:
+    """What every asset key of the code location stands for: the steps look their work up here by their output's key,
+    and a run's tags are derived from its selection."""
+
+    steps: dict[AssetKey, tuple[Deployed, Step]] = field(default_factory=dict)
+    datasets: dict[AssetKey, DatasetSource] = field(default_factory=dict)
+    versions: dict[AssetKey, ModelVersion] = field(default_factory=dict)
+
+    def add(self, deployed: Deployed) -> None:
+        state, predictions = deployed.keys
+        self.steps[state], self.steps[predictions] = (deployed, "train"), (deployed, "predict")
 
 
-def base_asset(base_key: str) -> AssetsDefinition:
+def _joined(values: set[str]) -> str:
+    """Sorted and comma-separated; a list too long for a tag ends with how many more there are."""
+    text = ",".join(sorted(values))
+    if len(text) <= MAX_TAG_CHARS:
+        return text
+    kept = text[: MAX_TAG_CHARS - 16].rsplit(",", 1)[0].split(",")
+    return ",".join(kept) + f",+{len(values) - len(kept)} more"
+
+
+def run_tags(keys: Sequence[AssetKey] | frozenset[AssetKey], index: AssetIndex) -> dict[str, str]:
+    """``client``, ``model``, ``version`` (``model@version``) and ``action`` of a run over ``keys``; values of a run
+    that covers several are comma-separated."""
+    found: dict[str, set[str]] = {"client": set(), "model": set(), "version": set(), "action": set()}
+    for key in keys:
+        if key in index.steps:
+            deployed, step = index.steps[key]
+            d = deployed.deployment
+            found["client"].add(d.client)
+            found["model"].add(d.model)
+            found["version"].add(f"{d.model}@{deployed.version.version}")
+            found["action"].add(step)
+        elif key in index.datasets:
+            found["client"].add(key.path[0])
+        elif key in index.versions or key == BASE_KEY:
+            version = index.versions.get(key)
+            if version is not None:
+                found["model"].add(version.name)
+                found["version"].add(f"{version.name}@{version.version}")
+            found["action"].add("build")
+    return {name: _joined(values) for name, values in found.items() if values}
+
+
+_tagged_runs: set[str] = set()
+
+
+def tag_run(context: OpExecutionContext, index: AssetIndex) -> None:
+    """Tag the run with what it covers, once per run and process, whoever launched it (a click, a schedule, the
+    sensor, ``modelpex deploy``): Dagster gives a run launched from the asset graph no tags of its own."""
+    run = context.run
+    if run.run_id in _tagged_runs:
+        return
+    keys = run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    tags = {k: v for k, v in run_tags(frozenset(keys), index).items() if run.tags.get(k) != v}
+    if tags:
+        context.instance.add_run_tags(run.run_id, tags)
+    _tagged_runs.add(run.run_id)
+
+
+# --- the base and the model versions -----------------------------------------------------------------------------
+
+
+def base_asset(base_key: str, index: AssetIndex) -> AssetsDefinition:
     @asset(key=BASE_KEY, code_version=base_key, group_name=BASE_GROUP, kinds={"pex"})
-    def _base(modelpex: ModelpexResource) -> MaterializeResult:
+    def _base(context: OpExecutionContext, modelpex: ModelpexResource) -> MaterializeResult:
         """The shared base pex (numpy, pandas, polars, pyarrow, scikit-learn, dagster-pipes, the runtime)."""
+        tag_run(context, index)
         ensured = modelpex.ensure_base()
         return MaterializeResult(metadata={**ensured.metadata, "interpreter": ensured.record.interpreter})
 
     return _base
 
 
-def model_version_asset(version: ModelVersion, code_version: str) -> AssetsDefinition:
+def model_version_asset(
+    version: ModelVersion, code_version: str, index: AssetIndex, web: WebRemote | None, folder: str
+) -> AssetsDefinition:
+    """The pex of one model version; its code reference points at the version's tag (or the working tree's folder)."""
+    key = model_version_key(version)
+    index.versions[key] = version
+    ref = tag_name(version.name, version.version) if version.origin == "tag" else "HEAD"
+    url = web.tree_url(ref, f"model_packages/{version.name}") if web else None
+    label = f"{version.name} {version.version} ({version.origin})"
+
     @asset(
-        key=model_version_key(version),
+        key=key,
         deps=[BASE_KEY],
         code_version=code_version,
         group_name=VERSIONS_GROUP,
         kinds={"pex"},
         tags={"model": version.name, "version": version.version},
-        description=f"The pex of {version.name} {version.version} (from its {version.origin}).",
+        description=f"The pex of **{version.name}** {version.version} (from its {version.origin}).",
+        metadata={"dagster/code_references": code_references(f"{folder}/pyproject.toml", url, label)},
     )
-    def _model_version(modelpex: ModelpexResource) -> MaterializeResult:
+    def _model_version(context: OpExecutionContext, modelpex: ModelpexResource) -> MaterializeResult:
+        tag_run(context, index)
         return MaterializeResult(metadata=modelpex.ensure(version).metadata)
 
     return _model_version
 
 
-class ModelVersionConfig(Config):
-    model: str
-    version: str = "latest"
-
-
-@op(description="Build a model version's pex, or fetch and verify it when that exact key is in the store.")
-def build_or_fetch_model(
-    context: OpExecutionContext, config: ModelVersionConfig, modelpex: ModelpexResource
-) -> dict[str, Any]:
-    catalog = modelpex.catalog()
-    ensured = modelpex.ensure(catalog.resolve(config.model, config.version), catalog)
-    context.log.info(f"{ensured.metadata['action']} {ensured.record.label} (key {ensured.record.key})")
-    return ensured.metadata
-
-
-def dataset_asset(source: DatasetSource) -> AssetsDefinition:
-    origin = f"generated ({source.generate})" if source.generate else f"read from {source.path}"
-
-    @asset(
-        key=dataset_key(source.client, source.name),
-        group_name=source.client,
-        io_manager_key="frames",
-        kinds={"parquet"},
-        tags={"client": source.client},
-        description=f"{source.client}'s {source.name}, {origin}. Replace it to point at real data.",
+def build_model_job(catalog: Catalog) -> JobDefinition | None:
+    """``build_model``: build or fetch any one model version, chosen from the versions that exist (``None``
+    without models). The launchpad opens on a valid choice, the newest version of the first model."""
+    choices = [f"{name}@{LATEST}" for name in sorted(catalog.specs)]
+    choices += [f"{v.name}@{v.version}" for v in catalog.all()]
+    if not choices:
+        return None
+    # N.B. Dagster memoises config shapes by the names of their types, process-wide: an enum named alike for other
+    # choices (a reloaded catalog) would bring back the old choices. The name carries a digest of its values.
+    digest = hashlib.sha256("\n".join(choices).encode()).hexdigest()[:12]
+    model_version = Field(
+        Enum(f"ModelVersion_{digest}", [EnumValue(choice) for choice in choices]),
+        default_value=choices[0],
+        description="model@version to build or fetch; model@latest is its newest version",
     )
-    def _dataset() -> Output[pa.Table]:
-        table = load_dataset(source.generate, source.path, dict(source.options))
-        return Output(
-            table, metadata={"rows": table.num_rows, "columns": table.column_names, "preview": preview(table)}
-        )
 
-    return _dataset
+    @op(
+        name="build_or_fetch_model",
+        config_schema={"model_version": model_version},
+        description="Build a model version's pex, or fetch and verify it when that exact key is in the store.",
+    )
+    def _build(context: OpExecutionContext, modelpex: ModelpexResource) -> dict[str, Any]:
+        name, _, wanted = str(context.op_config["model_version"]).partition("@")
+        current = modelpex.catalog()
+        ensured = modelpex.ensure(current.resolve(name, wanted), current)
+        context.log.info(f"{ensured.action} {ensured.record.label} (key {ensured.record.key})")
+        return {k: v.value if isinstance(v, MetadataValue) else v for k, v in ensured.metadata.items()}
+
+    @job(name="build_model", description="Build or fetch one model version's pex (config: model_version).")
+    def build_model() -> None:
+        _build()
+
+    return build_model
 
 
-def _tags(deployment: ModelDeployment, version: ModelVersion) -> dict[str, str]:
-    return {
-        "client": deployment.client,
-        "model": deployment.model,
-        "version": version.version,
-        "follows": "latest" if deployment.follows_latest else "pinned",
+# --- a client's graph: datasets, training, prediction -------------------------------------------------------------
+
+
+def _record_failure(context: OpExecutionContext, d: ModelDeployment, key: AssetKey, exc: ModelpexError) -> None:
+    """An observation with the model's error on its asset; the run-failure sensor lifts it to the run's tags."""
+    metadata = {
+        "client": d.client,
+        "model": d.model,
+        "failed_run": context.run.run_id,
+        "error": str(exc)[:MAX_ERROR_CHARS],
     }
+    context.log_event(AssetObservation(asset_key=key, metadata=metadata))
 
 
-def _deps(deployment: ModelDeployment) -> list[AssetKey]:
-    return [dataset_key(deployment.client, dataset) for dataset in deployment.inputs.values()]
-
-
-class ModelRunFailures(ModelpexError):
-    """Several models of one client failed in one step; each one's own error is listed."""
-
-
-def _trained_state(context: AssetExecutionContext, deployment: ModelDeployment) -> tuple[str, str]:
+def _trained_state(context: OpExecutionContext, d: ModelDeployment, key: AssetKey) -> tuple[str, str]:
     """(version, sha256) of the latest training materialisation, from Dagster's event log."""
-    event = context.instance.get_latest_materialization_event(state_key(deployment))
-    where = deployment.where
+    event = context.instance.get_latest_materialization_event(key)
+    where = d.where
     if event is None or event.asset_materialization is None:
-        raise ModelpexError(f"{where}: no fitted state yet: materialise {where}/state first")
+        raise ModelpexError(f"{where}: no fitted state yet: materialise {key.to_user_string()} first")
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     if "state_sha256" not in meta or "model_version" not in meta:
-        raise ModelpexError(f"{where}: its last training left no state record: materialise {where}/state again")
+        raise ModelpexError(
+            f"{where}: its last training left no state record: materialise {key.to_user_string()} again"
+        )
     return str(meta["model_version"]), str(meta["state_sha256"])
 
 
-class ClientRun:
-    """One step of one client: trains, then predicts, the selected models, each in its own model process."""
+def _run_metadata(outcome: RunOutcome, ensured: Ensured, d: ModelDeployment, started: float) -> dict[str, Any]:
+    """What a call did, durations and sizes in human units; ``step_overhead`` is the step's own time: everything but
+    the model's code and, on the call that started it, the model process's start (its imports)."""
+    model_seconds = sum(outcome.model_seconds.values())
+    overhead = max(0.0, time.perf_counter() - started - model_seconds - outcome.start_seconds)
+    return {
+        "model": ensured.record.name,
+        "model_version": ensured.record.version,
+        "model_key": ensured.record.key,
+        "pex": ensured.action,
+        "params": MetadataValue.json(dict(d.params)),
+        "rows_in": sum(outcome.rows_in.values()),
+        "data_moved": human_size(outcome.bytes_moved),
+        "model_time": human_duration(model_seconds),
+        "transport_time": human_duration(outcome.transport_seconds),
+        "process_start": human_duration(outcome.start_seconds) if outcome.process_started else "re-used",
+        "step_overhead": human_duration(overhead),
+        "model_seconds": MetadataValue.float(round(model_seconds, 4)),  # N.B. A number: Dagster plots it.
+    }
 
-    def __init__(self, context: AssetExecutionContext, modelpex: ModelpexResource, frame_store: FrameStore) -> None:
-        self.context, self.modelpex, self.frame_store = context, modelpex, frame_store
-        self.catalog = modelpex.catalog()
 
-    def _inputs(self, d: ModelDeployment) -> dict[str, pa.Table]:
-        return {name: self.frame_store.load_table(dataset_key(d.client, ds)) for name, ds in d.inputs.items()}
+def _unclaimed(reported: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model reported through Pipes, less any label modelpex sets itself: it cannot replace what modelpex
+    vouches for (the state's digest above all)."""
+    return {label: value for label, value in reported.items() if label not in ours}
 
-    def train(self, d: ModelDeployment) -> MaterializeResult:
+
+class ModelStep:
+    """The work of one training or prediction step: one call of a model version in its model process."""
+
+    def __init__(self, context: OpExecutionContext, index: AssetIndex, modelpex: ModelpexResource, frames: FrameStore):
+        self.context, self.modelpex, self.frames = context, modelpex, frames
+        self.key = context.asset_key_for_output("result")
+        self.deployed, _ = index.steps[self.key]
+        self.d = self.deployed.deployment
+        tag_run(context, index)
+
+    def _inputs(self) -> dict[str, pa.Table]:
+        return {name: self.frames.load_table(dataset_key(self.d.client, ds)) for name, ds in self.d.inputs.items()}
+
+    def _ensure(self) -> tuple[Ensured, float]:
         started = time.perf_counter()
-        running = self.catalog.resolve(d.model, d.version)  # N.B. Now, not at load: follows `latest`.
-        ensured = self.modelpex.ensure(running, self.catalog)
+        catalog = self.modelpex.run_catalog()
+        running = catalog.resolve(self.d.model, self.d.version)  # N.B. At run time, not at load: follows `latest`.
+        return self.modelpex.ensure(running, catalog), started
+
+    def recorded(self, work: Any) -> Any:
+        """Run ``work``; a model's failure is recorded on the asset before it fails the step."""
+        try:
+            return work()
+        except ModelpexError as exc:
+            _record_failure(self.context, self.d, self.key, exc)
+            raise
+
+    def train(self) -> Output[None]:
+        ensured, started = self._ensure()
+        reported: dict[str, Any] = {}
         outcome = self.modelpex.run(
-            self.context, ensured.record, action="train", inputs=self._inputs(d), params=d.params, keep_state=True
+            self.context,
+            ensured.record,
+            asset_key=self.key,
+            action="train",
+            inputs=self._inputs(),
+            params=self.d.params,
+            keep_state=True,
+            reported=reported,
         )
         if outcome.state is None:
-            raise ModelpexError(f"{d.where}: training reported no fitted state")
-        record = self.modelpex.runner.states.save(ensured.record, d.client, self.context.run.run_id, outcome.state)
-        return MaterializeResult(
-            asset_key=state_key(d),
-            metadata={
-                **_run_metadata(outcome, ensured, started),
-                "state_sha256": record.sha256,  # N.B. Computed and signed here: the digest predictions trust.
-                "state_format": record.format,
-                "state_bytes": record.size,
-            },
-        )
+            raise ModelpexError(f"{self.d.where}: training reported no fitted state")
+        record = self.modelpex.runner.states.save(ensured.record, self.d.client, self.context.run.run_id, outcome.state)
+        metadata = {
+            **metric_metadata(outcome.metrics),
+            **_run_metadata(outcome, ensured, self.d, started),
+            "state_sha256": record.sha256,  # N.B. Computed and signed here: the digest predictions trust.
+            "state_format": record.format,
+            "state_size": human_size(record.size),
+        }
+        metadata |= _unclaimed(reported, metadata)
+        with quiet_beta():
+            return Output(None, "result", metadata=metadata, data_version=DataVersion(record.sha256))
 
-    def predict(self, d: ModelDeployment) -> Output[pa.Table]:
-        started = time.perf_counter()
-        running = self.catalog.resolve(d.model, d.version)
-        trained_version, sha256 = _trained_state(self.context, d)
-        if trained_version != running.version:
+    def predict(self) -> list[Output[pa.Table] | AssetCheckResult]:
+        ensured, started = self._ensure()
+        trained_version, sha256 = _trained_state(self.context, self.d, state_key(self.d))
+        if trained_version != ensured.record.version:
             raise ModelpexError(
-                f"{d.where} now runs {d.model}@{running.version} but its state was trained by "
-                f"{trained_version}: materialise {d.where}/state first"
+                f"{self.d.where} now runs {self.d.model}@{ensured.record.version} but its state was trained by "
+                f"{trained_version}: materialise {state_key(self.d).to_user_string()} first"
             )
-        ensured = self.modelpex.ensure(running, self.catalog)
-        state = self.modelpex.runner.states.load(ensured.record, sha256, d.client)
+        state = self.modelpex.runner.states.load(ensured.record, sha256, self.d.client)
+        reported: dict[str, Any] = {}
         outcome = self.modelpex.run(
-            self.context, ensured.record, action="predict", inputs=self._inputs(d), params=d.params, state_in=state
+            self.context,
+            ensured.record,
+            asset_key=self.key,
+            action="predict",
+            inputs=self._inputs(),
+            params=self.d.params,
+            state_in=state,
+            reported=reported,
         )
         table = outcome.outputs["predictions"]
-        metadata = {**_run_metadata(outcome, ensured, started), "state_sha256": sha256, "preview": preview(table)}
-        return Output(table, output_name=predictions_key(d).to_python_identifier(), metadata=metadata)
+        metadata = {**_run_metadata(outcome, ensured, self.d, started), **frame_metadata(table), "state_sha256": sha256}
+        metadata |= _unclaimed(reported, metadata)
+        selected = {check.name for check in self.context.selected_asset_check_keys if check.asset_key == self.key}
+        checks = [c.result(self.key, table, outcome.rows_in) for c in self.deployed.checks if c.name in selected]
+        with quiet_beta():
+            return [Output(table, "result", metadata=metadata, data_version=frame_version(table)), *checks]
 
-    def _record_failure(self, d: ModelDeployment, key: AssetKey, exc: ModelpexError) -> None:
-        self.context.log_event(
-            AssetObservation(
-                asset_key=key,
-                metadata={
-                    "client": d.client,
-                    "model": d.model,
-                    "failed_run": self.context.run.run_id,
-                    "error": str(exc)[:MAX_ERROR_CHARS],
-                },
-            )
+
+class ClientSteps:
+    """The op definitions every client's graph invokes: one for datasets, and per model version one for training and
+    one for prediction (per set of checks). Each step finds its work in the index by its output's asset key."""
+
+    def __init__(self, index: AssetIndex) -> None:
+        self.index = index
+        self.dataset = self._dataset_op()
+        self._ops: dict[tuple[object, ...], OpDefinition] = {}
+        self._version_keys: dict[ModelVersion, AssetKey] = {}
+
+    def version_key(self, version: ModelVersion) -> AssetKey:
+        if version not in self._version_keys:
+            self._version_keys[version] = model_version_key(version)
+        return self._version_keys[version]
+
+    def _dataset_op(self) -> OpDefinition:
+        index = self.index
+
+        @op(
+            name="modelpex_dataset",
+            out={"result": Out(io_manager_key="frames")},
+            required_resource_keys={DEFAULT_IO_MANAGER_KEY},
+            description="Load a client's input dataset: generated example data, or the client's own file.",
         )
+        def _dataset(context: OpExecutionContext) -> Output[pa.Table]:
+            tag_run(context, index)
+            source = index.datasets[context.asset_key_for_output("result")]
+            table = load_dataset(source.generate, source.path, dict(source.options))
+            with quiet_beta():
+                return Output(table, metadata=frame_metadata(table), data_version=frame_version(table))
 
-    def __call__(self, client: ClientDeployment) -> Iterator[MaterializeResult | Output[pa.Table]]:
-        """Selected trainings first, then selected predictions; a failure does not stop the other models.
+        return _dataset
 
-        Each failure is recorded on its asset as it happens (an observation with the model's error, which the
-        run-failure sensor lifts to run tags); the step then fails with the model's own error, or all of them.
-        """
-        selected = self.context.selected_asset_keys
-        failures: dict[str, ModelpexError] = {}
-        for key_of, action in ((state_key, self.train), (predictions_key, self.predict)):
-            for d in client.models.values():
-                if key_of(d) not in selected or d.where in failures:
-                    continue
-                try:
-                    yield action(d)
-                except ModelpexError as exc:
-                    failures[d.where] = exc
-                    self._record_failure(d, key_of(d), exc)
-        if len(failures) == 1:
-            raise next(iter(failures.values()))
-        if failures:
-            raise ModelRunFailures(
-                f"{len(failures)} models of {client.name} failed:\n\n"
-                + "\n\n".join(f"{where}: {exc}" for where, exc in failures.items())
-            )
+    def train(self, version: ModelVersion) -> OpDefinition:
+        key = ("train", version.name, version.version)
+        if key not in self._ops:
+            self._ops[key] = self._train_op(version)
+        return self._ops[key]
+
+    def predict(self, version: ModelVersion, checks: Sequence[PredictionCheck]) -> OpDefinition:
+        names = tuple(c.name for c in checks)
+        key = ("predict", version.name, version.version, names)
+        if key not in self._ops:
+            same = sum(1 for k in self._ops if k[:3] == key[:3])
+            self._ops[key] = self._predict_op(version, names, f"_{same + 1}" if same else "")
+        return self._ops[key]
+
+    def _train_op(self, version: ModelVersion) -> OpDefinition:
+        index = self.index
+
+        @op(
+            name=f"{version.name}_{version.slug}_train",
+            ins={"after": In(Nothing)},
+            out={"result": Out(Nothing)},
+            tags={"model": version.name, "version": version.version},
+            description=f"Train {version.name} {version.version} on a client's data, in its model process.",
+        )
+        def _train(context: OpExecutionContext, modelpex: ModelpexResource, frame_store: FrameStore) -> Output[None]:
+            step = ModelStep(context, index, modelpex, frame_store)
+            return step.recorded(step.train)
+
+        return _train
+
+    def _predict_op(self, version: ModelVersion, checks: tuple[str, ...], suffix: str) -> OpDefinition:
+        index = self.index
+
+        @op(
+            name=f"{version.name}_{version.slug}_predict{suffix}",
+            ins={"after": In(Nothing)},
+            out={"result": Out(io_manager_key="frames"), **{name: Out(Nothing, is_required=False) for name in checks}},
+            required_resource_keys={"modelpex", "frame_store", DEFAULT_IO_MANAGER_KEY},
+            tags={"model": version.name, "version": version.version},
+            description=f"Predict with {version.name} {version.version} from a client's state, then check the frame.",
+        )
+        def _predict(context: OpExecutionContext) -> Iterator[Output[pa.Table] | AssetCheckResult]:
+            step = ModelStep(context, index, context.resources.modelpex, context.resources.frame_store)
+            yield from step.recorded(step.predict)
+
+        return _predict
 
 
-def client_asset(
-    client: ClientDeployment, versions: Mapping[str, ModelVersion], codes: Mapping[str, str]
-) -> AssetsDefinition:
-    """Every model of a client: its fitted state (trained at run time) and its predictions.
+def _describe(deployed: Deployed, what: str) -> str:
+    d, version = deployed.deployment, deployed.version
+    pin = "follows latest" if d.follows_latest else "pinned"
+    params = f" · params `{json.dumps(dict(d.params), sort_keys=True)}`" if d.params else ""
+    return f"**{d.model}** {version.version} ({pin}) for {d.client}: {what}{params}"
 
-    N.B. One subsettable multi-asset per client rather than two assets per model: at 100 models x 50 clients,
-    per-asset definitions took 34 s to load (benchmarks/definitions.py). A schedule or a click selects a subset
-    (say, only the predictions), and the step runs exactly the models selected.
+
+def _tags(deployed: Deployed, kind: str) -> dict[str, str]:
+    d = deployed.deployment
+    return {
+        "client": d.client,
+        "model": d.model,
+        "version": deployed.version.version,
+        "follows": "latest" if d.follows_latest else "pinned",
+        f"dagster/kind/{kind}": "",
+    }
+
+
+@dataclass
+class _Graph:
+    """What ``client_assets`` assembles: the graph's wiring and, per output, the asset it stands for."""
+
+    dependencies: dict[NodeInvocation, dict[str, Any]] = field(default_factory=dict)
+    inputs: list[InputMapping] = field(default_factory=list)
+    outputs: list[OutputMapping] = field(default_factory=list)
+    keys_in: dict[str, AssetKey] = field(default_factory=dict)
+    keys_out: dict[str, AssetKey] = field(default_factory=dict)
+    deps: dict[str, set[AssetKey]] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    code_versions: dict[str, str] = field(default_factory=dict)
+    checks: list[Any] = field(default_factory=list)
+    ops: dict[str, OpDefinition] = field(default_factory=dict)
+    datasets: dict[str, tuple[AssetKey, DependencyDefinition]] = field(default_factory=dict)
+
+    def output(self, name: str, node: str, key: AssetKey, deps: set[AssetKey], description: str, tags: dict[str, str]):
+        self.outputs.append(
+            OutputMapping(graph_output_name=name, mapped_node_name=node, mapped_node_output_name="result")
+        )
+        self.keys_out[name], self.deps[name], self.descriptions[name], self.tags[name] = key, deps, description, tags
+
+
+def _add_dataset(graph: _Graph, source: DatasetSource, steps: ClientSteps) -> None:
+    key = dataset_key(source.client, source.name)
+    steps.index.datasets[key] = source
+    graph.datasets[source.name] = (key, DependencyDefinition(source.name, "result"))
+    origin = f"generated ({source.generate})" if source.generate else f"read from {source.path}"
+    graph.ops[steps.dataset.name] = steps.dataset
+    graph.dependencies[NodeInvocation(steps.dataset.name, alias=source.name)] = {}
+    description = f"{source.client}'s {source.name}, {origin}. Replace it to point at real data."
+    tags = {"client": source.client, "dagster/kind/parquet": ""}
+    graph.output(f"data__{source.name}", source.name, key, set(), description, tags)
+
+
+def _add_model(graph: _Graph, deployed: Deployed, steps: ClientSteps) -> None:
+    """A model's training and prediction steps, their assets and the prediction's checks.
+
+    N.B. Keys and dependencies are made once per client and version and shared: at 100 models x 50 clients, making
+    them again per model was a tenth of the definitions' build time.
     """
-    specs = []
+    d, version = deployed.deployment, deployed.version
+    steps.index.add(deployed)
+    train, predict = steps.train(version), steps.predict(version, deployed.checks)
+    graph.ops[train.name], graph.ops[predict.name] = train, predict
+    datasets = [graph.datasets[name] for name in dict.fromkeys(d.inputs.values())]
+    data_keys = {key for key, _ in datasets}
+    trains, predicts = f"{d.model}_train", f"{d.model}_predict"
+    after = [dependency for _, dependency in datasets]
+    graph.dependencies[NodeInvocation(train.name, alias=trains)] = (
+        {"after": MultiDependencyDefinition(after)} if after else {}
+    )
+    graph.dependencies[NodeInvocation(predict.name, alias=predicts)] = {
+        "after": MultiDependencyDefinition([DependencyDefinition(trains, "result"), *after])
+    }
+    state, predictions = deployed.keys
+    graph.output(
+        f"{d.model}__state",
+        trains,
+        state,
+        {steps.version_key(version), *data_keys},
+        _describe(deployed, "the fitted state, trained at run time; its sha256 is kept"),
+        _tags(deployed, "python"),
+    )
+    graph.output(
+        f"{d.model}__predictions",
+        predicts,
+        predictions,
+        {state, *data_keys},
+        _describe(deployed, "predictions"),
+        _tags(deployed, "parquet"),
+    )
+    graph.code_versions[f"{d.model}__state"] = graph.code_versions[f"{d.model}__predictions"] = deployed.code_version
+    for check in deployed.checks:
+        spec = check.spec(predictions)
+        graph.outputs.append(
+            OutputMapping(
+                graph_output_name=spec.get_python_identifier(),
+                mapped_node_name=predicts,
+                mapped_node_output_name=check.name,
+            )
+        )
+        graph.checks.append(spec)
+
+
+def client_assets(client: ClientDeployment, deployed: Sequence[Deployed], steps: ClientSteps) -> AssetsDefinition:
+    """Every asset of a client in one subsettable graph: its datasets, and per model its state and predictions.
+
+    A run selects any subset (say, the datasets and the predictions each hour) and executes exactly those steps.
+    """
+    graph = _Graph()
+    for source in client.datasets.values():
+        _add_dataset(graph, source, steps)
+    for item in deployed:
+        _add_model(graph, item, steps)
+    definition = GraphDefinition(
+        name=client.name,
+        description=f"{client.name}'s datasets and models: a step per dataset, per training and per prediction.",
+        node_defs=list(graph.ops.values()),
+        dependencies=graph.dependencies,
+        input_mappings=graph.inputs,
+        output_mappings=graph.outputs,
+        config=NO_CONFIG,
+    )
+    specs = [
+        AssetSpec(
+            key=graph.keys_out[name],
+            deps=graph.deps[name],
+            description=graph.descriptions[name],
+            tags=graph.tags[name],
+            code_version=graph.code_versions.get(name),
+            group_name=client.name,
+        )
+        for name in graph.keys_out
+    ]
+    return AssetsDefinition(
+        node_def=definition,
+        keys_by_input_name=graph.keys_in,
+        keys_by_output_name=graph.keys_out,
+        specs=specs,
+        check_specs_by_output_name={spec.get_python_identifier(): spec for spec in graph.checks},
+        can_subset=True,
+    )
+
+
+def deployed_models(client: ClientDeployment, catalog: Catalog, code_version: Mapping[str, str]) -> list[Deployed]:
+    """Each of the client's models with the version it resolves to now; ``code_version``: version label -> key."""
+    deployed = []
     for d in client.models.values():
-        common = {"group_name": client.name, "tags": _tags(d, versions[d.model]), "skippable": True}
-        state = AssetSpec(
-            key=state_key(d),
-            deps=[model_version_key(versions[d.model]), *_deps(d)],
-            kinds={"python"},
-            code_version=codes[d.model],
-            description=f"{client.name}'s {d.model} ({d.version}), fitted at run time; the state's sha256 is kept.",
-            **common,
-        )
-        predictions = AssetSpec(
-            key=predictions_key(d),
-            deps=[state_key(d), *_deps(d)],
-            kinds={"parquet"},
-            description=f"{client.name}'s {d.model} predictions.",
-            **common,
-        )
-        specs += [state, predictions.with_io_manager_key("frames")]
-
-    @multi_asset(name=f"{client.name}__models", specs=specs, can_subset=True)
-    def _client(context: AssetExecutionContext, modelpex: ModelpexResource, frame_store: FrameStore) -> Iterator[Any]:
-        yield from ClientRun(context, modelpex, frame_store)(client)
-
-    return _client
+        version = catalog.resolve(d.model, d.version)
+        deployed.append(Deployed.of(d, version, code_version[str(version.ref)]))
+    return deployed

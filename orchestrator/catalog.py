@@ -16,27 +16,38 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from packaging.version import Version
 
 from orchestrator.errors import ModelpexWarning, SpecError
-from orchestrator.specs import ModelRef, ModelSpec, scan_models, tree_digest, validate_version, warn_broken
+from orchestrator.specs import (
+    ModelRef,
+    ModelSpec,
+    PredictionContract,
+    scan_models,
+    tree_digest,
+    validate_version,
+    warn_broken,
+)
 from orchestrator.versions import ModelSource, resolve_source
 
 __all__ = ["LATEST", "Catalog", "ModelVersion"]
 
 LATEST = "latest"
+# N.B. Part of each cache key: entries of an older format (a bare digest) are recomputed, not misread.
+_CACHE_FORMAT = "v2"
 
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One version of one model and the digest of its folder's content."""
+    """One version of one model, the digest of its folder's content, and what it promises about its predictions."""
 
     name: str
     version: str
     digest: str
     origin: Literal["tag", "working tree"]
+    predictions: PredictionContract = PredictionContract()
 
     @property
     def ref(self) -> ModelRef:
@@ -95,45 +106,47 @@ class Catalog:
         # N.B. Folder name -> why it is not a model: skipped here, and gc keeps whatever the store holds of them.
         self.broken: dict[str, SpecError] = {folder.name: exc for folder, exc in broken.items()}
         self.versions: dict[str, dict[str, ModelVersion]] = {name: {} for name in self.specs}
-        for (name, version), digest in self._tag_digests().items():
-            self.versions[name][version] = ModelVersion(name, version, digest, "tag")
+        for (name, version), (digest, contract) in self._tag_versions().items():
+            self.versions[name][version] = ModelVersion(name, version, digest, "tag", contract)
         for name, spec in self.specs.items():
             self.versions[name][spec.version] = ModelVersion(
-                name, spec.version, tree_digest(spec.folder), "working tree"
+                name, spec.version, tree_digest(spec.folder), "working tree", spec.predictions
             )
 
-    def _tag_digests(self) -> dict[tuple[str, str], str]:
+    def _tag_versions(self) -> dict[tuple[str, str], tuple[str, PredictionContract]]:
+        """(model, version) -> (digest, prediction contract) of every valid release tag, cached by git tree id."""
         trees = _tag_trees(self.project, self.models_dir)
-        cache = self._read_cache()
-        digests = {}
+        cache = {key: entry for key, entry in self._read_cache().items() if key.endswith(f" {_CACHE_FORMAT}")}
+        found = {}
         for (name, version), tree in trees.items():
             if name not in self.specs or self.specs[name].version == version:
                 continue  # N.B. The working tree describes its own version; a broken one is skipped whole.
-            key = f"{tree} {version}"
+            key = f"{tree} {version} {_CACHE_FORMAT}"
             if key not in cache:
-                cache[key] = self._tag_digest(name, version)
+                cache[key] = self._tag_entry(name, version)
             if cache[key]:
-                digests[(name, version)] = cache[key]
+                entry = cache[key]
+                found[(name, version)] = (entry["digest"], PredictionContract.from_json(entry["predictions"]))
         self._write_cache(cache)
-        return digests
+        return found
 
-    def _tag_digest(self, name: str, version: str) -> str:
-        """The digest of a tag's model folder; "" (remembered, so warned about once) for a tag that is not valid."""
+    def _tag_entry(self, name: str, version: str) -> dict[str, Any] | None:
+        """A tag's digest and prediction contract; ``None`` (remembered, so warned about once) for an invalid tag."""
         with tempfile.TemporaryDirectory(prefix="modelpex-catalog-") as tmp:
             try:
                 source = resolve_source(self.project, self.models_dir, ModelRef(name, version), Path(tmp))
             except SpecError as exc:
                 warnings.warn(f"ignoring git tag {name}/v{version}: {exc}", ModelpexWarning, stacklevel=2)
-                return ""
-            return tree_digest(source.spec.folder)
+                return None
+            return {"digest": tree_digest(source.spec.folder), "predictions": source.spec.predictions.to_json()}
 
-    def _read_cache(self) -> dict[str, str]:
+    def _read_cache(self) -> dict[str, Any]:
         try:
             return json.loads(self.cache_file.read_text()) if self.cache_file else {}
         except (OSError, json.JSONDecodeError):
             return {}
 
-    def _write_cache(self, cache: dict[str, str]) -> None:
+    def _write_cache(self, cache: dict[str, Any]) -> None:
         if self.cache_file is None or cache == self._read_cache():
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)

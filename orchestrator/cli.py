@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -187,7 +188,7 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     for record in unused_states(states.records(), keep, settings.gc_grace):
         out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
         if not args.dry_run:
-            store.delete_state(record.model, record.sha256)
+            store.delete_state(record.model, record.state_id)
     leftovers: list[Path | str] = []
     leftovers += sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
     leftovers += sweep(store.work_root, BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
@@ -410,7 +411,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
         with err.status(f"running {record.label}"):
             outcome = runner.call(
                 record,
-                console_link,
+                functools.partial(console_link, asset=record.name),
                 action="predict" if state_in else "train_predict",
                 inputs=inputs,
                 params=params,
@@ -428,6 +429,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> None:
         f"{record.label}: {sum(outcome.rows_in.values())} rows in, {outcome.rows_out['predictions']} rows out "
         f"-> {output} ({outcome.wall_seconds:.2f} s, transport {outcome.transport_seconds * 1000:.1f} ms)"
     )
+    if outcome.metrics:
+        out.print("metrics: " + ", ".join(f"{name} = {value:.4g}" for name, value in sorted(outcome.metrics.items())))
 
 
 def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
@@ -462,7 +465,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
         quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
         result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
     table = Table(title=f"run {result.run_id} on {instance.root_directory}")
-    for column in ("asset", "model version", "rows in", "rows out", "bytes moved", "transport ms", "model s"):
+    for column in ("asset", "model version", "rows in", "rows out", "data moved", "transport", "model time"):
         table.add_column(column, no_wrap=True)
     for event in result.get_asset_materialization_events():
         materialization = event.materialization
@@ -472,10 +475,10 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
                 materialization.asset_key.to_user_string(),
                 f"{meta['model']}@{meta['model_version']}",
                 str(meta["rows_in"]),
-                str(meta["rows_out"]),
-                str(meta["bytes_moved"]),
-                f"{meta['transport_seconds'] * 1000:.1f}",
-                f"{meta['model_seconds']:.2f}",
+                str(meta.get("dagster/row_count", "-")),
+                str(meta["data_moved"]),
+                str(meta["transport_time"]),
+                str(meta["model_time"]),
             )
     out.print(table)
     if not result.success:

@@ -1,10 +1,13 @@
 """Definitions: the Dagster code location, assembled from the catalog of model versions and deployments.yaml.
 
-``workspace.yaml`` loads `defs`. Jobs: one per client (exactly that client's assets), one per model (its versions'
-pexes), and ``build_model`` (the build-or-fetch op, for any version by config). Everything at once is Dagster's own
-asset job (the UI's "Materialize all", ``modelpex deploy``).
+``workspace.yaml`` loads `defs`. One job of ours, ``build_model`` (build or fetch any model version, chosen from
+those that exist); every other run is Dagster's own asset job over a selection: everything ("Materialize all",
+``modelpex deploy``), a client (``group:<client>``), a model (``tag:model=<name>``) or a single step.
 Automation conditions train and predict on the deployments' crons and redeploy what changed
 (orchestrator/automation.py); sensors reload the code location when the tree changes and record failures.
+
+N.B. No job per client or per model: each would carry its own copy of the clients' graphs in the code location's
+snapshot, and at 100 models x 50 clients those 150 jobs were a third of its load time (benchmarks/definitions.py).
 """
 
 from dagster import (
@@ -12,17 +15,17 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
-    define_asset_job,
     definitions,
     in_process_executor,
-    job,
 )
 
 from orchestrator.assets import (
+    AssetIndex,
+    ClientSteps,
     base_asset,
-    build_or_fetch_model,
-    client_asset,
-    dataset_asset,
+    build_model_job,
+    client_assets,
+    deployed_models,
     model_version_asset,
     model_version_key,
 )
@@ -32,6 +35,7 @@ from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexRe
 from orchestrator.sensors import failure_sensor, redeploy_sensor
 from orchestrator.settings import Settings
 from orchestrator.store import is_remote
+from orchestrator.versions import web_remote
 
 __all__ = ["build_definitions", "defs"]
 
@@ -47,42 +51,20 @@ def build_definitions(
     catalog = settings.catalog()
     builder = settings.builder()
     deployments = load_deployments(settings.deployments_file, catalog)
+    web = web_remote(settings.project)
 
-    version_assets = {f"{v.name}@{v.version}": model_version_key(v) for v in catalog.all()}
-    assets = [base_asset(builder.base_key)]
-    assets += [model_version_asset(v, builder.model_key(v.digest)) for v in catalog.all()]
+    index = AssetIndex()
+    codes = {str(v.ref): builder.model_key(v.digest) for v in catalog.all()}
+    assets = [base_asset(builder.base_key, index)]
+    assets += [
+        model_version_asset(v, codes[str(v.ref)], index, web, str(settings.models_dir / v.name)) for v in catalog.all()
+    ]
+    steps = ClientSteps(index)
     for client in deployments.clients.values():
-        versions = {d.model: catalog.resolve(d.model, d.version) for d in client.models.values()}
-        codes = {name: builder.model_key(version.digest) for name, version in versions.items()}
-        assets += [dataset_asset(source) for source in client.datasets.values()]
-        if client.models:
-            assets.append(client_asset(client, versions, codes))
+        if client.datasets or client.models:
+            assets.append(client_assets(client, deployed_models(client, catalog, codes), steps))
 
-    # N.B. No job of ours selects everything: Dagster's implicit asset job does, and a second one would double the
-    # largest part of the code location's snapshot (benchmarks/definitions.py).
-    jobs = [
-        define_asset_job(
-            f"client_{name}", selection=AssetSelection.groups(name), description=f"Exactly {name}'s assets."
-        )
-        for name in sorted(deployments.clients)
-    ]
-    # N.B. A model's job builds or fetches its versions. Running it for every client that uses it is the redeploy
-    # sensor's run (or the selection `tag:model=<name>` in the UI): a job over each client's subset costs load time
-    # per model, as Dagster re-creates each client's multi-asset for it: 2.8 s at 100 models x 50 clients, 0.05 s
-    # (5 s for all 100) at 10 models per client.
-    jobs += [
-        define_asset_job(
-            f"model_{model}",
-            selection=AssetSelection.assets(*(model_version_key(v) for v in catalog.ordered(model))),
-            description=f"Build or fetch every version of {model}.",
-        )
-        for model in sorted(catalog.specs)
-    ]
-
-    @job(name="build_model", description="Build or fetch one model version's pex (config: model, version).")
-    def build_model() -> None:
-        build_or_fetch_model()
-
+    version_assets = {str(v.ref): model_version_key(v) for v in catalog.all()}
     found = conditions(deployments, version_assets.values())
     assets = [asset.map_asset_specs(lambda spec: with_conditions(spec, found)) for asset in assets]
     status = DefaultSensorStatus.RUNNING if automation_running else DefaultSensorStatus.STOPPED
@@ -99,19 +81,16 @@ def build_definitions(
         base_dir=str(settings.project / ".dagster_home" / "frames"),
         store_url=settings.store_url if is_remote(settings.store_url) else "",
     )
+    build_model = build_model_job(catalog)
     return Definitions(
         assets=assets,
-        jobs=[*jobs, build_model],
+        jobs=[build_model] if build_model else [],
         sensors=[
             automation,
             redeploy_sensor(
                 deployments,
                 version_assets,
-                loaded={
-                    "base": builder.base_key,
-                    "models": {f"{v.name}@{v.version}": builder.model_key(v.digest) for v in catalog.all()},
-                    "deployed": deployments.running(catalog),
-                },
+                loaded={"base": builder.base_key, "models": codes, "deployed": deployments.running(catalog)},
                 minimum_interval_seconds=max(1, round(settings.sensor_interval)),
                 webserver_url=settings.webserver_url,
             ),

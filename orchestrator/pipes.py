@@ -1,9 +1,10 @@
 """Pipes: each model call is a Dagster Pipes session whose messages travel over the model process's channel.
 
-`dagster_link` opens a real session on the asset's or op's context (logs, metadata and the model's reports reach
-the Dagster event log as with any Pipes client); `console_link` is the same conversation without Dagster, for the
-command line, which does not import Dagster at all. Both hand the model process the session's bootstrap
-parameters in the call message, never through a file or an environment the model could share with another.
+`dagster_link` opens a real session on the step's context about the one asset the call materialises (logs reach
+the event log as with any Pipes client; metadata the model reports lands on that asset); `console_link` is the
+same conversation without Dagster, for the command line, which does not import Dagster at all. Both hand the model
+process the session's bootstrap parameters in the call message, never through a file or an environment the model
+could share with another.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, DAGSTER_PIPES_MESSAGES_
 from modelpex_runtime.protocol import PIPES_CHANNEL_PARAMS
 
 if TYPE_CHECKING:
-    from dagster import AssetExecutionContext, OpExecutionContext
+    from dagster import AssetExecutionContext, AssetKey, OpExecutionContext
 
 __all__ = ["ChannelLink", "console_link", "dagster_link"]
 
@@ -37,15 +38,59 @@ class ChannelLink:
 
 
 @contextmanager
-def dagster_link(context: OpExecutionContext | AssetExecutionContext) -> Iterator[ChannelLink]:
-    """A Dagster Pipes session on ``context`` whose messages arrive over the model's channel."""
-    from dagster import PipesEnvContextInjector, open_pipes_session
+def dagster_link(
+    context: OpExecutionContext | AssetExecutionContext,
+    asset_key: AssetKey,
+    code_version: str | None = None,
+    reported: dict[str, Any] | None = None,
+) -> Iterator[ChannelLink]:
+    """A Dagster Pipes session on ``context`` about one asset, whose messages arrive over the model's channel.
+
+    Metadata the model reports with ``report_asset_materialization`` is added to ``reported`` when the call ends.
+
+    N.B. Not `open_pipes_session`: it describes every asset of the step's definition to the model (a client's whole
+    graph) and reads each one's provenance from the instance, on every call. This session names the one asset the
+    call materialises, so the model's `report_asset_materialization()` needs no key.
+    """
+    from dagster import MaterializeResult, PipesEnvContextInjector, PipesMessageHandler
 
     reader = _channel_reader()
-    with open_pipes_session(
-        context=context, context_injector=PipesEnvContextInjector(), message_reader=reader
-    ) as session:
-        yield ChannelLink(session.get_bootstrap_env_vars(), reader.handler.handle_message)
+    handler = PipesMessageHandler(context, reader)
+    data = _context_data(context.run_id, context.job_name, context.retry_number, asset_key, code_version)
+    with (
+        PipesEnvContextInjector().inject_context(data) as injected,  # type: ignore[arg-type]
+        handler.handle_messages() as messages,
+    ):
+        yield ChannelLink(
+            {
+                DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_param(injected),
+                DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_param(messages),
+            },
+            handler.handle_message,
+        )
+    if reported is not None:
+        for result in handler.get_reported_results():
+            if isinstance(result, MaterializeResult) and result.metadata:
+                reported.update(result.metadata)
+
+
+def _context_data(
+    run_id: str, job_name: str, retry_number: int, asset_key: AssetKey | None = None, code_version: str | None = None
+) -> dict[str, Any]:
+    """The Pipes context a model sees (``PipesContext.get()``): this run, and the one asset of the call if any."""
+    key = asset_key.to_escaped_user_string() if asset_key is not None else None
+    return {
+        "asset_keys": [key] if key else None,
+        "code_version_by_asset_key": {key: code_version} if key else None,
+        "provenance_by_asset_key": None,
+        "partition_key": None,
+        "partition_key_range": None,
+        "partition_time_window": None,
+        "run_id": run_id,
+        "job_name": job_name,
+        "retry_number": retry_number,
+        "extras": {},
+    }
 
 
 def _channel_reader() -> Any:
@@ -68,28 +113,25 @@ def _channel_reader() -> Any:
 
 
 def _print_log(message: Mapping[str, Any]) -> None:
+    """A model's log line, or the metadata it reports, on stderr."""
+    params = message.get("params") or {}
     if message.get("method") == "log":
-        params = message.get("params") or {}
         sys.stderr.write(f"{str(params.get('level', 'info')).lower()}: {params.get('message')}\n")
+    elif message.get("method") == "report_asset_materialization":
+        reported = {
+            k: v.get("raw_value") if isinstance(v, Mapping) else v for k, v in (params.get("metadata") or {}).items()
+        }
+        sys.stderr.write(f"reported: {', '.join(f'{k} = {v}' for k, v in reported.items())}\n")
 
 
 @contextmanager
 def console_link(
-    job_name: str = "modelpex_run", log: Callable[[Mapping[str, Any]], None] = _print_log
+    job_name: str = "modelpex_run", log: Callable[[Mapping[str, Any]], None] = _print_log, asset: str = "model"
 ) -> Iterator[ChannelLink]:
-    """A Pipes session without Dagster: the model's log lines go to ``log`` (stderr), other messages are dropped."""
-    context = {
-        "asset_keys": None,
-        "code_version_by_asset_key": None,
-        "provenance_by_asset_key": None,
-        "partition_key": None,
-        "partition_key_range": None,
-        "partition_time_window": None,
-        "run_id": f"cli-{uuid.uuid4().hex}",
-        "job_name": job_name,
-        "retry_number": 0,
-        "extras": {},
-    }
+    """A Pipes session without Dagster: the model's log lines and reports go to ``log`` (stderr), other messages are
+    dropped. ``asset`` names what the call makes, so a model's ``report_asset_materialization()`` works here too."""
+    context = _context_data(f"cli-{uuid.uuid4().hex}", job_name, 0)
+    context |= {"asset_keys": [asset], "code_version_by_asset_key": {asset: None}}
     yield ChannelLink(
         {
             DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_param({"data": context}),

@@ -34,11 +34,13 @@ from orchestrator.build import Builder
 from orchestrator.catalog import Catalog, ModelVersion
 from orchestrator.errors import ModelpexError
 from orchestrator.files import staged
+from orchestrator.metadata import commit_link, human_duration, human_size
 from orchestrator.pipes import dagster_link
 from orchestrator.run import DEFAULT_ENV_ALLOW, Action, RunOutcome
 from orchestrator.runner import Runner
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactRecord, PexStore, open_store
+from orchestrator.versions import WebRemote, web_remote
 
 __all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource", "StoredFrame"]
 
@@ -50,6 +52,11 @@ class Ensured:
     record: ArtifactRecord
     built: bool
     seconds: float
+    web: WebRemote | None = None  # the repository's web pages, for a link to the commit
+
+    @property
+    def action(self) -> str:
+        return "built" if self.built else "fetched"
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -59,12 +66,12 @@ class Ensured:
             "version": r.version,
             "key": r.key,
             "sha256": r.sha256,
-            "size_bytes": r.size,
+            "pex_size": human_size(r.size),
             "base_key": r.base_key or "",
-            "git_commit": r.git_commit or "",
+            "git_commit": commit_link(r.git_commit, self.web),
             "built_at": r.built_at,
-            "action": "built" if self.built else "fetched",
-            "seconds": round(self.seconds, 3),
+            "action": self.action,
+            "time": human_duration(self.seconds),
         }
 
 
@@ -92,6 +99,8 @@ class ModelpexResource(ConfigurableResource):
     _settings: Settings | None = PrivateAttr(default=None)
     _builder: Builder | None = PrivateAttr(default=None)
     _runner: Runner | None = PrivateAttr(default=None)
+    _web: tuple[WebRemote | None] | None = PrivateAttr(default=None)
+    _catalog: Catalog | None = PrivateAttr(default=None)
 
     @property
     def settings(self) -> Settings:
@@ -116,6 +125,7 @@ class ModelpexResource(ConfigurableResource):
         return self._runner
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
+        self._catalog = None
         if self._runner is not None:
             self._runner.close()
             self._runner = None
@@ -131,11 +141,25 @@ class ModelpexResource(ConfigurableResource):
         """The model versions as they are now (run time), not as they were when the definitions loaded."""
         return self.settings.catalog()
 
+    def run_catalog(self) -> Catalog:
+        """The model versions as this run found them first: read once per run, which has a step per model, and
+        the same view for every step of it."""
+        if self._catalog is None:
+            self._catalog = self.catalog()
+        return self._catalog
+
+    @property
+    def web(self) -> WebRemote | None:
+        """The repository's web remote, looked up once per resource (one git call)."""
+        if self._web is None:
+            self._web = (web_remote(self.settings.project),)
+        return self._web[0]
+
     def ensure_base(self) -> Ensured:
         """The base pex for the current base_env: built, or fetched and verified."""
         result = self.builder.base()
         self.builder.store.fetch(result.record)
-        return Ensured(result.record, not result.cached, result.seconds)
+        return Ensured(result.record, not result.cached, result.seconds, self.web)
 
     def ensure(self, version: ModelVersion, catalog: Catalog | None = None) -> Ensured:
         """Build the version's pex, or fetch and verify the one in the store when that exact key exists."""
@@ -144,15 +168,27 @@ class ModelpexResource(ConfigurableResource):
         with tempfile.TemporaryDirectory(prefix="modelpex-export-") as exports:
             result = self.builder.model(catalog.source(version, Path(exports)))
         self.builder.store.fetch(result.record)
-        return Ensured(result.record, not result.cached, time.perf_counter() - started)
+        return Ensured(result.record, not result.cached, time.perf_counter() - started, self.web)
 
-    def run(self, context: Any, record: ArtifactRecord, *, action: Action, **kwargs: Any) -> RunOutcome:
-        """One call of a model version in its model process; the call is a Pipes session on ``context``."""
+    def run(
+        self,
+        context: Any,
+        record: ArtifactRecord,
+        *,
+        asset_key: AssetKey,
+        action: Action,
+        reported: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RunOutcome:
+        """One call of a model version in its model process: a Pipes session on ``context`` about ``asset_key``;
+        metadata the model reports through Pipes is added to ``reported``."""
         if self._runner is None:
             sandbox = self.runner.sandbox
             say = context.log.info if sandbox.switching and sandbox.bwrap else context.log.warning
             say(f"modelpex isolation: {sandbox.describe()}")
-        return self.runner.call(record, lambda: dagster_link(context), action=action, **kwargs)
+        return self.runner.call(
+            record, lambda: dagster_link(context, asset_key, record.key, reported), action=action, **kwargs
+        )
 
 
 @dataclass(frozen=True)
@@ -231,7 +267,7 @@ class ArrowParquetIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         table = to_arrow(obj, context.asset_key.to_user_string())
         stored = self.store.save_table(context.asset_key, table)
-        context.add_output_metadata({"path": stored.where, "rows": table.num_rows, "parquet_bytes": stored.size})
+        context.add_output_metadata({"path": stored.where, "parquet_size": human_size(stored.size)})
 
     def load_input(self, context: InputContext) -> pa.Table:
         return self.store.load_table(context.asset_key)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.metrics import checked_metrics
 from modelpex_runtime.protocol import (
     CHANNEL_FD_ENV,
     LIFELINE_FD_ENV,
@@ -129,6 +130,7 @@ class RunOutcome:
     wall_seconds: float
     start_seconds: float = 0.0  # starting the model process (its imports), when this call started it
     stderr_tail: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # what train reported beside its state
 
     @property
     def process_started(self) -> bool:
@@ -368,7 +370,7 @@ class ModelProcess:
             try:
                 reply = self._exchange(call_id, call, exchange, link, timeout)
                 answered = time.perf_counter()
-                frames, state, seconds, bytes_out = self._read(
+                frames, state, seconds, bytes_out, metrics = self._read(
                     exchange, reply.get("result"), call, want, output_library
                 )
             finally:
@@ -389,6 +391,7 @@ class ModelProcess:
             wall_seconds=time.perf_counter() - started,
             start_seconds=self.start_seconds if call_id == 1 else 0.0,
             stderr_tail=list(self.tail),
+            metrics=metrics,
         )
 
     def _exchange(
@@ -411,8 +414,9 @@ class ModelProcess:
 
     def _read(
         self, exchange: FrameExchange, result: Any, call: ModelCall, want: list[str], library: str
-    ) -> tuple[dict[str, Any], FittedState | None, dict[str, float], int]:
-        """The call's outputs and state, copied out of their segments; anything malformed is the model crashing."""
+    ) -> tuple[dict[str, Any], FittedState | None, dict[str, float], int, dict[str, float]]:
+        """The call's outputs, state and metrics, copied out of their segments; anything malformed is the model
+        crashing."""
         try:
             if not isinstance(result, dict) or not isinstance(result.get("outputs"), dict):
                 raise TypeError("the result carries no outputs")
@@ -434,9 +438,10 @@ class ModelProcess:
                 )
             seconds = {str(k): float(v) for k, v in result.get("seconds", {}).items()}
             bytes_out = sum(int(ref["size"]) for ref in result["outputs"].values())
-        except (TransportError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            metrics = checked_metrics(result.get("metrics") or {}, f"the metrics of {self.label}")
+        except (TransportError, CallError, AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ModelCrashError(f"model {self.label} answered malformed: {exc}") from None
-        return frames, state, seconds, bytes_out
+        return frames, state, seconds, bytes_out, metrics
 
     def kill_stragglers(self) -> None:
         """Every process the model left behind: its group, or with a uid of its own, everything of that uid.

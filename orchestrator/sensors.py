@@ -274,7 +274,10 @@ def failure_sensor():
     """
 
     @run_failure_sensor(
-        name="modelpex_failures", default_status=DefaultSensorStatus.RUNNING, monitor_all_code_locations=False
+        name="modelpex_failures",
+        default_status=DefaultSensorStatus.RUNNING,
+        monitor_all_code_locations=False,
+        description="Tags a failed run with the client/model pairs that failed (modelpex/failed) and their errors.",
     )
     def _failures(context: RunFailureSensorContext) -> None:
         run_id = context.dagster_run.run_id

@@ -7,6 +7,7 @@ once, and every later step can trust them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,8 +29,10 @@ __all__ = [
     "BASE_DISTRIBUTION",
     "FRAME_LIBRARIES",
     "BaseEnv",
+    "ColumnCheck",
     "ModelRef",
     "ModelSpec",
+    "PredictionContract",
     "check_sources",
     "discover_models",
     "load_base_env",
@@ -50,6 +53,10 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _VERSION_RE = re.compile(r"^[0-9][0-9a-z.+]{0,62}$")
 _CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _TYPE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+# N.B. A checked column names a Dagster asset check (``<column>_range``): Dagster names are [A-Za-z0-9_].
+_CHECK_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
+SEVERITIES = ("error", "warn")
+ROWS_INPUT, ROWS_ANY = "input", "any"
 # Files that never change what a pex contains; everything else in a model folder is part of its key.
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "build", "dist"}
 _IGNORED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
@@ -100,6 +107,58 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class ColumnCheck:
+    """A check a model declares on one column of its predictions: a range (``min``/``max``) or allowed ``values``.
+
+    ``severity = "error"`` (the default) makes a failure block what follows in the run; ``"warn"`` only shows it.
+    """
+
+    column: str
+    min: float | None = None
+    max: float | None = None
+    values: tuple[str | int | float | bool, ...] = ()
+    severity: str = "error"
+
+    @property
+    def name(self) -> str:
+        """The Dagster check name: ``<column>_values`` or ``<column>_range``."""
+        return f"{self.column}_values" if self.values else f"{self.column}_range"
+
+    def describe(self) -> str:
+        if self.values:
+            return f"every {self.column} is one of {', '.join(map(str, self.values))}"
+        low = "-inf" if self.min is None else f"{self.min:g}"
+        high = "inf" if self.max is None else f"{self.max:g}"
+        return f"every {self.column} lies in [{low}, {high}]"
+
+
+@dataclass(frozen=True)
+class PredictionContract:
+    """What a model promises about its predictions (``[tool.modelpex.predictions]``); each promise is an asset check.
+
+    ``columns``: present and never null. ``rows``: as many rows as the input it names, ``"input"`` for the model's
+    only input (the default), or ``"any"`` (a forecast, an aggregate). ``checks``: per-column ranges and value sets.
+    """
+
+    columns: tuple[str, ...] = ()
+    rows: str = ROWS_INPUT
+    checks: tuple[ColumnCheck, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        """Plain data for the catalog's cache of released versions."""
+        return {
+            "columns": list(self.columns),
+            "rows": self.rows,
+            "checks": [dataclasses.asdict(c) | {"values": list(c.values)} for c in self.checks],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> PredictionContract:
+        checks = tuple(ColumnCheck(**{**c, "values": tuple(c["values"])}) for c in data["checks"])  # type: ignore[union-attr, index]
+        return cls(tuple(data["columns"]), str(data["rows"]), checks)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model folder as modelpex understands it: identity, entry points, and what it needs beyond the base."""
 
@@ -114,6 +173,7 @@ class ModelSpec:
     state: str = "auto"  # how the fitted state is persisted (modelpex_runtime.state)
     trusted_types: tuple[str, ...] = ()  # types skops may load beyond its defaults
     reuse: bool = True  # False: a process per call, for a model that keeps data in module globals
+    predictions: PredictionContract = PredictionContract()  # the checks its predictions must pass
 
     @property
     def source_dir(self) -> Path:
@@ -215,12 +275,73 @@ def load_model_spec(folder: Path) -> ModelSpec:
     reuse = table.get("reuse", True)
     if not isinstance(reuse, bool):
         raise SpecError(f"{path}: [tool.modelpex] reuse = {reuse!r} must be true or false")
+    contract = prediction_contract(table.get("predictions", {}), tuple(inputs), path)
     spec = ModelSpec(
-        name, version, folder, train, predict, frames, requirements, tuple(inputs), state, tuple(trusted), reuse
+        name,
+        version,
+        folder,
+        train,
+        predict,
+        frames,
+        requirements,
+        tuple(inputs),
+        state,
+        tuple(trusted),
+        reuse,
+        contract,
     )
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")
     return spec
+
+
+def prediction_contract(table: object, inputs: tuple[str, ...], path: Path) -> PredictionContract:
+    """``[tool.modelpex.predictions]``: declared columns, the row rule and per-column checks, validated."""
+    where = f"{path}: [tool.modelpex.predictions]"
+    if not isinstance(table, dict):
+        raise SpecError(f"{where} must be a table with columns, rows and checks")
+    unknown = sorted(set(table) - {"columns", "rows", "checks"})
+    if unknown:
+        raise SpecError(f"{where} has unknown keys {unknown}; allowed are columns, rows, checks")
+    columns = table.get("columns", [])
+    if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
+        raise SpecError(f'{where} columns = {columns!r} must be a list of column names such as ["customer_id"]')
+    rows = table.get("rows", ROWS_INPUT)
+    if not isinstance(rows, str) or (rows not in (ROWS_INPUT, ROWS_ANY) and inputs and rows not in inputs):
+        named = f" or one of its inputs ({', '.join(inputs)})" if inputs else " or the name of an input"
+        raise SpecError(f'{where} rows = {rows!r} must be "{ROWS_INPUT}", "{ROWS_ANY}"{named}')
+    checks = table.get("checks", {})
+    if not isinstance(checks, dict):
+        raise SpecError(f"{where}.checks must be a table of column = {{min = ..., max = ...}} or {{values = [...]}}")
+    parsed = tuple(_column_check(column, rule, f"{where}.checks.{column}") for column, rule in checks.items())
+    return PredictionContract(tuple(columns), rows, parsed)
+
+
+def _column_check(column: str, rule: object, where: str) -> ColumnCheck:
+    if not _CHECK_COLUMN_RE.fullmatch(column):
+        raise SpecError(f"{where}: only columns named with letters, digits and '_' can be checked (it names a check)")
+    if not isinstance(rule, dict) or set(rule) - {"min", "max", "values", "severity"}:
+        raise SpecError(f"{where} must be {{min = ..., max = ...}} or {{values = [...]}}, with an optional severity")
+    severity = rule.get("severity", "error")
+    if severity not in SEVERITIES:
+        raise SpecError(f"{where}.severity = {severity!r} is not one of {', '.join(SEVERITIES)}")
+    bounds = [rule.get("min"), rule.get("max")]
+    values = rule.get("values")
+    if values is not None:
+        if any(b is not None for b in bounds):
+            raise SpecError(f"{where}: declare either a range (min, max) or values, not both")
+        if not isinstance(values, list) or not values or not all(isinstance(v, (str, int, float)) for v in values):
+            raise SpecError(f"{where}.values = {values!r} must be a non-empty list of strings, numbers or booleans")
+        return ColumnCheck(column, values=tuple(values), severity=severity)
+    if all(b is None for b in bounds):
+        raise SpecError(f"{where} declares nothing to check: give min, max or values")
+    for bound in bounds:
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+            raise SpecError(f"{where}: min and max must be numbers, got {bound!r}")
+    low, high = (None if b is None else float(b) for b in bounds)
+    if low is not None and high is not None and low > high:
+        raise SpecError(f"{where}: min = {low:g} is above max = {high:g}")
+    return ColumnCheck(column, min=low, max=high, severity=severity)
 
 
 def check_sources(spec: ModelSpec) -> None:

@@ -6,6 +6,9 @@ and signs the record with HMAC-SHA256 under a key only it can read: not the mode
 states. Before a state goes back to a model process for inference, its record's signature, then its bytes' digest,
 then the model version it was trained by are checked. A state and its record replaced together are refused: whoever
 replaced them did not hold the key.
+
+A state is stored under its *state id*, a digest of its bytes and of who trained it (model version and client):
+two clients, or two versions, whose training happens to produce the same bytes each keep their own record.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from orchestrator.errors import IntegrityError, StoreError
 from orchestrator.run import FittedState
 from orchestrator.store import ArtifactRecord, PexStore
 
-__all__ = ["StateKeeper", "StateRecord", "signing_key"]
+__all__ = ["StateKeeper", "StateRecord", "signing_key", "state_id"]
 
 KEY_BYTES = 32
 
@@ -49,6 +52,11 @@ def signing_key(path: Path) -> bytes:
     return key
 
 
+def state_id(model: str, version: str, client: str, sha256: str) -> str:
+    """Where a state is kept: its bytes' digest and its trainer, as one sha256 (the store's key for states)."""
+    return hashlib.sha256(f"{model}@{version}\0{client}\0{sha256}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class StateRecord:
     """What a fitted state is and where it came from; ``signature`` covers every other field."""
@@ -67,6 +75,10 @@ class StateRecord:
     @property
     def label(self) -> str:
         return f"{self.model}@{self.version}" + (f" for {self.client}" if self.client else "")
+
+    @property
+    def state_id(self) -> str:
+        return state_id(self.model, self.version, self.client, self.sha256)
 
     def payload(self) -> bytes:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "signature"}
@@ -111,13 +123,8 @@ class StateKeeper:
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         record = dataclasses.replace(record, signature=self._sign(record))
-        self.store.put_state(model.name, record.sha256, state.payload, record.to_json())
+        self.store.put_state(model.name, record.state_id, state.payload, record.to_json())
         return record
-
-    def record(self, model: str, sha256: str) -> StateRecord | None:
-        """The verified record of a state, or None when the store has none."""
-        found = self.store.state(model, sha256)
-        return None if found is None else self._verified(found[0], f"{model}/{sha256[:12]}")
 
     def _verified(self, text: str, where: str) -> StateRecord:
         record = StateRecord.from_json(text, where)
@@ -131,7 +138,7 @@ class StateKeeper:
     def load(self, model: ArtifactRecord, sha256: str, client: str, payload: bytes | None = None) -> FittedState:
         """A state for ``model`` (and ``client``) after every check; ``payload`` is the bytes a user handed in."""
         where = f"{model.name}/{sha256[:12]}"
-        found = self.store.state(model.name, sha256)
+        found = self.store.state(model.name, state_id(model.name, model.version, client, sha256))
         if found is None:
             raise IntegrityError(
                 f"fitted state {where} has no record in {self.store.url}: train {model.label} again (the CLI keeps "

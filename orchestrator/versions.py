@@ -8,17 +8,19 @@ edit there is what gets built and redeployed), otherwise from the version's tag.
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from packaging.version import Version
 
 from orchestrator.errors import SpecError
 from orchestrator.specs import ModelRef, ModelSpec, load_model_spec, validate_name, validate_version
 
-__all__ = ["ModelSource", "git_commit", "resolve_source", "tag_name", "tagged_versions"]
+__all__ = ["ModelSource", "WebRemote", "git_commit", "resolve_source", "tag_name", "tagged_versions", "web_remote"]
 
 
 def tag_name(model: str, version: str) -> str:
@@ -55,6 +57,45 @@ def tagged_versions(repo: Path, model: str) -> list[str]:
         except SpecError:
             continue
     return sorted(versions, key=Version)
+
+
+@dataclass(frozen=True)
+class WebRemote:
+    """The web pages of the repository's ``origin`` (GitHub's URL layout; GitLab's when the host says gitlab)."""
+
+    url: str  # https://host/owner/repo
+
+    @property
+    def _sep(self) -> str:
+        return "/-/" if "gitlab" in urlsplit(self.url).netloc else "/"
+
+    def commit_url(self, commit: str) -> str:
+        return f"{self.url}{self._sep}commit/{commit}"
+
+    def tree_url(self, ref: str, path: str) -> str:
+        return f"{self.url}{self._sep}tree/{ref}/{path}"
+
+
+_SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?([\w.-]+):(?!//)(.+)$")
+
+
+def web_remote(repo: Path) -> WebRemote | None:
+    """``origin`` as web pages (``git@github.com:o/r.git`` -> ``https://github.com/o/r``); ``None`` without one.
+
+    N.B. Credentials in an https remote are dropped: the address ends up in the UI.
+    """
+    remote = str(_git(repo, "remote", "get-url", "origin") or "").strip()
+    if not remote:
+        return None
+    parts = urlsplit(remote)
+    if parts.scheme in ("https", "http", "ssh", "git") and parts.hostname:
+        host, path = parts.hostname, parts.path
+    elif match := _SCP_LIKE.match(remote):
+        host, path = match.group(1), "/" + match.group(2)
+    else:
+        return None  # N.B. A local path or file:// remote has no web pages.
+    path = path.rstrip("/").removesuffix(".git")
+    return WebRemote(f"https://{host}{path}") if path.strip("/") else None
 
 
 def git_commit(folder: Path) -> str | None:

@@ -206,6 +206,10 @@ def test_example_models_run_from_the_cli(cli: Cli, project: Project, tmp_path: P
         result = cli("run", name, "--input", f"{frame}={path}", "--output", str(output))
         assert result.returncode == 0, result.stderr
         assert pq.read_table(output).num_rows > 0
+        if name == "churn":  # N.B. Its metrics, returned with the state (Trained).
+            assert "metrics: holdout_accuracy = " in result.stdout, result.stdout
+        if name == "credit_risk":  # N.B. Its cut points, reported through Pipes.
+            assert "reported: cut_0.5 = " in result.stderr, result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny file system needs root (CI runs as root)")

@@ -80,7 +80,7 @@ def test_an_existing_project_adds_a_model_repository(project: Project, store: Lo
     assert checked.returncode == 0, checked.stderr
     listed = json.loads(dg("list", "defs", "--json", cwd=root, env=env).stdout)
     assets = {a["asset_key"] for a in listed["assets"]}
-    assert {"model/m/v1_0_0", "acme/m/state", "acme/m/predictions", "modelpex/base"} <= assets
+    assert {"model/m/m_v1_0_0", "acme/m/m_state", "acme/m/m_predictions", "modelpex/base"} <= assets
     assert {s["name"] for s in listed["sensors"]} == {"modelpex_automation", "modelpex_redeploy", "modelpex_failures"}
 
 

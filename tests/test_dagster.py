@@ -34,9 +34,11 @@ from dagster._core.test_utils import create_test_daemon_workspace_context, insta
 from dagster._core.workspace.load_target import ModuleTarget
 from dagster._daemon.sensor import execute_sensor_iteration
 
+from orchestrator.assets import dataset_key, model_version_key, predictions_key, state_key
 from orchestrator.build import Builder
+from orchestrator.catalog import ModelVersion
 from orchestrator.definitions import build_definitions
-from orchestrator.deployments import RESERVED_CLIENT_NAMES
+from orchestrator.deployments import RESERVED_CLIENT_NAMES, ModelDeployment
 from orchestrator.resources import ModelpexResource
 from orchestrator.settings import Settings
 from orchestrator.specs import ModelRef, load_base_env
@@ -62,8 +64,16 @@ def labels(condition) -> set[str]:
     return found
 
 
-def keys_of(defs: Definitions, job: str) -> set[AssetKey]:
-    return set(defs.resolve_job_def(job).asset_layer.selected_asset_keys)
+def state(client: str, model: str = "m") -> AssetKey:
+    return state_key(ModelDeployment(client, model, "latest", {}, {}, {}))
+
+
+def predictions(client: str, model: str = "m") -> AssetKey:
+    return predictions_key(ModelDeployment(client, model, "latest", {}, {}, {}))
+
+
+def version(model: str, number: str) -> AssetKey:
+    return model_version_key(ModelVersion(model, number, "", "tag"))
 
 
 def test_repository_definitions_load() -> None:
@@ -71,28 +81,33 @@ def test_repository_definitions_load() -> None:
     Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = set(graph.get_all_asset_keys())
-    assert {AssetKey(["model", "churn", "v1_0_0"]), AssetKey(["model", "churn", "v1_1_0"])} <= keys
+    assert {version("churn", "1.0.0"), version("churn", "1.1.0")} <= keys
     assert AssetKey(["modelpex", "base"]) in keys
-    acme, globex = graph.get(AssetKey(["acme", "churn", "state"])), graph.get(AssetKey(["globex", "churn", "state"]))
+    acme, globex = graph.get(state("acme", "churn")), graph.get(state("globex", "churn"))
     assert acme.tags["version"] == "1.0.0" and globex.tags["version"] == "1.1.0"
     assert acme.group_name == "acme"
-    assert graph.get(AssetKey(["model", "churn", "v1_1_0"])).code_version
+    assert version("churn", "1.0.0") in acme.parent_keys and version("churn", "1.1.0") in globex.parent_keys
+    assert graph.get(version("churn", "1.1.0")).code_version
     assert labels(acme.automation_condition) >= {"on_cron(0 2 * * *, UTC)", "redeploy"}, "trains on acme's cron"
-    predictions = graph.get(AssetKey(["acme", "churn", "predictions"])).automation_condition
-    assert labels(predictions) >= {"on_cron(0 * * * *, UTC)", "after training"}
-    credit = graph.get(AssetKey(["globex", "credit_risk", "state"])).automation_condition
+    assert labels(graph.get(predictions("acme", "churn")).automation_condition) >= {"on_cron(0 * * * *, UTC)"}
+    credit = graph.get(state("globex", "credit_risk")).automation_condition
     assert "on_cron(0 4 * * 1, UTC)" in labels(credit), "a model's own cron overrides its client's"
     assert "on_cron(30 2 * * *, UTC)" not in labels(credit)
+    assert defs.schedules is None or list(defs.schedules) == [], "the crons are automation conditions"
     assert {s.name for s in defs.sensors} == {"modelpex_automation", "modelpex_redeploy", "modelpex_failures"}
-    assert {j.name for j in defs.jobs} >= {"client_acme", "client_globex", "model_churn", "build_model"}
+    assert all(s.description for s in defs.sensors)
+    assert {j.name for j in defs.jobs} == {"build_model"} and all(j.description for j in defs.jobs)
 
 
-def test_client_jobs_select_only_their_client() -> None:
-    defs = repo_definitions()
-    for client in ("acme", "globex"):
-        keys = keys_of(defs, f"client_{client}")
-        assert keys and all(k.path[0] == client for k in keys)
-    assert {k.path[1] for k in keys_of(defs, "model_churn")} == {"churn"}
+def test_every_label_on_the_lineage_graph_names_its_model() -> None:
+    """The graph shows the last part of a key only: every model's asset says which model it is."""
+    graph = repo_definitions().resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        model = graph.get(key).tags.get("model")
+        if model is not None:
+            assert key.path[-1].startswith(f"{model}_"), key
+    labels = {key.path[-1] for key in graph.get_all_asset_keys()}
+    assert {"churn_state", "churn_predictions", "churn_v1_0_0", "churn_v1_1_0", "demand_predictions"} <= labels
 
 
 def test_reserved_client_names_cover_every_name_modelpex_gives_itself() -> None:
@@ -115,10 +130,20 @@ def client(version: str, rows: int = 50, **params: object) -> dict:
     }
 
 
+def run_client(defs: Definitions, instance: DagsterInstance, name: str, **kwargs: object):
+    """What the UI's "Materialize all" does in a client's group: Dagster's asset job over the group's assets."""
+    keys = AssetSelection.groups(name).resolve(defs.resolve_asset_graph())
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, asset_selection=sorted(keys), **kwargs
+    )
+
+
 M_CODE = """
     import os, time
     import pyarrow as pa
     import pyarrow.compute as pc
+    from dagster_pipes import PipesContext
+    from modelpex_runtime import Trained
 
     VERSION = "{version}"
     ATTEMPTS = []  # N.B. A module global: it lives as long as the model process, which serves the whole run.
@@ -133,22 +158,32 @@ M_CODE = """
         if params.get("flaky") and not ATTEMPTS:
             ATTEMPTS.append(1)
             raise RuntimeError("first attempt fails")
-        return {{"mean": pc.mean(inputs["data"]["monthly_charges"]).as_py()}}
+        if "report" in params:  # N.B. The other way to report: metadata through Dagster Pipes.
+            PipesContext.get().report_asset_materialization(metadata=params["report"])
+        state = {{"mean": pc.mean(inputs["data"]["monthly_charges"]).as_py()}}
+        return Trained(state, params["metrics"]) if "metrics" in params else state
 
     def predict(inputs, state, params):
         data = inputs["data"]
         env = sorted(os.environ)
+        score = pc.subtract(data["monthly_charges"], state["mean"])
+        if params.get("null_every"):
+            keep = [i % params["null_every"] != 0 for i in range(data.num_rows)]
+            score = pc.if_else(pa.array(keep), score, pa.scalar(None, pa.float64()))
         return pa.table({{
             "customer_id": data["customer_id"],
-            "score": pc.subtract(data["monthly_charges"], state["mean"]),
+            "score": score,
             "version": pa.array([VERSION] * data.num_rows),
+            "band": pa.array(["high" if v is not None and v > 0 else "low" for v in score.to_pylist()]),
             "env": pa.array([" ".join(env)] * data.num_rows),
-        }})
+        }}).slice(0, params.get("rows_out", data.num_rows))
 """
 
 
-def m_model(project: Project, version: str) -> Path:
-    return write_model(project.models, "m", version=version, code=M_CODE.format(version=version), tool=M_INPUTS)
+def m_model(project: Project, version: str, contract: str = "") -> Path:
+    """Model m; ``contract`` is TOML appended to its [tool.modelpex] (a [tool.modelpex.predictions] table)."""
+    tool = M_INPUTS + contract
+    return write_model(project.models, "m", version=version, code=M_CODE.format(version=version), tool=tool)
 
 
 @pytest.fixture
@@ -190,31 +225,42 @@ def test_deploy_command_materialises_two_clients_on_two_versions(
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     done = cli("deploy")
     assert done.returncode == 0, done.stderr
-    assert "acme/m/predictions" in done.stdout and "deployed: run" in done.stdout
+    assert "acme/m/m_predictions" in done.stdout and "deployed: run" in done.stdout
     home = two_versions.root / ".dagster_home"
     with DagsterInstance.from_config(str(home)) as instance:
         latest = instance.get_latest_materialization_event
         meta = {k: {n: v.value for n, v in latest(k).asset_materialization.metadata.items()} for k in DEPLOYED}
-    acme, globex = meta[AssetKey(["acme", "m", "predictions"])], meta[AssetKey(["globex", "m", "predictions"])]
+        (run,) = instance.get_runs()
+    acme, globex = meta[predictions("acme")], meta[predictions("globex")]
     assert (acme["model_version"], globex["model_version"]) == ("1.0.0", "1.1.0")
-    assert acme["rows_in"] == acme["rows_out"] == 50
-    assert acme["bytes_moved"] > 0 and acme["transport_seconds"] > 0 and acme["model_seconds"] > 0
+    assert acme["rows_in"] == acme["dagster/row_count"] == 50
+    assert quantity(acme["data_moved"]) > 0 and quantity(acme["transport_time"]) > 0 and acme["model_seconds"] > 0
     assert "| customer_id | score | version |" in acme["preview"]
-    version_asset = meta[AssetKey(["model", "m", "v1_0_0"])]
+    assert {c.name for c in acme["dagster/column_schema"].columns} == {"customer_id", "score", "version", "band", "env"}
+    assert acme["params"] == {} and acme["nulls"] == 0
+    assert (run.tags["client"], run.tags["model"], run.tags["action"]) == ("acme,globex", "m", "build,predict,train")
+    assert run.tags["version"] == "m@1.0.0,m@1.1.0"
+    version_asset = meta[version("m", "1.0.0")]
     (stored,) = store.find("model", "m", "1.0.0")
     assert version_asset["action"] == "fetched", "deploy builds first: the asset finds the pex in the store"
     assert version_asset["sha256"] == stored.sha256
-    assert meta[AssetKey(["acme", "m", "state"])]["state_format"] == "json"
-    table = pq.read_table(home / "frames" / "acme" / "m" / "predictions.parquet")
+    assert meta[state("acme")]["state_format"] == "json"
+    table = pq.read_table(home / "frames" / "acme" / "m" / "m_predictions.parquet")
     assert set(table["version"].to_pylist()) == {"1.0.0"}
+
+
+def quantity(text: str) -> float:
+    """A human-unit figure (``1.5 ms``, ``241 KB``) as seconds or bytes."""
+    number, unit = text.split()
+    return float(number) * {"µs": 1e-6, "ms": 1e-3, "s": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
 
 DEPLOYED = [
     AssetKey(["modelpex", "base"]),
-    AssetKey(["model", "m", "v1_0_0"]),
-    AssetKey(["model", "m", "v1_1_0"]),
-    *(AssetKey([c, "data"]) for c in ("acme", "globex")),
-    *(AssetKey([c, "m", kind]) for c in ("acme", "globex") for kind in ("state", "predictions")),
+    version("m", "1.0.0"),
+    version("m", "1.1.0"),
+    *(dataset_key(c, "data") for c in ("acme", "globex")),
+    *(key(c) for c in ("acme", "globex") for key in (state, predictions)),
 ]
 
 
@@ -224,20 +270,20 @@ def test_deploy_command_fails_with_the_model_error(project: Project, cli: Callab
     assert done.returncode != 0, done.stderr
     assert "orchestrator/" not in done.stderr, "no traceback of modelpex's own; the model's stderr may show"
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: deploy run ") and "failed in acme__models: " in last, done.stderr
+    assert last.startswith("error: deploy run ") and "failed in acme.m_train: " in last, done.stderr
     assert "model m@1.0.0 raised ValueError: boom: the model's own error" in last, done.stderr
 
 
 def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalPexStore) -> None:
     defs = defs_for(two_versions, store)
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
+        result = run_client(defs, instance, "acme")
         assert result.success
         assert {k.path[0] for k in materialised(result)} == {"acme"}
-        assert instance.get_latest_materialization_event(AssetKey(["globex", "m", "predictions"])) is None
+        assert instance.get_latest_materialization_event(predictions("globex")) is None
     meta = materialised(result)
-    state, predictions = meta[AssetKey(["acme", "m", "state"])], meta[AssetKey(["acme", "m", "predictions"])]
-    assert state["process_start_seconds"] > 0 and predictions["process_start_seconds"] == 0, "one warm process"
+    trained, predicted = meta[state("acme")], meta[predictions("acme")]
+    assert quantity(trained["process_start"]) > 0 and predicted["process_start"] == "re-used", "one warm process"
     assert not leaked_children(), "the run's model processes ended with the run"
 
 
@@ -246,8 +292,8 @@ def test_model_process_gets_an_explicit_environment(two_versions: Project, store
     monkeypatch.setenv("LANG", "C.UTF-8")
     defs = defs_for(two_versions, store, env={"MODEL_SETTING": "chosen"})
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
-    env = set(result.output_for_node("acme__models", "acme__m__predictions")["env"][0].as_py().split())
+        result = run_client(defs, instance, "acme")
+    env = set(result.output_for_node("acme", "m__predictions")["env"][0].as_py().split())
     assert "SECRET_TOKEN" not in env and "MODEL_SETTING" in env and "LANG" in env
     assert not {name for name in env if name.startswith(("AWS_", "DAGSTER_HOME", "MODELPEX_STORE"))}
 
@@ -266,7 +312,7 @@ def step_failure(result) -> str:
 def test_model_error_shows_its_own_type_message_and_traceback(project: Project, store: LocalPexStore) -> None:
     defs = defs_for(failing_project(project, fail=True), store)
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        result = run_client(defs, instance, "acme", raise_on_error=False)
     assert not result.success
     error = step_failure(result)
     assert "ModelRaisedError: model m@1.0.0 raised ValueError: boom: the model's own error" in error
@@ -276,14 +322,14 @@ def test_model_error_shows_its_own_type_message_and_traceback(project: Project, 
 def test_model_that_never_reports_is_a_failure(project: Project, store: LocalPexStore) -> None:
     defs = defs_for(failing_project(project, vanish=True), store)
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        result = run_client(defs, instance, "acme", raise_on_error=False)
     assert "model m@1.0.0 exited with code 0 while answering call 1" in step_failure(result)
 
 
 def test_hanging_model_is_killed_at_its_timeout(project: Project, store: LocalPexStore) -> None:
     defs = defs_for(failing_project(project, hang=True), store, timeout_seconds=5)
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        result = run_client(defs, instance, "acme", raise_on_error=False)
     assert "ran longer than its timeout of 5 s and was killed" in step_failure(result)
     assert not leaked_children(), "the model's process group is gone"
 
@@ -303,8 +349,8 @@ def test_retry_policy_acts_on_model_failures(project: Project, store: LocalPexSt
 def test_failures_are_recorded_per_client_and_model(project: Project, store: LocalPexStore) -> None:
     defs = defs_for(failing_project(project, fail=True), store)
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
-        (record,) = instance.fetch_observations(AssetKey(["acme", "m", "state"]), limit=1).records
+        result = run_client(defs, instance, "acme", raise_on_error=False)
+        (record,) = instance.fetch_observations(state("acme"), limit=1).records
         meta = {k: v.value for k, v in record.asset_observation.metadata.items()}
         assert (meta["client"], meta["model"], meta["failed_run"]) == ("acme", "m", result.run_id)
         assert "ValueError: boom" in meta["error"]
@@ -343,11 +389,19 @@ def test_one_failing_model_does_not_stop_the_others(project: Project, store: Loc
     )
     defs = defs_for(project, store)
     with DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance, raise_on_error=False)
+        result = run_client(defs, instance, "acme", raise_on_error=False)
         assert not result.success
-        assert instance.get_latest_materialization_event(AssetKey(["acme", "n", "state"])) is not None
-        assert instance.get_latest_materialization_event(AssetKey(["acme", "m", "state"])) is None
+        assert instance.get_latest_materialization_event(state("acme", "n")) is not None
+        assert instance.get_latest_materialization_event(state("acme")) is None
     assert "ValueError: boom" in step_failure(result)
+    ends = {e.step_key: e for e in result.all_events if e.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE")}
+    assert {key: e.event_type_value for key, e in ends.items()} == {
+        "acme.data": "STEP_SUCCESS",
+        "acme.m_train": "STEP_FAILURE",
+        "acme.n_train": "STEP_SUCCESS",
+        "acme.n_predict": "STEP_SUCCESS",
+    }, "each model's training and prediction is a step of its own, with its own outcome; m's prediction never ran"
+    assert all(ends[key].event_specific_data.duration_ms > 0 for key in ("acme.n_train", "acme.n_predict"))
 
 
 def tick(defs: Definitions, project: Project, store: LocalPexStore, cursor: str | None) -> SensorExecutionData:
@@ -377,9 +431,9 @@ def test_redeploy_sensor_requests_what_changed_for_its_followers(two_versions: P
     (request,) = changed.run_requests
     assert request.job_name == "__ASSET_JOB", "runs Dagster's asset job over exactly the selection below"
     assert set(request.asset_selection) == {
-        AssetKey(["model", "m", "v1_1_0"]),
-        AssetKey(["globex", "m", "state"]),
-        AssetKey(["globex", "m", "predictions"]),
+        version("m", "1.1.0"),
+        state("globex"),
+        predictions("globex"),
     }, "acme pins 1.0.0: it must not be redeployed"
     assert not tick(defs, project, store, changed.cursor).run_requests
 
@@ -390,8 +444,8 @@ def test_redeploy_sensor_requests_what_changed_for_its_followers(two_versions: P
     (request,) = bumped.run_requests
     assert request.tags["modelpex/redeploy"] == "m@1.2.0"
     assert set(request.asset_selection) == {
-        AssetKey(["globex", "m", "state"]),
-        AssetKey(["globex", "m", "predictions"]),
+        state("globex"),
+        predictions("globex"),
     }
 
     (project.root / "base_env" / "src" / "modelpex_runtime" / "note.py").write_text("# base change\n")
@@ -399,7 +453,7 @@ def test_redeploy_sensor_requests_what_changed_for_its_followers(two_versions: P
     (request,) = rebased.run_requests
     assert request.tags["modelpex/redeploy"] == "base"
     assert AssetKey(["modelpex", "base"]) in request.asset_selection
-    assert AssetKey(["acme", "m", "predictions"]) in request.asset_selection
+    assert predictions("acme") in request.asset_selection
 
 
 def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project, store: LocalPexStore) -> None:
@@ -417,8 +471,8 @@ def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project
     (request,) = tagged.run_requests
     assert request.tags["modelpex/redeploy"] == "m@2.0.0"
     assert set(request.asset_selection) == {
-        AssetKey(["globex", "m", "state"]),
-        AssetKey(["globex", "m", "predictions"]),
+        state("globex"),
+        predictions("globex"),
     }
 
     builder = Builder(store, load_base_env(project.root / "base_env"))
@@ -427,8 +481,8 @@ def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project
     stored = tick(defs, project, store, tagged.cursor)
     (request,) = stored.run_requests
     assert request.tags["modelpex/redeploy"] == "m@1.0.0"
-    assert AssetKey(["acme", "m", "state"]) in request.asset_selection
-    assert AssetKey(["globex", "m", "state"]) not in request.asset_selection
+    assert state("acme") in request.asset_selection
+    assert state("globex") not in request.asset_selection
 
 
 def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions: Project, store: LocalPexStore) -> None:
@@ -445,15 +499,15 @@ def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions:
     requests = {r.tags["modelpex/redeploy"]: set(r.asset_selection) for r in moved.run_requests}
     assert requests == {
         "acme/m -> m@1.1.0": {
-            AssetKey(["model", "m", "v1_1_0"]),
-            AssetKey(["acme", "m", "state"]),
-            AssetKey(["acme", "m", "predictions"]),
+            version("m", "1.1.0"),
+            state("acme"),
+            predictions("acme"),
         },
         "initech/m -> m@1.0.0": {
-            AssetKey(["model", "m", "v1_0_0"]),
-            AssetKey(["initech", "data"]),
-            AssetKey(["initech", "m", "state"]),
-            AssetKey(["initech", "m", "predictions"]),
+            version("m", "1.0.0"),
+            dataset_key("initech", "data"),
+            state("initech"),
+            predictions("initech"),
         },
     }
     settled = tick(reloaded, project, store, moved.cursor)
@@ -548,7 +602,7 @@ def test_every_change_redeploys_even_back_to_content_seen_before(
         model_py.write_text(content)
         (run,) = daemon.tick()
         assert run.tags["modelpex/redeploy"] == "m@1.1.0", f"edit {edit}"
-        assert AssetKey(["globex", "m", "predictions"]) in run.asset_selection
+        assert predictions("globex") in run.asset_selection
         assert not daemon.tick(), "an unchanged tree launches nothing"
 
     for version in ("1.1.0", "1.0.0"):  # N.B. acme moves to 1.1.0, then back to the 1.0.0 it ran before.
@@ -556,7 +610,7 @@ def test_every_change_redeploys_even_back_to_content_seen_before(
         daemon.reload()
         (run,) = daemon.tick()
         assert run.tags["modelpex/redeploy"] == f"acme/m -> m@{version}"
-        assert AssetKey(["acme", "m", "state"]) in run.asset_selection
+        assert state("acme") in run.asset_selection
 
     note = project.root / "base_env" / "src" / "modelpex_runtime" / "note.py"
     for change in (lambda: note.write_text("# base change\n"), note.unlink):
@@ -588,12 +642,18 @@ def test_automation_redeploys_exactly_what_changed(two_versions: Project, store:
         model_py = project.models / "m" / "src" / "m" / "model.py"
         model_py.write_text(model_py.read_text() + "\n# an edit of 1.1.0\n")
         tick = evaluate_automation_conditions(defs_for(project, store), instance, cursor=tick.cursor)
-        assert requested(tick) == {"model/m/v1_1_0", "a/m/state", "a/m/predictions", "c/m/state", "c/m/predictions"}
+        assert requested(tick) == {
+            "model/m/m_v1_1_0",
+            "a/m/m_state",
+            "a/m/m_predictions",
+            "c/m/m_state",
+            "c/m/m_predictions",
+        }
 
         for version in ("1.1.0", "1.0.0"):  # N.B. b moves, then back to the version it ran before.
             write_deployments(project, {"a": client("latest"), "b": client(version), "c": client("latest")})
             reloaded = defs_for(project, store)
             tick = evaluate_automation_conditions(reloaded, instance, cursor=tick.cursor)
-            assert requested(tick) == {"b/m/state", "b/m/predictions"}, version
+            assert requested(tick) == {"b/m/m_state", "b/m/m_predictions"}, version
             tick = evaluate_automation_conditions(reloaded, instance, cursor=tick.cursor)
             assert requested(tick) == set(), "requested once"

@@ -65,6 +65,10 @@ def good_client(**model: object) -> dict:
             {**good_client(), "models": {"nope": {}}},
             r"clients.acme.models.nope: no model 'nope' in model_packages/ \(known: m\)",
         ),
+        (
+            {**good_client(), "datasets": {"data": {"generate": "customers"}, "m_train": {"generate": "sales"}}},
+            r"clients.acme.datasets.m_train: the name is m's step: rename the dataset",
+        ),
     ],
 )
 def test_mistakes_name_their_place(project: Project, client: dict, message: str) -> None:
@@ -87,7 +91,7 @@ def test_client_names_cannot_play_path_tricks(project: Project) -> None:
 
 @pytest.mark.parametrize("name", sorted(RESERVED_CLIENT_NAMES))
 def test_client_names_cannot_take_modelpex_own_names(project: Project, name: str) -> None:
-    """A client named `models` would get a job over every model version's pex (its group's name)."""
+    """A client named `models` would share the group of every model version's pex (a selection by group)."""
     write_model(project.models, "m")
     path = write(project, {"acme": good_client(), name: good_client()})
     with pytest.raises(DeploymentError, match=rf"clients.{name}: client name '{name}' is one modelpex names its own"):

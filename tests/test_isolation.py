@@ -33,7 +33,7 @@ from orchestrator.runner import Runner
 from orchestrator.sandbox import can_switch_users, guarantees
 from orchestrator.settings import Settings
 from orchestrator.specs import load_base_env, load_model_spec
-from orchestrator.states import StateRecord
+from orchestrator.states import StateRecord, state_id
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import ModelSource
 
@@ -304,8 +304,9 @@ def test_a_state_swapped_together_with_its_record_is_refused(lab: Lab) -> None:
     payload = b"cos\nsystem\n(S'touch /tmp/modelpex-pwned'\ntR."  # N.B. A pickle that runs a command.
     digest = hashlib.sha256(payload).hexdigest()
     record.update(sha256=digest, size=len(payload), format="pickle")
-    (record_file.parent / f"{digest}.state").write_bytes(payload)
-    (record_file.parent / f"{digest}.json").write_text(json.dumps(record))
+    forged = state_id("bystander", record["version"], "", digest)  # N.B. No secret: anyone can compute where it goes.
+    (record_file.parent / f"{forged}.state").write_bytes(payload)
+    (record_file.parent / f"{forged}.json").write_text(json.dumps(record))
     with pytest.raises(IntegrityError, match="signature does not match"):
         lab.runner.states.load(lab.records["bystander"], digest, client="")
     assert not Path("/tmp/modelpex-pwned").exists()
@@ -539,8 +540,8 @@ def test_terminating_a_dagster_run_cleans_up_like_ctrl_c(
     (home / "dagster.yaml").write_text("")
     before_runs, before_shm = set(_runs(cli_env)), shm_used()
     run = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-m", "orchestrator.definitions",
-         "-a", "defs", "-j", "client_acme"],
+        [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "orchestrator.definitions",
+         "-a", "defs", "--select", "group:acme"],
         env={**cli_env, "DAGSTER_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip

@@ -7,12 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import DagsterInstance
 
 from orchestrator.store import LocalPexStore
 
 from .conftest import REPO, Project, pg_bin
-from .test_dagster import client, defs_for, m_model, write_deployments
+from .test_dagster import client, defs_for, m_model, predictions, run_client, write_deployments
 
 
 def test_runs_and_metadata_live_in_postgres(
@@ -28,12 +28,12 @@ def test_runs_and_metadata_live_in_postgres(
     defs = defs_for(project, store)
     with DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        result = defs.resolve_job_def("client_acme").execute_in_process(instance=instance)
+        result = run_client(defs, instance, "acme")
         assert result.success
     with DagsterInstance.from_config(str(home)) as reopened:
-        event = reopened.get_latest_materialization_event(AssetKey(["acme", "m", "predictions"]))
+        event = reopened.get_latest_materialization_event(predictions("acme"))
         assert event is not None and event.run_id == result.run_id
-        assert event.asset_materialization.metadata["rows_out"].value == 50
+        assert event.asset_materialization.metadata["dagster/row_count"].value == 50
     count = subprocess.run(
         [
             pg_bin("psql"),

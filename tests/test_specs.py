@@ -109,3 +109,38 @@ def test_working_tree_describes_its_own_version_and_tags_the_others(project: Pro
     old = resolve_source(project.root, project.models, ModelRef.parse("m@1.0.0"), tmp_path / "exports")
     assert old.commit == released and old.spec.version == "1.0.0"
     assert "edited" not in (old.spec.source_dir / "m" / "model.py").read_text()
+
+
+TOOL = '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\ninputs = ["data"]\n'
+
+
+def test_a_prediction_contract_is_read() -> None:
+    spec = load_model_spec(REPO / "model_packages" / "churn")
+    assert spec.predictions.columns == ("customer_id", "churn_probability", "will_churn", "risk_band")
+    range_, values = spec.predictions.checks
+    assert (range_.name, range_.min, range_.max, range_.severity) == ("churn_probability_range", 0.0, 1.0, "error")
+    assert (values.name, values.values, values.severity) == ("risk_band_values", ("low", "medium", "high"), "warn")
+    assert load_model_spec(REPO / "model_packages" / "demand").predictions.rows == "any"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('[tool.modelpex.predictions]\ncolour = "red"\n', r"unknown keys \['colour'\]"),
+        ("[tool.modelpex.predictions]\ncolumns = [1]\n", "must be a list of column names"),
+        (
+            '[tool.modelpex.predictions]\nrows = "other"\n',
+            r'rows = .other. must be "input", "any" or one of its inputs',
+        ),
+        ("[tool.modelpex.predictions.checks]\np = {}\n", "declares nothing to check"),
+        ("[tool.modelpex.predictions.checks]\np = {min = 1, max = 0}\n", "min = 1 is above max = 0"),
+        ('[tool.modelpex.predictions.checks]\np = {min = "a"}\n', "min and max must be numbers"),
+        ("[tool.modelpex.predictions.checks]\np = {min = 0, values = [1]}\n", "either a range .* or values, not both"),
+        ("[tool.modelpex.predictions.checks]\np = {values = []}\n", "must be a non-empty list"),
+        ('[tool.modelpex.predictions.checks]\np = {min = 0, severity = "fatal"}\n', "not one of error, warn"),
+        ('[tool.modelpex.predictions.checks]\n"a b" = {min = 0}\n', "only columns named with letters"),
+    ],
+)
+def test_a_bad_prediction_contract_names_the_fix(tmp_path: Path, table: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_model_spec(write_model(tmp_path, "m", tool=TOOL + table))

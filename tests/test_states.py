@@ -60,3 +60,18 @@ def test_a_declared_format_is_held_to() -> None:
         encode_state(pd.DataFrame({"a": [1]}), model="m", fmt="json")
     with pytest.raises(StateError, match="unknown state format 'yaml'"):
         decode_state("yaml", b"", model="m", frames="pandas")
+
+
+def test_two_trainers_whose_states_have_the_same_bytes_keep_their_own_records(tmp_path) -> None:
+    """Regression: states were kept by their bytes' digest alone, so acme's state (m 1.0.0) and globex's (m 1.1.0),
+    equal byte for byte, shared one record, the last training's, and acme's next prediction was refused."""
+    from orchestrator.run import FittedState
+    from orchestrator.states import StateKeeper
+    from orchestrator.store import ArtifactRecord, LocalPexStore
+
+    keeper = StateKeeper(LocalPexStore(tmp_path / "store"), tmp_path / "key")
+    old, new = (ArtifactRecord("model", "m", version, key=f"{n:032x}") for n, version in ((1, "1.0.0"), (2, "1.1.0")))
+    state = FittedState("json", b'{"mean": 1.5}')
+    acme, globex = keeper.save(old, "acme", "run", state), keeper.save(new, "globex", "run", state)
+    assert acme.sha256 == globex.sha256
+    assert keeper.load(old, acme.sha256, "acme") == keeper.load(new, globex.sha256, "globex") == state

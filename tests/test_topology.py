@@ -188,12 +188,19 @@ mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
     __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
 } }
 """
+ASSETS = (
+    "{ repositoriesOrError { ... on RepositoryConnection { nodes { assetNodes { assetKey { path } groupName } } } } }"
+)
 REPOSITORY = {"repositoryLocationName": "modelpex", "repositoryName": "__repository__"}
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
-def _launch(graphql: Callable[..., dict], job: str) -> str:
-    params = {"selector": {**REPOSITORY, "jobName": job}, "runConfigData": {}}
+def _launch(graphql: Callable[..., dict], client_name: str) -> str:
+    """One client's assets, as the UI's Materialize on its group does: Dagster's asset job over the selection."""
+    (repository,) = graphql(ASSETS)["repositoriesOrError"]["nodes"]
+    keys = [{"path": a["assetKey"]["path"]} for a in repository["assetNodes"] if a["groupName"] == client_name]
+    selector = {**REPOSITORY, "jobName": "__ASSET_JOB", "assetSelection": keys}
+    params = {"selector": selector, "runConfigData": {}}
     launched = graphql(LAUNCH, params=params)["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
@@ -211,7 +218,7 @@ def _overlap(runs: list) -> int:
 
 def test_production_topology_runs_many_clients_at_once(topology: Topology, project: Project) -> None:
     shm_before = shm_used()
-    run_ids = [_launch(topology.graphql, f"client_{name}") for name in CLIENTS]
+    run_ids = [_launch(topology.graphql, name) for name in CLIENTS]
     with topology.instance() as instance:
         _wait("nine runs", lambda: all(instance.get_run_by_id(r).status in DONE for r in run_ids), topology, 600)
         runs = [instance.get_run_record_by_id(r) for r in run_ids]
@@ -219,7 +226,7 @@ def test_production_topology_runs_many_clients_at_once(topology: Topology, proje
         assert not failed, f"failed runs {failed}:\n{topology.tail()}"
         assert 2 <= _overlap(runs) <= CONCURRENCY, "they ran at once, within the coordinator's limit"
         for name, run_id in zip(CLIENTS, run_ids, strict=True):
-            event = instance.get_latest_materialization_event(AssetKey([name, "m", "predictions"]))
+            event = instance.get_latest_materialization_event(AssetKey([name, "m", "m_predictions"]))
             assert event is not None and event.run_id == run_id, name
             version = event.asset_materialization.metadata["model_version"].value
             assert version == ("1.0.0" if CLIENTS.index(name) % 2 or name == "cron" else "1.1.0"), name
@@ -262,12 +269,12 @@ def _innermost(error) -> str:
 
 def _predicted(instance: DagsterInstance, client_name: str) -> float:
     """When ``client_name``'s predictions were last materialised (epoch seconds)."""
-    event = instance.get_latest_materialization_event(AssetKey([client_name, "m", "predictions"]))
+    event = instance.get_latest_materialization_event(AssetKey([client_name, "m", "m_predictions"]))
     return event.timestamp if event else 0.0
 
 
 def _automation_runs(instance: DagsterInstance, client_name: str) -> list:
     """Runs the automation sensor launched that materialise ``client_name``'s predictions."""
     runs = instance.get_runs(filters=RunsFilter(tags={"dagster/from_automation_condition": "true"}))
-    key = AssetKey([client_name, "m", "predictions"])
+    key = AssetKey([client_name, "m", "m_predictions"])
     return [r for r in runs if r.asset_selection and key in r.asset_selection]

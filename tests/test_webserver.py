@@ -1,15 +1,22 @@
 """End to end: `modelpex ui` starts the real `dagster dev` on loopback; a run launched through its GraphQL API
-succeeds, its materialisation metadata reads back, and the server stops cleanly on SIGTERM. The real sensor daemon
-(`dagster-daemon run`) redeploys every change of a model, back and forth."""
+succeeds, its materialisation metadata reads back, an hourly prediction leaves the state in sync, a real browser
+(Debian's chromium, headless) renders the asset graph and a predictions page with the model names and metadata, and
+the server stops cleanly on SIGTERM. The real sensor daemon (`dagster-daemon run`) redeploys every change of a model,
+back and forth.
+
+Screenshots of the pages go to ``$MODELPEX_TEST_ARTIFACTS`` (default ``test-artifacts/`` in the repository)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +32,7 @@ from dagster._core.storage.tags import SENSOR_NAME_TAG
 from orchestrator.store import LocalPexStore
 
 from .conftest import REPO, Project, free_port
-from .test_dagster import client, m_model, write_deployments
+from .test_dagster import client, dataset_key, m_model, predictions, state, write_deployments
 
 REPOSITORY = {"repositoryLocationName": "modelpex", "repositoryName": "__repository__"}
 
@@ -44,17 +51,20 @@ class GraphQL:
 
 
 @pytest.fixture
-def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[tuple[GraphQL, subprocess.Popen]]:
+def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[tuple[GraphQL, subprocess.Popen, int]]:
     m_model(project, "1.0.0")
     schedules = {"train": "0 2 1 1 *", "predict": "0 3 1 1 *"}  # N.B. Never during a test: automation is on.
     write_deployments(project, {"acme": {**client("latest"), "schedules": schedules}, "globex": client("latest")})
     shutil.copyfile(REPO / "workspace.yaml", project.root / "workspace.yaml")
     port = free_port()
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(QUIET)
     env = {
         **os.environ,
         "MODELPEX_PROJECT": str(project.root),
         "MODELPEX_STORE": str(store.root),
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "DAGSTER_HOME": str(home),
         "MODELPEX_SENSOR_INTERVAL": "2",
     }
     log = open(tmp_path / "dagster-dev.log", "w")
@@ -77,16 +87,20 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
             assert process.poll() is None, (tmp_path / "dagster-dev.log").read_text()
             assert time.monotonic() < deadline, "dagster dev did not answer GraphQL within 120 s"
             time.sleep(0.5)
-        yield graphql, process
+        yield graphql, process, port
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
 
 
+# N.B. No telemetry, and no "join the community" dialog over the screenshots.
+QUIET = "telemetry: {enabled: false}\nnux: {enabled: false}\n"
+
 LOCATION = """
 { repositoriesOrError { ... on RepositoryConnection { nodes {
-    name location { name } jobs { name } schedules { name } sensors { name } assetNodes { assetKey { path } }
+    name location { name } jobs { name description } schedules { name description } sensors { name description }
+    assetNodes { assetKey { path } groupName }
 } } } }
 """
 
@@ -96,7 +110,7 @@ mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
 } }
 """
 
-STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status tags { key value } } } }"
 
 METADATA = """
 query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
@@ -107,50 +121,125 @@ query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset 
 } } }
 """
 
+STALE = "query($path: [String!]!) { assetNodeOrError(assetKey: {path: $path}) { ... on AssetNode { staleStatus } } }"
 
-def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen]) -> None:
-    graphql, process = server
+
+def run(graphql: GraphQL, keys: list[list[str]]) -> dict:
+    """Launch Dagster's asset job over ``keys``, as the UI's Materialize does, and wait for the run to end."""
+    selector = {**REPOSITORY, "jobName": "__ASSET_JOB", "assetSelection": [{"path": key} for key in keys]}
+    launched = graphql(LAUNCH, params={"selector": selector, "runConfigData": {}})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 240
+    while (found := graphql(STATUS, id=run_id)["runOrError"])["status"] not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, f"run {run_id} still {found['status']}"
+        time.sleep(1)
+    return {"id": run_id, "status": found["status"], "tags": {t["key"]: t["value"] for t in found["tags"]}}
+
+
+def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen, int]) -> None:
+    graphql, process, port = server
     (repository,) = graphql(LOCATION)["repositoriesOrError"]["nodes"]
     assert repository["location"]["name"] == "modelpex"
-    assert {"__ASSET_JOB", "client_acme", "client_globex", "model_m", "build_model"} <= {
-        j["name"] for j in repository["jobs"]
-    }
+    assert {j["name"] for j in repository["jobs"]} == {"__ASSET_JOB", "build_model"}
+    for kind in ("jobs", "sensors", "schedules"):
+        assert all(d["description"] for d in repository[kind] if d["name"] != "__ASSET_JOB"), kind
     assert {s["name"] for s in repository["sensors"]} == {
         "modelpex_automation",
         "modelpex_redeploy",
         "modelpex_failures",
     }
     assert repository["schedules"] == [], "the crons are automation conditions on the assets"
-    assert ["model", "m", "v1_0_0"] in [a["assetKey"]["path"] for a in repository["assetNodes"]]
+    assert ["model", "m", "m_v1_0_0"] in [a["assetKey"]["path"] for a in repository["assetNodes"]]
 
-    run_id = launch(graphql, "client_acme")
-    assert finish(graphql, run_id) == "SUCCESS"
+    acme = [a["assetKey"]["path"] for a in repository["assetNodes"] if a["groupName"] == "acme"]
+    first = run(graphql, acme)
+    assert first["status"] == "SUCCESS"
+    assert (first["tags"]["client"], first["tags"]["model"], first["tags"]["action"]) == ("acme", "m", "predict,train")
 
-    (materialization,) = graphql(METADATA, path=["acme", "m", "predictions"])["assetOrError"]["assetMaterializations"]
-    assert materialization["runId"] == run_id
+    (materialization,) = graphql(METADATA, path=path(predictions("acme")))["assetOrError"]["assetMaterializations"]
+    assert materialization["runId"] == first["id"]
     entries = {e["label"]: e for e in materialization["metadataEntries"]}
-    assert entries["rows_out"]["intValue"] == 50
+    assert entries["dagster/row_count"]["intValue"] == 50
     assert entries["model_version"]["text"] == "1.0.0"
-    assert entries["bytes_moved"]["intValue"] > 0
+    assert entries["data_moved"]["text"].endswith(" KB")
     assert "customer_id" in entries["preview"]["mdStr"]
-    assert graphql(METADATA, path=["globex", "m", "predictions"])["assetOrError"]["assetMaterializations"] == []
+    assert graphql(METADATA, path=path(predictions("globex")))["assetOrError"]["assetMaterializations"] == []
 
+    hourly = run(graphql, [path(dataset_key("acme", "data")), path(predictions("acme"))])
+    assert hourly["status"] == "SUCCESS" and hourly["tags"]["action"] == "predict"
+    stale = {
+        key: graphql(STALE, path=path(key))["assetNodeOrError"]["staleStatus"]
+        for key in (state("acme"), predictions("acme"))
+    }
+    assert stale == {state("acme"): "FRESH", predictions("acme"): "FRESH"}, "the hourly run left nothing Unsynced"
+
+    browse(port)
     stop(process)
 
 
-def launch(graphql: GraphQL, job: str) -> str:
-    params = {"selector": {**REPOSITORY, "jobName": job}, "runConfigData": {}}
-    launched = graphql(LAUNCH, params=params)["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    return launched["run"]["runId"]
+def path(key) -> list[str]:
+    return list(key.path)
 
 
-def finish(graphql: GraphQL, run_id: str, timeout: float = 240) -> str:
-    deadline = time.monotonic() + timeout
-    while (status := graphql(STATUS, id=run_id)["runOrError"]["status"]) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, f"run {run_id} still {status}"
-        time.sleep(1)
-    return status
+ARTIFACTS = Path(os.environ.get("MODELPEX_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def chromium() -> str:
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    assert found, "chromium not found: install Debian's chromium (apt-get install chromium), as .ci/run does"
+    return found
+
+
+def page(url: str, expect: str, screenshot: Path) -> str:
+    """The text a person sees at ``url`` once the UI has rendered ``expect``, with a screenshot of it.
+
+    N.B. ``--no-sandbox``: Chromium refuses to run as root otherwise (CI does), and the page is our own UI on loopback.
+    A fresh profile per call, so that no other Chromium's profile lock is in the way.
+    """
+    with tempfile.TemporaryDirectory(prefix="modelpex-chromium-") as profile:
+        flags = [
+            chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--window-size=1600,1100", "--virtual-time-budget=20000",
+        ]  # fmt: skip
+        text = ""
+        for _ in range(3):  # N.B. The UI fetches what it shows after it loads; a slow machine may need another look.
+            dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+            text = visible_text(dom)
+            if expect in text:
+                break
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    assert screenshot.stat().st_size > 10_000, f"{screenshot} is blank"
+    return text
+
+
+def visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
+
+
+def browse(port: int) -> None:
+    """The asset graph names every model's asset after its model; the predictions page shows the metadata."""
+    base = f"http://127.0.0.1:{port}"
+    graph = page(f"{base}/locations/modelpex/asset-groups/acme/lineage", "m_predictions", ARTIFACTS / "asset-graph.png")
+    labels = set(graph.split())
+    assert {"m_state", "m_predictions", "m_v1_0_0", "data"} <= labels, graph[:2000]
+    assert not {"state", "predictions", "v1_0_0"} & labels, "a label without its model"
+
+    url = f"{base}/assets/{'/'.join(path(predictions('acme')))}"
+    asset = page(url, "class_balance", ARTIFACTS / "predictions.png")
+    for shown in (
+        "m 1.0.0 (follows latest) for acme: predictions",
+        "Row count 50",
+        "customer_id int64",  # N.B. The columns, from dagster/column_schema.
+        "class_balance",
+        "data_moved",
+        "Latest check results 1",  # N.B. rows_match_input, on the Checks tab.
+    ):
+        assert shown in asset, f"{shown!r} not on the page: {asset[:3000]}"
+    when = r"(\w{3} \d+, \d+:\d+ [AP]M )?"  # N.B. The overview's metadata table shows each entry's time.
+    assert re.search(f"model_version {when}1.0.0 ", asset) and re.search(f"params {when}{{}}", asset), asset[:3000]
 
 
 LATEST = """
@@ -160,9 +249,9 @@ query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset 
 """
 
 
-def latest(graphql: GraphQL, *path: str) -> dict[str, str] | None:
+def latest(graphql: GraphQL, key) -> dict[str, str] | None:
     """The timestamp and text metadata of an asset's latest materialisation, None when it has none."""
-    found = graphql(LATEST, path=list(path))["assetOrError"].get("assetMaterializations") or []
+    found = graphql(LATEST, path=path(key))["assetOrError"].get("assetMaterializations") or []
     if not found:
         return None
     return {"timestamp": found[0]["timestamp"], **{e["label"]: e.get("text") for e in found[0]["metadataEntries"]}}
@@ -180,21 +269,18 @@ def poll(what: str, ready, timeout: float = 240) -> None:
         time.sleep(1)
 
 
-def test_changes_redeploy_themselves_without_a_reload(server: tuple[GraphQL, subprocess.Popen], project: Project):
+def test_changes_redeploy_themselves_without_a_reload(server: tuple[GraphQL, subprocess.Popen, int], project: Project):
     """No one presses Reload: an edit of the version acme follows is trained and predicted again, and a new release
     tag gets its asset and becomes what acme runs. The redeploy sensor reloads the code location through the
     webserver `modelpex ui` started; the assets' automation conditions do the rest."""
-    graphql, process = server
-    assert [finish(graphql, launch(graphql, f"client_{c}")) for c in ("acme", "globex")] == ["SUCCESS"] * 2
-    before, globex = latest(graphql, "acme", "m", "predictions"), latest(graphql, "globex", "m", "predictions")
+    graphql, process, _ = server
+    everything = asset_paths(graphql)
+    assert run(graphql, everything)["status"] == "SUCCESS", "deployed once, as `modelpex deploy` does"
+    before, globex = latest(graphql, predictions("acme")), latest(graphql, predictions("globex"))
     model_py = project.models / "m" / "src" / "m" / "model.py"
     model_py.write_text(model_py.read_text() + "\n# an edit\n")
-    poll(
-        "acme's predictions after the edit",
-        lambda: latest(graphql, "acme", "m", "predictions") != before,
-    )
-    assert latest(graphql, "model", "m", "v1_0_0") is not None, "the edited version's pex was rebuilt"
-    assert latest(graphql, "globex", "m", "predictions") != globex, "globex follows latest too"
+    poll("acme's predictions after the edit", lambda: latest(graphql, predictions("acme")) != before)
+    assert latest(graphql, predictions("globex")) != globex, "globex follows latest too"
 
     pyproject = project.models / "m" / "pyproject.toml"
     project.commit_and_tag("m 1.0.0 edited")
@@ -203,10 +289,10 @@ def test_changes_redeploy_themselves_without_a_reload(server: tuple[GraphQL, sub
     pyproject.write_text(pyproject.read_text().replace('"2.0.0"', '"1.0.0"'))
     project.commit_and_tag("back to developing 1.0.0")
     project.git("tag", "m/v2.0.0", "HEAD~1")
-    poll("the asset of m@2.0.0", lambda: ["model", "m", "v2_0_0"] in asset_paths(graphql))
+    poll("the asset of m@2.0.0", lambda: ["model", "m", "m_v2_0_0"] in asset_paths(graphql))
     poll(
         "acme's predictions from m@2.0.0",
-        lambda: (latest(graphql, "acme", "m", "predictions") or {}).get("model_version") == "2.0.0",
+        lambda: (latest(graphql, predictions("acme")) or {}).get("model_version") == "2.0.0",
     )
     stop(process)
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.metrics import split_trained
 from modelpex_runtime.protocol import (
     CHANNEL_FD_ENV,
     LIFELINE_FD_ENV,
@@ -159,10 +160,10 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
         for name, ref in call["inputs"].items()
     }
     lap("read")
-    params, state_ref = call["params"], None
+    params, state_ref, metrics = call["params"], None, {}
     if call["action"] in ("train", "train_predict"):
         log.info(f"training {model.label} on {', '.join(inputs) or 'no inputs'}")
-        state = model.train(inputs, params)
+        state, metrics = split_trained(model.train(inputs, params), f"train of {model.label}")
         lap("train")
         if call["state_out"] is not None:
             fmt, payload = model.encode(state)
@@ -186,7 +187,9 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
             outputs[name] = write_frame(frame, _slot(fds, slot, what), slot, what)
         lap("write")
     rows_in = {name: int(ref["num_rows"]) for name, ref in call["inputs"].items()}
-    return ModelResult(protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds)
+    return ModelResult(
+        protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds, metrics=metrics
+    )
 
 
 def _failure(exc: BaseException) -> ModelFailure:

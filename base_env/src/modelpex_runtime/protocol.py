@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: ModelResult carries the metrics train reported
 FRAME_LIBRARIES = ("pandas", "polars", "pyarrow")
 # N.B. How a fitted state is persisted: plain data as JSON, frames as Arrow IPC, scikit-learn objects with skops
 # (only the types skops trusts plus those the model declares), pickle only for a model that opts in.
@@ -86,6 +86,7 @@ class ModelResult(TypedDict):
     state: StateRef | None
     rows_in: dict[str, int]
     seconds: dict[str, float]
+    metrics: dict[str, float]  # what train reported beside the state (`modelpex_runtime.metrics`)
 
 
 class ModelFailure(TypedDict):

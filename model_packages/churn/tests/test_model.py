@@ -22,7 +22,9 @@ def customers(n: int = 400, seed: int = 7) -> pd.DataFrame:
 
 def test_learns_the_signal() -> None:
     data = customers()
-    state = train({"customers": data}, {})
+    trained = train({"customers": data}, {})
+    assert trained.metrics["holdout_auc"] > 0.8 and trained.metrics["holdout_rows"] == 80
+    state = trained.state
     out = predict({"customers": data}, state, {"threshold": 0.5})
     assert list(out.columns) == ["customer_id", "churn_probability", "will_churn", "risk_band"]
     assert set(out.risk_band) <= {"low", "medium", "high"}
@@ -33,7 +35,7 @@ def test_learns_the_signal() -> None:
 
 def test_threshold_moves_the_decision() -> None:
     data = customers()
-    state = train({"customers": data}, {})
+    state = train({"customers": data}, {}).state
     low = predict({"customers": data}, state, {"threshold": 0.1}).will_churn.sum()
     high = predict({"customers": data}, state, {"threshold": 0.9}).will_churn.sum()
     assert low > high

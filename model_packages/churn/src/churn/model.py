@@ -1,6 +1,7 @@
 """Train and predict for the churn model.
 
-The modelpex contract: ``train(inputs, params)`` returns a fitted state; ``predict(inputs, state, params)`` a frame.
+The modelpex contract: ``train(inputs, params)`` returns a fitted state, here with metrics (``Trained``);
+``predict(inputs, state, params)`` returns a frame.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
+from modelpex_runtime import Trained
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -25,13 +29,24 @@ def _features(frame: pd.DataFrame, *, with_label: bool = False) -> pd.DataFrame:
     return frame[FEATURES].astype("float64")
 
 
-def train(inputs: Mapping[str, pd.DataFrame], params: Mapping[str, Any]) -> Pipeline:
-    """Fit a scaled logistic regression on ``inputs['customers']`` (features plus the ``churned`` label)."""
+def _pipeline(params: Mapping[str, Any]) -> Pipeline:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=float(params.get("C", 1.0)), max_iter=1000))
+
+
+def train(inputs: Mapping[str, pd.DataFrame], params: Mapping[str, Any]) -> Trained:
+    """Fit a scaled logistic regression on ``inputs['customers']`` (features plus the ``churned`` label).
+
+    1.1.0 reports how well it separates churners on a fifth of the customers held out (``holdout_auc``,
+    ``holdout_accuracy``), then fits the model it returns on all of them.
+    """
     customers = inputs["customers"]
-    x = _features(customers, with_label=True)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=float(params.get("C", 1.0)), max_iter=1000))
-    model.fit(x, customers[LABEL].astype("int64"))
-    return model
+    x, y = _features(customers, with_label=True), customers[LABEL].astype("int64")
+    x_fit, x_held, y_fit, y_held = train_test_split(x, y, test_size=0.2, random_state=0)
+    probability = _pipeline(params).fit(x_fit, y_fit).predict_proba(x_held)[:, 1]
+    metrics = {"holdout_accuracy": accuracy_score(y_held, probability >= 0.5), "holdout_rows": len(y_held)}
+    if y_held.nunique() == 2:  # N.B. AUC needs both classes in the holdout.
+        metrics["holdout_auc"] = roc_auc_score(y_held, probability)
+    return Trained(_pipeline(params).fit(x, y), metrics)
 
 
 RISK_BANDS = ["low", "medium", "high"]

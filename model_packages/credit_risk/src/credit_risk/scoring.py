@@ -1,4 +1,8 @@
-"""Train and predict for the credit risk model on pyarrow tables, with pydantic-validated inputs and params."""
+"""Train and predict for the credit risk model on pyarrow tables, with pydantic-validated inputs and params.
+
+Training reports its cut points through Dagster Pipes (``report_asset_materialization``), the other way a model
+can report metrics: they land on the state's materialisation beside modelpex's own metadata.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from dagster_pipes import PipesContext
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 BANDS = ("low", "medium", "high", "very_high")
@@ -52,6 +57,9 @@ def train(inputs: Mapping[str, pa.Table], params: Mapping[str, Any]) -> dict[str
     if book.num_rows == 0:
         raise ValueError("credit_risk: input 'applicants' is empty; cut points need at least one applicant")
     cuts = pc.quantile(_ratio(book), q=settings.quantiles).to_pylist()
+    if PipesContext.is_initialized():  # N.B. Not when called from a test or a notebook.
+        metrics = {f"cut_{q:g}": cut for q, cut in zip(settings.quantiles, cuts, strict=True)}
+        PipesContext.get().report_asset_materialization(metadata={**metrics, "trained_rows": book.num_rows})
     return {"cuts": cuts, "quantiles": settings.quantiles, "trained_rows": book.num_rows}
 
 
