@@ -270,7 +270,7 @@ def test_every_attack_fails_and_nothing_changes(lab: Lab, env_secret: str) -> No
     assert set(results) == set(attacks)
     after = store_snapshot(lab.store)
     assert lab.saved is not None
-    saved = {f"states/hostile/{lab.saved.sha256}{suffix}" for suffix in (".state", ".json")}
+    saved = {f"states/hostile/{lab.saved.state_id}{suffix}" for suffix in (".state", ".json")}
     assert saved <= after.keys() and after.keys() - before.keys() <= {"states/hostile", *saved}
     assert {name: after.get(name) for name in before} == before, "the store holds the trained state, nothing else"
     assert {p: p.read_bytes() for p in project_files} == project_files
