@@ -28,6 +28,7 @@ from dagster import (
     AssetObservation,
     AssetsDefinition,
     AssetSpec,
+    AutomationCondition,
     ConfigMapping,
     DataVersion,
     DependencyDefinition,
@@ -598,10 +599,16 @@ def _add_model(graph: _Graph, deployed: Deployed, steps: ClientSteps) -> None:
         graph.checks.append(spec)
 
 
-def client_assets(client: ClientDeployment, deployed: Sequence[Deployed], steps: ClientSteps) -> AssetsDefinition:
+def client_assets(
+    client: ClientDeployment,
+    deployed: Sequence[Deployed],
+    steps: ClientSteps,
+    automation: Mapping[AssetKey, AutomationCondition] | None = None,
+) -> AssetsDefinition:
     """Every asset of a client in one subsettable graph: its datasets, and per model its state and predictions.
 
     A run selects any subset (say, the datasets and the predictions each hour) and executes exactly those steps.
+    ``automation`` gives assets their conditions here: mapping the specs afterwards rebuilds the whole graph.
     """
     graph = _Graph()
     for source in client.datasets.values():
@@ -625,6 +632,7 @@ def client_assets(client: ClientDeployment, deployed: Sequence[Deployed], steps:
             tags=graph.tags[name],
             code_version=graph.code_versions.get(name),
             group_name=client.name,
+            automation_condition=(automation or {}).get(graph.keys_out[name]),
         )
         for name in graph.keys_out
     ]

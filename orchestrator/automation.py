@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from dagster import AssetKey, AssetSelection, AssetSpec, AutomationCondition
 
-from orchestrator.assets import BASE_KEY, dataset_key, predictions_key, state_key
+from orchestrator.assets import BASE_GROUP, BASE_KEY, VERSIONS_GROUP, dataset_key, predictions_key, state_key
 from orchestrator.deployments import Deployments
 
 __all__ = ["conditions"]
@@ -66,8 +66,10 @@ def _trained(state: AssetKey) -> Condition:
 
 def conditions(deployments: Deployments, version_keys: Iterable[AssetKey]) -> dict[AssetKey, Condition]:
     """Asset key -> its automation condition, for the base, every model version and every client's assets."""
-    versions = AssetSelection.assets(*version_keys)
-    pexes = versions | AssetSelection.assets(BASE_KEY)
+    # N.B. Groups, not key lists: every client's condition carries these selections into the code location's
+    # snapshot, and a list of every version's key made it 5x larger at 100 models x 50 clients.
+    versions = AssetSelection.groups(VERSIONS_GROUP)
+    pexes = AssetSelection.groups(VERSIONS_GROUP, BASE_GROUP)
     found: dict[AssetKey, Condition] = {BASE_KEY: _handled(AutomationCondition.code_version_changed())}
     for key in version_keys:
         found[key] = rebuild(AssetSelection.assets(BASE_KEY)) | AutomationCondition.on_missing()

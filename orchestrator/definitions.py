@@ -55,18 +55,18 @@ def build_definitions(
 
     index = AssetIndex()
     codes = {str(v.ref): builder.model_key(v.digest) for v in catalog.all()}
-    assets = [base_asset(builder.base_key, index)]
-    assets += [
+    version_assets = {str(v.ref): model_version_key(v) for v in catalog.all()}
+    found = conditions(deployments, version_assets.values())
+    pexes = [base_asset(builder.base_key, index)]
+    pexes += [
         model_version_asset(v, codes[str(v.ref)], index, web, str(settings.models_dir / v.name)) for v in catalog.all()
     ]
+    assets = [asset.map_asset_specs(lambda spec: with_conditions(spec, found)) for asset in pexes]
     steps = ClientSteps(index)
     for client in deployments.clients.values():
         if client.datasets or client.models:
-            assets.append(client_assets(client, deployed_models(client, catalog, codes), steps))
+            assets.append(client_assets(client, deployed_models(client, catalog, codes), steps, found))
 
-    version_assets = {str(v.ref): model_version_key(v) for v in catalog.all()}
-    found = conditions(deployments, version_assets.values())
-    assets = [asset.map_asset_specs(lambda spec: with_conditions(spec, found)) for asset in assets]
     status = DefaultSensorStatus.RUNNING if automation_running else DefaultSensorStatus.STOPPED
     automation = AutomationConditionSensorDefinition(
         "modelpex_automation",

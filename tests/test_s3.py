@@ -237,7 +237,7 @@ def test_a_state_saved_on_one_host_loads_on_another(s3_url: str, tmp_path: Path)
     loaded = StateKeeper(s3_store(s3_url, tmp_path, "b"), key_file).load(model, saved.sha256, "acme")
     assert loaded == FittedState("json", b"{}")
     store = s3_store(s3_url, tmp_path, "c")
-    store.client.put_object(Bucket=store.bucket, Key=store._state_key("churn", saved.sha256, ".state"), Body=b"{1}")
+    store.client.put_object(Bucket=store.bucket, Key=store._state_key("churn", saved.state_id, ".state"), Body=b"{1}")
     with pytest.raises(IntegrityError, match="altered or replaced"):
         StateKeeper(store, key_file).load(model, saved.sha256, "acme")
 
@@ -341,9 +341,9 @@ def test_dagster_runs_on_two_hosts_share_frames_and_states_through_the_store(
     write_deployments(project, {"acme": client("1.0.0")})
     base = session_base.build.record
     S3PexStore(s3_url).put(base, session_base.store_root / "bases" / base.filename)
-    keys = {name: AssetKey(["acme", *name.split("/")]) for name in ("data", "m/state", "m/predictions")}
+    keys = {name: AssetKey(["acme", *name.split("/")]) for name in ("data", "m/m_state", "m/m_predictions")}
     with DagsterInstance.ephemeral() as instance:
-        for host, selection in (("a", ["data", "m/state"]), ("b", ["m/predictions"])):
+        for host, selection in (("a", ["data", "m/m_state"]), ("b", ["m/m_predictions"])):
             cache = caches()
             for name, value in cache.items():
                 monkeypatch.setenv(name, value)
@@ -353,7 +353,7 @@ def test_dagster_runs_on_two_hosts_share_frames_and_states_through_the_store(
             assert result.success, host
             assert (Path(cache["MODELPEX_CACHE"]) / "artifacts" / f"{base.sha256}.pex").is_file(), host
     store = S3PexStore(s3_url)
-    table = FrameStore(store_url=s3_url).load_table(keys["m/predictions"])
+    table = FrameStore(store_url=s3_url).load_table(keys["m/m_predictions"])
     assert table.num_rows == 50 and set(table["version"].to_pylist()) == {"1.0.0"}
     assert FrameStore(store_url=s3_url).load_table(keys["data"]).num_rows == 50
     assert len(store.state_records()) == 1
