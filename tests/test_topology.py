@@ -239,7 +239,8 @@ def test_production_topology_runs_many_clients_at_once(topology: Topology, proje
         edited = time.time()
         followers = [name for i, name in enumerate(CLIENTS) if i % 2 == 0 and name != "cron"]
         _wait("the followers' redeploy", lambda: all(_predicted(instance, c) > edited for c in followers), topology)
-        assert all(_predicted(instance, c) < edited for c in CLIENTS if c not in followers), "pinned: untouched"
+        pinned = [c for c in CLIENTS if c not in followers and c != "cron"]  # N.B. cron predicts every minute.
+        assert all(_predicted(instance, c) < edited for c in pinned), "pinned: untouched"
         launched = instance.get_runs(filters=RunsFilter(tags={"dagster/from_automation_condition": "true"}))
         _wait(
             "the automation's runs",
