@@ -149,13 +149,24 @@ def topology(
         )
         _wait("the webserver", lambda: _answers_graphql(graphql), topology)
         yield topology
-        for name in ("daemon", "webserver", "code-server"):
-            os.killpg(processes[name].pid, signal.SIGTERM)
-            assert processes[name].wait(timeout=60) in (0, -signal.SIGTERM), f"{name}:\n{topology.tail()}"
+        _stop(processes["daemon"], topology)  # N.B. First: no new run (cron predicts every minute) starts after it.
+        with topology.instance() as instance:
+            _wait("the runs in flight", lambda: not instance.get_runs(filters=RunsFilter(statuses=RUNNING)), topology)
+        for name in ("webserver", "code-server"):
+            _stop(processes[name], topology)
     finally:
         for process in processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+RUNNING = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+
+
+def _stop(process: subprocess.Popen, topology: Topology) -> None:
+    """SIGTERM, as a supervisor stops a server: it must exit on its own within 60 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM), topology.tail()
 
 
 def _answers_grpc(port: int) -> bool:
