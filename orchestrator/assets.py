@@ -74,6 +74,7 @@ from orchestrator.versions import WebRemote, tag_name
 
 __all__ = [
     "BASE_KEY",
+    "STATE_KIND",
     "AssetIndex",
     "ClientSteps",
     "Deployed",
@@ -91,6 +92,8 @@ __all__ = [
 
 BASE_GROUP, VERSIONS_GROUP, VERSIONS_PREFIX = "modelpex", "models", "model"  # N.B. RESERVED_CLIENT_NAMES
 BASE_KEY = AssetKey([BASE_GROUP, "base"])
+# N.B. The kind of a client's fitted states, and of no other asset of theirs: automation selects states by it.
+STATE_KIND = "python"
 MAX_ERROR_CHARS = 4000
 MAX_TAG_CHARS = 255
 Step = Literal["train", "predict"]
@@ -576,7 +579,7 @@ def _add_model(graph: _Graph, deployed: Deployed, steps: ClientSteps) -> None:
         state,
         {steps.version_key(version), *data_keys},
         _describe(deployed, "the fitted state, trained at run time; its sha256 is kept"),
-        _tags(deployed, "python"),
+        _tags(deployed, STATE_KIND),
     )
     graph.output(
         f"{d.model}__predictions",
