@@ -14,6 +14,7 @@ import os
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,16 +28,18 @@ from orchestrator.specs import (
     PredictionContract,
     scan_models,
     tree_digest,
+    validate_name,
     validate_version,
     warn_broken,
 )
 from orchestrator.versions import ModelSource, resolve_source
 
-__all__ = ["LATEST", "Catalog", "ModelVersion"]
+__all__ = ["LATEST", "Catalog", "ModelVersion", "has_history", "read_released", "released_json"]
 
 LATEST = "latest"
 # N.B. Part of each cache key: entries of an older format (a bare digest) are recomputed, not misread.
 _CACHE_FORMAT = "v2"
+_STATE_FORMAT = "modelpex-released-v1"
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,56 @@ def _rev_parse(project: Path, spec: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+NO_HISTORY = (
+    "so released versions come from the component's state: write it with `dg utils refresh-defs-state` where the "
+    "tags are"
+)
+
+
+def has_history(project: Path) -> bool:
+    done = subprocess.run(["git", "-C", str(project), "rev-parse", "--git-dir"], capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
+def released_json(versions: Sequence[ModelVersion]) -> str:
+    """The released versions as the component's state: enough to declare their assets and to find their pexes in
+    the store by key, where the tags cannot be read."""
+    entries = [
+        {"name": v.name, "version": v.version, "digest": v.digest, "predictions": v.predictions.to_json()}
+        for v in versions
+    ]
+    return json.dumps({"format": _STATE_FORMAT, "released": entries}, indent=1, sort_keys=True)
+
+
+def read_released(text: str, where: str) -> list[ModelVersion]:
+    """Released versions from ``released_json``, each validated: a bad state is refused whole, naming ``where``."""
+    fix = "write it again with `dg utils refresh-defs-state`"
+    try:
+        data = json.loads(text)
+        if data.get("format") != _STATE_FORMAT:
+            raise SpecError(f"format {data.get('format')!r} is not {_STATE_FORMAT!r}")
+        versions = []
+        for entry in data["released"]:
+            name = validate_name(str(entry["name"]))
+            version = validate_version(str(entry["version"]), model=name)
+            digest = str(entry["digest"])
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise SpecError(f"{name}@{version}: digest {digest!r} is not a sha256")
+            contract = PredictionContract.from_json(entry["predictions"])
+            versions.append(ModelVersion(name, version, digest, "tag", contract))
+        return versions
+    except (SpecError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SpecError(f"modelpex state {where} is not valid ({exc}): {fix}") from None
+
+
 class Catalog:
     """Model name -> version -> `ModelVersion`; the working tree describes its own version, tags the others."""
 
-    def __init__(self, project: Path, models_dir: Path, cache_file: Path | None = None) -> None:
+    def __init__(
+        self, project: Path, models_dir: Path, cache_file: Path | None = None, released: Sequence[ModelVersion] = ()
+    ) -> None:
+        """``released``: versions recorded where the tags were readable (the component's state): they stand in for
+        tags this checkout lacks, such as an image without ``.git``; a tag read here wins."""
         self.project, self.models_dir, self.cache_file = project, models_dir, cache_file
         specs, broken = scan_models(models_dir)
         warn_broken(broken)
@@ -108,6 +157,9 @@ class Catalog:
         self.versions: dict[str, dict[str, ModelVersion]] = {name: {} for name in self.specs}
         for (name, version), (digest, contract) in self._tag_versions().items():
             self.versions[name][version] = ModelVersion(name, version, digest, "tag", contract)
+        for v in released:
+            if v.name in self.specs and v.version != self.specs[v.name].version:
+                self.versions[v.name].setdefault(v.version, v)
         for name, spec in self.specs.items():
             self.versions[name][spec.version] = ModelVersion(
                 name, spec.version, tree_digest(spec.folder), "working tree", spec.predictions
@@ -174,8 +226,13 @@ class Catalog:
         found = self.versions.get(model, {}).get(wanted)
         if found is None:
             known = ", ".join(v.version for v in self.ordered(model)) or "none"
-            raise SpecError(f"model {model!r} has no version {wanted!r}: known versions are {known}")
+            hint = "" if has_history(self.project) else f": {self.project} has no git history, {NO_HISTORY}"
+            raise SpecError(f"model {model!r} has no version {wanted!r}: known versions are {known}{hint}")
         return found
+
+    def released(self) -> list[ModelVersion]:
+        """The versions that are git tags, as the component's state records them."""
+        return [v for v in self.all() if v.origin == "tag"]
 
     def source(self, version: ModelVersion, export_root: Path) -> ModelSource:
         return resolve_source(self.project, self.models_dir, version.ref, export_root)

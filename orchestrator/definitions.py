@@ -10,6 +10,8 @@ N.B. No job per client or per model: each would carry its own copy of the client
 snapshot, and at 100 models x 50 clients those 150 jobs were a third of its load time (benchmarks/definitions.py).
 """
 
+from collections.abc import Sequence
+
 from dagster import (
     AssetSelection,
     AutomationConditionSensorDefinition,
@@ -30,6 +32,7 @@ from orchestrator.assets import (
     model_version_key,
 )
 from orchestrator.automation import conditions, with_conditions
+from orchestrator.catalog import ModelVersion, released_json
 from orchestrator.deployments import load_deployments
 from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource
 from orchestrator.sensors import failure_sensor, redeploy_sensor
@@ -41,14 +44,19 @@ __all__ = ["build_definitions", "defs"]
 
 
 def build_definitions(
-    settings: Settings | None = None, *, automation_running: bool = True, modelpex: ModelpexResource | None = None
+    settings: Settings | None = None,
+    *,
+    automation_running: bool = True,
+    modelpex: ModelpexResource | None = None,
+    released: Sequence[ModelVersion] = (),
 ) -> Definitions:
     """The whole code location for one project; raises a clear error when deployments.yaml is invalid.
 
     ``modelpex`` replaces the default runner resource (one built from ``settings``), e.g. with a timeout.
+    ``released``: released versions recorded where the tags were readable (`ModelpexComponent`'s state).
     """
     settings = settings or Settings.from_env()
-    catalog = settings.catalog()
+    catalog = settings.catalog(released)
     builder = settings.builder()
     deployments = load_deployments(settings.deployments_file, catalog)
     web = web_remote(settings.project)
@@ -97,7 +105,12 @@ def build_definitions(
             failure_sensor(),
         ],
         resources={
-            "modelpex": modelpex or ModelpexResource(project_dir=str(settings.project), store_url=settings.store_url),
+            "modelpex": modelpex
+            or ModelpexResource(
+                project_dir=str(settings.project),
+                store_url=settings.store_url,
+                released=released_json(released) if released else "",
+            ),
             "frames": ArrowParquetIOManager(store=frame_store),
             "frame_store": frame_store,
         },

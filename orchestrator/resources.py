@@ -31,8 +31,8 @@ from modelpex_runtime.transport import to_arrow
 from pydantic import Field, PrivateAttr
 
 from orchestrator.build import Builder
-from orchestrator.catalog import Catalog, ModelVersion
-from orchestrator.errors import ModelpexError
+from orchestrator.catalog import Catalog, ModelVersion, read_released
+from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.files import staged
 from orchestrator.metadata import commit_link, human_duration, human_size
 from orchestrator.pipes import dagster_link
@@ -95,6 +95,11 @@ class ModelpexResource(ConfigurableResource):
         default=list(DEFAULT_ENV_ALLOW), description="Names copied from this process's environment into the model's."
     )
     env: dict[str, str] = Field(default={}, description="Explicit variables given to every model process.")
+    released: str = Field(
+        default="",
+        description="Released model versions from the component's state (`dg utils refresh-defs-state`), for a "
+        "checkout whose git tags cannot be read; '' = the tags alone.",
+    )
 
     _settings: Settings | None = PrivateAttr(default=None)
     _builder: Builder | None = PrivateAttr(default=None)
@@ -139,7 +144,8 @@ class ModelpexResource(ConfigurableResource):
 
     def catalog(self) -> Catalog:
         """The model versions as they are now (run time), not as they were when the definitions loaded."""
-        return self.settings.catalog()
+        released = read_released(self.released, "in the modelpex resource's config") if self.released else []
+        return self.settings.catalog(released)
 
     def run_catalog(self) -> Catalog:
         """The model versions as this run found them first: read once per run, which has a step per model, and
@@ -166,9 +172,28 @@ class ModelpexResource(ConfigurableResource):
         started = time.perf_counter()
         catalog = catalog or self.catalog()
         with tempfile.TemporaryDirectory(prefix="modelpex-export-") as exports:
-            result = self.builder.model(catalog.source(version, Path(exports)))
-        self.builder.store.fetch(result.record)
-        return Ensured(result.record, not result.cached, time.perf_counter() - started, self.web)
+            try:
+                source = catalog.source(version, Path(exports))
+            except SpecError as exc:
+                record, built = self._stored(version, exc), False
+            else:
+                result = self.builder.model(source)
+                record, built = result.record, not result.cached
+        self.builder.store.fetch(record)
+        return Ensured(record, built, time.perf_counter() - started, self.web)
+
+    def _stored(self, version: ModelVersion, unreadable: SpecError) -> ArtifactRecord:
+        """A version whose source cannot be read here (a release in a checkout without its tags): its pex as CI
+        stored it, found by its content key, or an error that says where to build it."""
+        key = self.builder.model_key(version.digest)
+        record = self.builder.store.record("model", version.name, key, version.version)
+        if record is None:
+            raise ModelpexError(
+                f"{version.name}@{version.version}: its source cannot be read here ({unreadable}) and the store "
+                f"{self.settings.store_url} has no pex for it (key {key}): build it where its tag is, "
+                f"`modelpex build {version.name}@{version.version}` with this store"
+            ) from None
+        return record
 
     def run(
         self,

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from orchestrator.build import Builder, Step
-from orchestrator.catalog import Catalog
+from orchestrator.catalog import Catalog, ModelVersion
 from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.platforms import CompletePlatform, Interpreter
 from orchestrator.specs import BaseEnv, load_base_env
@@ -213,6 +213,7 @@ class Settings:
             self.store(), self.base_env(), Interpreter.detect(self.python), step, platform=self.target_platform()
         )
 
-    def catalog(self) -> Catalog:
-        """Every model version; tag digests are cached beside the store (tags never change)."""
-        return Catalog(self.project, self.models_dir, self.project / ".cache" / "tag-digests.json")
+    def catalog(self, released: Sequence[ModelVersion] = ()) -> Catalog:
+        """Every model version; tag digests are cached beside the store (tags never change); ``released`` stands
+        in for tags this checkout lacks (see `Catalog`)."""
+        return Catalog(self.project, self.models_dir, self.project / ".cache" / "tag-digests.json", released)

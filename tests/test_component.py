@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import yaml
-from dagster import ComponentTree
+from dagster import AssetKey, ComponentTree, DagsterInstance
 
 from orchestrator.component import ModelpexComponent
 from orchestrator.definitions import build_definitions
@@ -101,3 +102,59 @@ def test_the_component_builds_what_the_code_location_builds(project: Project, st
     assert keys == set(direct.resolve_asset_graph().get_all_asset_keys())
     assert len(keys) == 8, "the base, m@1.0.0, and per client (two) its data, state and predictions"
     assert {j.name for j in built.jobs} == {j.name for j in direct.jobs}
+
+
+def _dagster(*args: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The `dagster` CLI as a code server or a run worker loads definitions: not a dev command, so the component
+    reads its state and does not refresh it."""
+    full = {k: v for k, v in os.environ.items() if k != "DAGSTER_IS_DEV_CLI"} | env
+    command = [str(Path(sys.executable).with_name("dagster")), *args, "-m", "their_project.definitions"]
+    return subprocess.run(command, cwd=root, env=full, capture_output=True, text=True, timeout=600)
+
+
+def test_released_versions_load_from_state_where_git_is_not(
+    project: Project, store: LocalPexStore, cli, tmp_path: Path
+) -> None:
+    """As dagster-dbt's test deletes the project "to simulate a PEX deploy": the state is refreshed where the tags
+    are, CI stores the released pex, then `.git` goes (an image built without it). The client pinned to the release
+    still has its assets, and its run fetches the pex CI stored, by its content key."""
+    m_model(project, "1.0.0")
+    project.commit_and_tag("m 1.0.0", "m/v1.0.0")
+    m_model(project, "1.1.0")
+    write_deployments(project, {"acme": client("1.0.0"), "globex": client("latest")})
+    project.commit_and_tag("m 1.1.0 in the tree")
+    built = cli("build", "m@1.0.0")
+    assert built.returncode == 0, built.stderr
+    root = their_project(tmp_path / "theirs")
+    defs_yaml = root / "src" / "their_project" / "defs" / "models" / "defs.yaml"
+    defs_yaml.parent.mkdir()
+    defs_yaml.write_text(yaml.safe_dump({"type": COMPONENT, "attributes": {"project": str(project.root)}}))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {"PYTHONPATH": str(root / "src"), "MODELPEX_STORE": str(store.root), "DAGSTER_HOME": str(home)}
+
+    refreshed = dg("utils", "refresh-defs-state", cwd=root, env=env)
+    assert refreshed.returncode == 0, refreshed.stderr
+    state = root / "src" / "their_project" / "defs" / ".local_defs_state" / "ModelpexComponent" / "state"
+    assert [(v["name"], v["version"]) for v in json.loads(state.read_text())["released"]] == [("m", "1.0.0")]
+
+    shutil.rmtree(project.root / ".git")
+    done = _dagster("asset", "materialize", "--select", "group:acme", root=root, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with DagsterInstance.from_config(str(home)) as instance:
+        event = instance.get_latest_materialization_event(AssetKey(["acme", "m", "m_state"]))
+        meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert (meta["model_version"], meta["pex"]) == ("1.0.0", "fetched"), meta
+
+    refused = dg("check", "defs", cwd=root, env=env)  # N.B. dg refreshes as it loads: no tags, no refresh.
+    assert refused.returncode != 0 and "has no git history" in refused.stdout + refused.stderr
+
+    state.write_text('{"format": "modelpex-released-v1", "released": [{"name": "m", "version": "1.0.0"}]}')
+    bad = _dagster("definitions", "validate", root=root, env=env)
+    assert bad.returncode != 0 and f"modelpex state {state} is not valid" in bad.stdout + bad.stderr
+    assert "dg utils refresh-defs-state" in bad.stdout + bad.stderr
+
+    state.unlink()
+    missing = _dagster("definitions", "validate", root=root, env=env)
+    output = missing.stdout + missing.stderr
+    assert missing.returncode != 0 and "has no version '1.0.0'" in output and "refresh-defs-state" in output
