@@ -48,8 +48,9 @@ COPY base_env/ base_env/
 COPY orchestrator/ orchestrator/
 # The `cluster` extra makes this also the user-code image of deploy/'s configurations: the code server
 # (`dagster code-server start -m orchestrator.definitions -a defs`) and each run's worker (`dagster api execute_run`)
-# need the instance's storage (dagster-postgres) and the run launchers it names (dagster-docker, dagster-k8s). The s3
-# extra (boto3): a worker may run on MODELPEX_STORE=s3://bucket/prefix, credentials from the AWS_* variables.
+# need the instance's storage (dagster-postgres) and the run launchers it names (dagster-docker, dagster-k8s); it also
+# serves as a Celery worker (dagster-celery, MODELPEX_EXECUTOR=celery). The s3 extra (boto3): a worker may run on
+# MODELPEX_STORE=s3://bucket/prefix, credentials from the AWS_* variables.
 RUN python -m venv /opt/venv \
  && pip install --no-cache-dir ./base_env './[cluster,s3]' \
  && mkdir -p /app/pex_builds \

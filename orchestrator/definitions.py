@@ -5,6 +5,7 @@ those that exist); every other run is Dagster's own asset job over a selection: 
 ``modelpex deploy``), a client (``group:<client>``), a model (``tag:model=<name>``) or a single step.
 Automation conditions train and predict on the deployments' crons and redeploy what changed
 (orchestrator/automation.py); sensors reload the code location when the tree changes and record failures.
+Steps execute in the run's process, or on Celery workers (MODELPEX_EXECUTOR, orchestrator/executors.py).
 
 N.B. No job per client or per model: each would carry its own copy of the clients' graphs in the code location's
 snapshot, and at 100 models x 50 clients those 150 jobs were a third of its load time (benchmarks/definitions.py).
@@ -18,7 +19,6 @@ from dagster import (
     DefaultSensorStatus,
     Definitions,
     definitions,
-    in_process_executor,
 )
 
 from orchestrator.assets import (
@@ -34,6 +34,7 @@ from orchestrator.assets import (
 from orchestrator.automation import conditions, with_conditions
 from orchestrator.catalog import ModelVersion, released_json
 from orchestrator.deployments import load_deployments
+from orchestrator.executors import run_executor
 from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource
 from orchestrator.sensors import failure_sensor, redeploy_sensor
 from orchestrator.settings import Settings
@@ -114,7 +115,7 @@ def build_definitions(
             "frames": ArrowParquetIOManager(store=frame_store),
             "frame_store": frame_store,
         },
-        executor=in_process_executor,
+        executor=run_executor(settings),
     )
 
 

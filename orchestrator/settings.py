@@ -17,6 +17,9 @@
 | MODELPEX_GC_GRACE          | seconds before gc removes a dead run's leftovers  | 3600                         |
 | MODELPEX_SENSOR_INTERVAL   | seconds between the sensors' ticks                | 15                           |
 | MODELPEX_WEBSERVER_URL     | the Dagster webserver the redeploy sensor reloads | none (`modelpex ui` sets it) |
+| MODELPEX_EXECUTOR          | where a run's steps execute: in_process, celery   | in_process                   |
+| MODELPEX_CELERY_BROKER     | the Celery broker the workers listen on (***)     | none (required by celery)    |
+| MODELPEX_CELERY_BACKEND    | Celery's result backend                           | the broker                   |
 | DAGSTER_HOME               | Dagster's instance folder                         | <project>/.dagster_home      |
 
 (*) when models run as another user; ~/.cache/modelpex otherwise.
@@ -24,6 +27,11 @@
 artifacts uses it (build, run, warm, deploy, gc, the Dagster code location): set the same file where artifacts are
 built (``modelpex build --complete-platform FILE`` overrides it there) and on the workers, so both compute the same
 keys. A worker refuses to run an artifact built for a platform that is not its own.
+(***) ``redis://host:6379/0`` for instance (``pip install 'modelpex[cluster]'`` brings dagster-celery and redis).
+With ``MODELPEX_EXECUTOR=celery`` each step of a run is a task of Dagster's own Celery executor, executed by whichever
+worker takes it (``celery -A dagster_celery.app -b BROKER --result-backend BACKEND worker --disable-prefetch``).
+Workers load the code location from the same project and need the code server's MODELPEX_*, AWS_* and DAGSTER_PG_*
+variables, an ``s3://`` store (they share nothing else with the run) and the signing key (MODELPEX_SIGNING_KEY_FILE).
 
 An ``s3://bucket/prefix`` store (``pip install 'modelpex[s3]'``) reads its endpoint, credentials and region from
 boto3's standard chain, with no modelpex names for them: ``AWS_ENDPOINT_URL`` (an S3-compatible server),
@@ -49,7 +57,18 @@ from orchestrator.platforms import CompletePlatform, Interpreter
 from orchestrator.specs import BaseEnv, load_base_env
 from orchestrator.store import PexStore, is_remote, open_store
 
-__all__ = ["Settings", "find_project_root", "parse_seconds", "parse_size", "parse_url"]
+__all__ = [
+    "EXECUTORS",
+    "Settings",
+    "find_project_root",
+    "parse_broker",
+    "parse_executor",
+    "parse_seconds",
+    "parse_size",
+    "parse_url",
+]
+
+EXECUTORS = ("in_process", "celery")
 
 
 def parse_seconds(text: str | None, name: str, default: float) -> float:
@@ -92,6 +111,34 @@ def parse_url(text: str | None, name: str) -> str | None:
     return text.rstrip("/")
 
 
+def parse_broker(text: str | None, name: str) -> str | None:
+    """A Celery broker or backend URL (``scheme://...``), or one line naming the variable."""
+    if not text:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if not (sep and scheme and rest):
+        raise ModelpexError(f"{name}={text!r} is not a URL: set it to e.g. redis://127.0.0.1:6379/0, or unset it")
+    return text
+
+
+def parse_executor(env: Mapping[str, str]) -> tuple[str, str | None, str | None]:
+    """(executor, broker, backend) from MODELPEX_EXECUTOR and MODELPEX_CELERY_*; one line naming what is wrong."""
+    executor = env.get("MODELPEX_EXECUTOR") or "in_process"
+    if executor not in EXECUTORS:
+        raise ModelpexError(
+            f"MODELPEX_EXECUTOR={executor!r} is not an executor modelpex knows: set it to one of "
+            f"{', '.join(EXECUTORS)}, or unset it"
+        )
+    broker = parse_broker(env.get("MODELPEX_CELERY_BROKER"), "MODELPEX_CELERY_BROKER")
+    backend = parse_broker(env.get("MODELPEX_CELERY_BACKEND"), "MODELPEX_CELERY_BACKEND") or broker
+    if executor == "celery" and broker is None:
+        raise ModelpexError(
+            "MODELPEX_EXECUTOR=celery needs MODELPEX_CELERY_BROKER: set it to the broker the Celery workers listen "
+            "on, e.g. redis://127.0.0.1:6379/0"
+        )
+    return executor, broker, backend
+
+
 def find_project_root(start: Path) -> Path:
     """The nearest folder at or above ``start`` holding ``base_env/pyproject.toml``."""
     for folder in (start, *start.parents):
@@ -122,6 +169,9 @@ class Settings:
     shm_pool_bytes: int | None = None  # N.B. Read by orchestrator.transport; validated here with the rest.
     sensor_interval: float = 15.0  # N.B. Two ticks lie between an edit and its redeploy (benchmarks/redeploy.py).
     webserver_url: str | None = None
+    executor: str = "in_process"
+    celery_broker: str | None = None
+    celery_backend: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -133,6 +183,7 @@ class Settings:
                 f"project {given} is not a modelpex project (no {project / 'base_env' / 'pyproject.toml'}): pass the "
                 "repository with base_env/ and model_packages/ (--project or MODELPEX_PROJECT)"
             )
+        executor, broker, backend = parse_executor(env)
         return cls(
             project=project,
             store_url=str(overrides.get("store_url") or env.get("MODELPEX_STORE") or project / "pex_builds"),
@@ -151,6 +202,9 @@ class Settings:
                 env.get("MODELPEX_SENSOR_INTERVAL"), "MODELPEX_SENSOR_INTERVAL", cls.sensor_interval
             ),
             webserver_url=parse_url(env.get("MODELPEX_WEBSERVER_URL"), "MODELPEX_WEBSERVER_URL"),
+            executor=executor,
+            celery_broker=broker,
+            celery_backend=backend,
         )
 
     @property

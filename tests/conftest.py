@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -195,7 +196,12 @@ class Project:
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     """A throwaway modelpex repository (a git work tree) with the real base_env and no models yet."""
-    root = tmp_path / "project"
+    return make_project(tmp_path / "project")
+
+
+def make_project(root: Path) -> Project:
+    """A modelpex repository at ``root`` (a git work tree) with the real base_env and no models yet; for fixtures
+    of a wider scope than `project`'s."""
     shutil.copytree(REPO / "base_env", root / "base_env", ignore=_IGNORE)
     (root / "model_packages").mkdir()
     project = Project(root)
@@ -301,6 +307,14 @@ def _as_postgres(command: list[str]) -> list[str]:
 
 @pytest.fixture
 def postgres() -> Iterator[dict[str, str]]:
+    with postgres_server() as variables:
+        yield variables
+
+
+@contextmanager
+def postgres_server() -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL server on loopback with a database ``dagster``; yields the ``DAGSTER_PG_*`` variables
+    that orchestrator/dagster-postgres.yaml reads. Stopped and removed on exit."""
     # N.B. Not under pytest's tmp_path: that is private to root, and the server runs as the postgres user.
     root = Path(tempfile.mkdtemp(prefix="modelpex-pg-"))
     data, sockets = root / "data", root / "sockets"

@@ -1,0 +1,90 @@
+"""A real Celery broker for tests: Debian's ``redis-server`` on loopback, a free port, nothing written to disk.
+
+Celery's workers and Dagster's Celery executor reach it by URL alone (`url`), as modelpex's users do through
+MODELPEX_CELERY_BROKER.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .conftest import free_port
+
+__all__ = ["RedisServer"]
+
+START_SECONDS = 30.0
+STOP_SECONDS = 30.0
+
+
+@dataclass
+class RedisServer:
+    """One ``redis-server``, its working folder and log in ``folder``."""
+
+    folder: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def url(self, database: int = 0) -> str:
+        """A broker URL on one of its numbered databases: workers on another database never see these tasks."""
+        return f"redis://127.0.0.1:{self.port}/{database}"
+
+    @classmethod
+    def start(cls, folder: Path) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server: install Debian's (`apt-get install redis-server`), as .ci/run does")
+        port = free_port()
+        # N.B. --save '' and --appendonly no: a throwaway broker writes no snapshot, at exit or ever.
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        with open(folder / "redis.log", "wb") as log:
+            process = subprocess.Popen(
+                [*command, "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        server = cls(folder, port, process)
+        try:
+            server._wait_until_ready()
+        except BaseException:
+            server.stop(check=False)
+            raise
+        return server
+
+    def _wait_until_ready(self) -> None:
+        """Until it answers PING."""
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode} at start:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
+                    connection.sendall(b"PING\r\n")
+                    if connection.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer in {START_SECONDS} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.folder / "redis.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, *, check: bool = True) -> None:
+        """SIGTERM, then wait for a clean exit; with ``check``, anything else is an error."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if check and self.process.returncode != 0:
+            raise RuntimeError(f"redis-server exited with {self.process.returncode} on SIGTERM:\n{self.log_tail()}")
