@@ -32,6 +32,7 @@ from dagster import (
     AssetKey,
     AssetSelection,
     DagsterEventType,
+    DagsterInstance,
     DefaultSensorStatus,
     RunFailureSensorContext,
     RunRequest,
@@ -116,7 +117,8 @@ def _request_runs(
         )
         return SensorResult(run_requests=[request], cursor=_cursor(now, generation))
     changed = {label for label, key in now["models"].items() if before["models"].get(label) != key}
-    requests = _version_requests(_stored(before, now) | changed, now, deployments, version_assets, generation)
+    stored = _stored(context, before, now, deployments, version_assets)
+    requests = _version_requests(stored | changed, now, deployments, version_assets, generation)
     requests += _moved_requests(before, now, deployments, version_assets, requests, generation)
     for request in requests:
         context.log.info(f"redeploying {request.tags['modelpex/redeploy']} for {request.tags['modelpex/clients']}")
@@ -141,7 +143,8 @@ def _reload(
     """Reload the code location when the tree differs from what it was built from (once per tree, again after
     `RELOAD_RETRY_SECONDS` if it still differs); run versions that only appeared in the store."""
     generation = int(before.get("generation", 0)) + 1
-    requests = _version_requests(_stored(before, now), now, deployments, version_assets, generation)
+    stored = _stored(context, before, now, deployments, version_assets)
+    requests = _version_requests(stored, now, deployments, version_assets, generation)
     cursor = {**now, "generation": generation if requests else generation - 1, "reload": before.get("reload")}
     why = _differences(loaded, now, deployments)
     tree = hashlib.sha256(json.dumps([now[k] for k in TREE], sort_keys=True).encode()).hexdigest()
@@ -190,9 +193,42 @@ def reload_code_location(url: str, location: str) -> None:
         logging.getLogger(__name__).warning(f"could not reload code location {location!r} through {url}: {exc}")
 
 
-def _stored(before: dict[str, Any], now: dict[str, Any]) -> set[str]:
-    """Model versions that appeared in the store since the last tick (built elsewhere, e.g. in CI)."""
-    return set(now["stored"]) - set(before["stored"])
+def _stored(
+    context: SensorEvaluationContext,
+    before: dict[str, Any],
+    now: dict[str, Any],
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+) -> set[str]:
+    """Model versions that appeared in the store since the last tick and that no run here has in hand: built
+    elsewhere (in CI). N.B. A run here that built a version also published it: that is not news to rerun."""
+    new = set(now["stored"]) - set(before["stored"])
+    return {label for label in new if not _ran(context.instance, label, now, deployments, version_assets)}
+
+
+def _ran(
+    instance: DagsterInstance,
+    label: str,
+    now: dict[str, Any],
+    deployments: Deployments,
+    version_assets: Mapping[str, AssetKey],
+) -> bool:
+    """Whether a run here has the version in hand: its asset or a client's state that runs it materialised its
+    current key, or is planned by a run still going (the run that built and published it, say)."""
+    key = now["models"].get(label)
+    assets = [state_key(d) for d in deployments.all() if now["deployed"][d.where] == label]
+    assets += [version_assets[label]] if label in version_assets else []
+    for asset in assets:
+        event = instance.get_latest_materialization_event(asset)
+        metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+        found = metadata.get("model_key") or metadata.get("key")
+        if found is not None and found.value == key:
+            return True
+        planned = instance.get_latest_planned_materialization_info(asset)
+        run = instance.get_run_by_id(planned.run_id) if planned else None
+        if run is not None and not run.is_finished:
+            return True
+    return False
 
 
 def _cursor(now: dict[str, Any], generation: int) -> str:

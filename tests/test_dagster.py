@@ -3,6 +3,7 @@ per-client jobs touch only their assets, the sensor redeploys what changed, fail
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -404,12 +405,18 @@ def test_one_failing_model_does_not_stop_the_others(project: Project, store: Loc
     assert all(ends[key].event_specific_data.duration_ms > 0 for key in ("acme.n_train", "acme.n_predict"))
 
 
-def tick(defs: Definitions, project: Project, store: LocalPexStore, cursor: str | None) -> SensorExecutionData:
+def tick(
+    defs: Definitions,
+    project: Project,
+    store: LocalPexStore,
+    cursor: str | None,
+    instance: DagsterInstance | None = None,
+) -> SensorExecutionData:
     """One tick as the sensor daemon evaluates it: run requests resolved to the job and assets they will run."""
     sensor = defs.resolve_sensor_def("modelpex_redeploy")
     resource = ModelpexResource(project_dir=str(project.root), store_url=str(store.root))
     with (
-        DagsterInstance.ephemeral() as instance,
+        DagsterInstance.ephemeral() if instance is None else contextlib.nullcontext(instance) as instance,
         build_sensor_context(
             instance=instance, cursor=cursor, definitions=defs, resources={"modelpex": resource}
         ) as context,
@@ -483,6 +490,18 @@ def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project
     assert request.tags["modelpex/redeploy"] == "m@1.0.0"
     assert state("acme") in request.asset_selection
     assert state("globex") not in request.asset_selection
+
+
+def test_a_version_this_deployment_built_is_not_news(two_versions: Project, store: LocalPexStore) -> None:
+    """The first deploy builds and publishes both versions: the store's new entries are its own work, not versions
+    built elsewhere, so the next tick reruns nothing (it used to retrain every client once more)."""
+    project = two_versions
+    defs = defs_for(project, store)
+    with DagsterInstance.ephemeral() as instance:
+        first = tick(defs, project, store, None, instance)
+        assert defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance).success
+        after = tick(defs, project, store, first.cursor, instance)
+    assert not after.run_requests, [r.tags for r in after.run_requests]
 
 
 def test_redeploy_sensor_deploys_a_client_moved_to_another_version(two_versions: Project, store: LocalPexStore) -> None:
