@@ -368,4 +368,9 @@ def _sensor_runs(instance: DagsterInstance) -> list:
 
 
 def _sensor_cursor(instance: DagsterInstance) -> bool:
-    return any(s.instigator_data and s.instigator_data.cursor for s in instance.all_instigator_state())
+    """The redeploy sensor's first tick is done. N.B. By name: the automation sensor keeps a cursor too, and an edit
+    made once it ticked but before this one would be the tree this one first remembers."""
+    return any(
+        s.instigator_name == "modelpex_redeploy" and s.instigator_data and s.instigator_data.cursor
+        for s in instance.all_instigator_state()
+    )
