@@ -62,7 +62,7 @@ def _relative_to_yaml(context: dg.ResolutionContext, value: str | None) -> str |
 @dg.scaffold_with(ModelpexScaffolder)
 @dataclass
 class ModelpexComponent(dg.StateBackedComponent, dg.Resolvable):
-    """Every model version, every client's deployment, their jobs, schedules and sensors, from one model repository.
+    """Every model version, every client's deployment, their automation and sensors, from one model repository.
 
     Model versions come from the repository's working tree and its git tags (`<model>/v<version>`), and from the
     component's state where the tags cannot be read; which client runs which version, with which parameters, data
