@@ -175,6 +175,16 @@ def test_a_copy_verified_during_another_boot_is_fetched_and_hashed_again(
     assert len(downloads) == 2, "fetched once after the reboot, then trusted"
 
 
+def test_a_failed_fetch_leaves_no_hashing_thread_behind(s3_url: str, tmp_path: Path) -> None:
+    store = s3_store(s3_url, tmp_path)
+    record, path = artifact(tmp_path, os.urandom(1 << 20))
+    store.put(record, path)
+    store._delete(store._artifact_key(record), action="test")
+    with pytest.raises(IntegrityError, match="is missing"):
+        s3_store(s3_url, tmp_path, "worker").fetch(record)
+    assert [t for t in threading.enumerate() if t.name == "modelpex-sha256"] == []
+
+
 def test_a_build_seeds_the_cache_it_uploaded_from(s3_url: str, tmp_path: Path) -> None:
     store = s3_store(s3_url, tmp_path)
     with store.work_dir() as work:
