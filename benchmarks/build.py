@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.plot import pyplot, save  # noqa: E402
 from orchestrator.build import Builder, Interpreter, layer_args, pex_command  # noqa: E402
 from orchestrator.specs import ModelRef, load_base_env  # noqa: E402
 from orchestrator.store import LocalPexStore  # noqa: E402
@@ -215,11 +216,7 @@ def report(figures: dict, path: Path) -> None:
 
 
 def plot(figures: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     warm = figures["warm_start"]
     labels = ["base cold build", "model rebuild", "cache hit (CLI)", "warm start: model pex", "warm start: plain venv"]
@@ -242,8 +239,7 @@ def plot(figures: dict, path: Path) -> None:
     right.set_ylabel("KB")
     right.set_title("model pex size")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import pyarrow.parquet as pq  # noqa: E402
 
+from benchmarks.plot import pyplot, save  # noqa: E402
 from orchestrator.datasets import customers  # noqa: E402
 from orchestrator.pipes import console_link as loud_link  # noqa: E402
 from orchestrator.run import ModelProcess  # noqa: E402
@@ -288,11 +289,7 @@ def main() -> None:
 
 
 def plot(figures: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     calls = figures["per_call"]
     labels = ["cold process", "warm, first call", "warm, later calls", "Dagster step (median)", "CLI extra over model"]
@@ -315,8 +312,7 @@ def plot(figures: dict, path: Path) -> None:
     )
     right.set_ylabel("seconds")
     right.set_title(f"redeploy of one model for {redeploy['clients']} clients: {redeploy['speedup']:.1f}x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 if __name__ == "__main__":

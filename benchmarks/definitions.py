@@ -28,6 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.plot import pyplot, save  # noqa: E402
+
 MODEL_CODE = """
 def train(inputs, params):
     return {"n": inputs["data"].num_rows}
@@ -171,11 +173,7 @@ def main() -> None:
 
 
 def plot(figures: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     label = f"{figures['models']} models x {figures['clients']} clients"
     for ax, key, title in (
@@ -185,8 +183,7 @@ def plot(figures: dict, path: Path) -> None:
         values = [figures["empty"][key], figures["large"][key]]
         ax.bar(["empty", label], values, color=["#bbb", "#4c72b0"])
         ax.set_title(f"{title}: {values[1] / values[0]:.1f}x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 if __name__ == "__main__":

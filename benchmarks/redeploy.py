@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.plot import pyplot, save  # noqa: E402
 from orchestrator.settings import Settings  # noqa: E402
 
 TARGET_S = 60.0
@@ -265,11 +266,7 @@ def main() -> None:
 
 
 def plot(figures: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = ["edit_to_predictions_s", "release_to_predictions_s", "release_to_asset_s"]
     labels = ["edit -> predictions", "release tag -> predictions", "release tag -> asset"]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -280,8 +277,7 @@ def plot(figures: dict, path: Path) -> None:
     ax.set_ylabel("seconds, end to end on modelpex ui (dagster dev)")
     ax.set_title(f"Time to redeploy (reload costs {figures['reload_s']:.1f} s)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Files: every file modelpex writes appears whole or not at all.
 
 Written beside its destination under a temporary name, flushed to disk, then renamed over it (a rename within one
-file system is atomic): a crash, a kill or a full disk leaves the old file or none, never half of a new one.
+file system is atomic): a crash, a kill or a full disk leaves the old file or none, never half of a new one. A file
+whose readers stop trusting it after a crash anyway (a verified copy in the cache, `orchestrator.cache`) is written
+without the flush (``durable=False``): the rename alone makes it appear whole to every process until the next boot.
 """
 
 from __future__ import annotations
@@ -33,16 +35,20 @@ def owned_dir(path: Path, mode: int) -> Path:
 
 
 @contextmanager
-def staged(path: Path, mode: int | None = None) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write; renamed over ``path`` when the block succeeds, removed if not."""
+def staged(path: Path, mode: int | None = None, *, durable: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed over ``path`` when the block succeeds, removed if not.
+
+    ``durable``: flushed to disk before the rename, so that a crash cannot leave a torn file under ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     temporary = Path(name)
     try:
         yield temporary
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
         if mode is not None:
             os.chmod(temporary, mode)
         os.replace(temporary, path)
@@ -52,7 +58,7 @@ def staged(path: Path, mode: int | None = None) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` whole or not at all."""
-    with staged(path, mode) as temporary:
+def write_atomic(path: Path, data: str | bytes, mode: int | None = None, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` whole or not at all (``durable``: see `staged`)."""
+    with staged(path, mode, durable=durable) as temporary:
         temporary.write_bytes(data.encode() if isinstance(data, str) else data)

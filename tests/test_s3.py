@@ -149,6 +149,42 @@ def test_concurrent_fetches_download_once(s3_url: str, tmp_path: Path, monkeypat
     assert len(downloads) == 2
 
 
+def test_a_copy_verified_during_another_boot_is_fetched_and_hashed_again(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies are not flushed to disk: trust in one ends with the boot that hashed it, so a copy a crash tore never
+    runs. After a reboot (another boot id) the copy is fetched again, and trusted again from then on."""
+    import orchestrator.cache
+
+    record, path = artifact(tmp_path, os.urandom(1 << 20))
+    s3_store(s3_url, tmp_path, "builder").put(record, path)
+    downloads: list[str] = []
+    real = S3PexStore._download
+
+    def counted(self: S3PexStore, record: ArtifactRecord, destination: Path) -> str:
+        downloads.append(record.sha256)
+        return real(self, record, destination)
+
+    monkeypatch.setattr(S3PexStore, "_download", counted)
+    s3_store(s3_url, tmp_path, "worker").fetch(record)
+    s3_store(s3_url, tmp_path, "worker").fetch(record)
+    assert len(downloads) == 1, "trusted again within the boot"
+    monkeypatch.setattr(orchestrator.cache, "BOOT_ID", "another-boot")
+    assert s3_store(s3_url, tmp_path, "worker").fetch(record).read_bytes() == path.read_bytes()
+    s3_store(s3_url, tmp_path, "worker").fetch(record)
+    assert len(downloads) == 2, "fetched once after the reboot, then trusted"
+
+
+def test_a_failed_fetch_leaves_no_hashing_thread_behind(s3_url: str, tmp_path: Path) -> None:
+    store = s3_store(s3_url, tmp_path)
+    record, path = artifact(tmp_path, os.urandom(1 << 20))
+    store.put(record, path)
+    store._delete(store._artifact_key(record), action="test")
+    with pytest.raises(IntegrityError, match="is missing"):
+        s3_store(s3_url, tmp_path, "worker").fetch(record)
+    assert [t for t in threading.enumerate() if t.name == "modelpex-sha256"] == []
+
+
 def test_a_build_seeds_the_cache_it_uploaded_from(s3_url: str, tmp_path: Path) -> None:
     store = s3_store(s3_url, tmp_path)
     with store.work_dir() as work:
