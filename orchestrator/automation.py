@@ -9,7 +9,7 @@
   the run of every automated training.
 
 N.B. `code_version_changed` is true only on the tick that sees the new code version, so each redeploy condition
-holds `since_last_handled`: from that tick until the asset is requested. Code versions change when the code location
+holds it from that tick until the asset is requested (`_newly_true_since`). Code versions change when the code location
 reloads; the redeploy sensor reloads it when the tree changes (orchestrator/sensors.py).
 
 N.B. Every asset's condition is written into the code location's snapshot, node by node: at 100 models x 50 clients
@@ -44,11 +44,6 @@ PEXES = AssetSelection.groups(VERSIONS_GROUP, BASE_GROUP)
 STATE = AssetSelection.kind(STATE_KIND)
 
 
-def _handled(condition: Condition) -> Condition:
-    """True from the tick that sees ``condition`` until the asset is requested, and never while it runs."""
-    return condition.since_last_handled() & ~AutomationCondition.in_progress()
-
-
 def _any(conditions: Iterable[Condition]) -> Condition | None:
     result = None
     for condition in conditions:
@@ -56,10 +51,22 @@ def _any(conditions: Iterable[Condition]) -> Condition | None:
     return result
 
 
+def _newly_true_since(trigger: Condition, reset: Condition) -> Condition:
+    """``trigger`` since ``reset``, where a tick with both keeps ``trigger``.
+
+    N.B. `code_version_changed` carries no timestamp, so in Dagster's `since` a reset in the same tick wins: a reload
+    landing in the tick that sees the previous redeploy's materialisation (a user's next edit, right after the last
+    one took effect) was lost. Here that tick keeps the change, at the cost of one more run at most.
+    """
+    return trigger.since(reset & ~trigger)
+
+
 def redeploy() -> Condition:
-    """The asset's code version changed: its content key, which includes the base's key, so a new base, a model's
-    edit and a client moved to another version are all a change of the code versions of what they affect."""
-    return _handled(AutomationCondition.code_version_changed()).with_label("redeploy")
+    """The asset's code version changed, until the asset is requested, and never while it runs: its content key,
+    which includes the base's key, so a new base, a model's edit and a client moved to another version are all a
+    change of the code versions of what they affect."""
+    changed = _newly_true_since(AutomationCondition.code_version_changed(), AutomationCondition.newly_requested())
+    return (changed & ~AutomationCondition.in_progress()).with_label("redeploy")
 
 
 def _on_crons(crons: Iterable[str], ignore: AssetSelection | None) -> Condition | None:
@@ -74,10 +81,8 @@ def _on_crons(crons: Iterable[str], ignore: AssetSelection | None) -> Condition 
 def _trained() -> Condition:
     """The client's state exists and was trained by the code the client runs now: a cron's prediction waits for a
     redeploy's training (which predicts in its run) instead of failing on a stale state."""
-    stale = (
-        AutomationCondition.code_version_changed().since(AutomationCondition.newly_updated())
-        | AutomationCondition.missing()
-    )
+    changed = _newly_true_since(AutomationCondition.code_version_changed(), AutomationCondition.newly_updated())
+    stale = changed | AutomationCondition.missing()
     return (~AutomationCondition.any_deps_match(stale).allow(STATE)).with_label("trained")
 
 

@@ -492,6 +492,25 @@ def test_redeploy_sensor_sees_new_tags_and_stored_versions(two_versions: Project
     assert state("globex") not in request.asset_selection
 
 
+def test_an_edit_reloaded_in_the_tick_that_sees_the_last_run_is_not_lost(
+    two_versions: Project, store: LocalPexStore
+) -> None:
+    """A user edits again right after the last redeploy took effect: that run's materialisations and the reload with
+    the new code versions reach the same automation tick. The edit still redeploys (it used to be lost: Dagster's
+    `since` lets a same-tick reset win over `code_version_changed`)."""
+    project = two_versions
+    write_deployments(project, {"a": client("latest")})
+    with DagsterInstance.ephemeral() as instance:
+        defs = defs_for(project, store)
+        assert defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance).success
+        tick = evaluate_automation_conditions(defs, instance)
+        assert defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance).success
+        model_py = project.models / "m" / "src" / "m" / "model.py"
+        model_py.write_text(model_py.read_text() + "\n# the next edit\n")
+        tick = evaluate_automation_conditions(defs_for(project, store), instance, cursor=tick.cursor)
+        assert requested(tick) == {"model/m/m_v1_1_0", "a/m/m_state", "a/m/m_predictions"}
+
+
 def test_a_version_this_deployment_built_is_not_news(two_versions: Project, store: LocalPexStore) -> None:
     """The first deploy builds and publishes both versions: the store's new entries are its own work, not versions
     built elsewhere, so the next tick reruns nothing (it used to retrain every client once more)."""
