@@ -7,7 +7,6 @@ MODELPEX_CELERY_BROKER.
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .conftest import free_port
+from .servers import log_tail, terminate
 
 __all__ = ["RedisServer"]
 
@@ -72,19 +72,10 @@ class RedisServer:
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join((self.folder / "redis.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.folder / "redis.log", lines)
 
     def stop(self, *, check: bool = True) -> None:
         """SIGTERM, then wait for a clean exit; with ``check``, anything else is an error."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, STOP_SECONDS)
         if check and self.process.returncode != 0:
             raise RuntimeError(f"redis-server exited with {self.process.returncode} on SIGTERM:\n{self.log_tail()}")

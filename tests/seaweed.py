@@ -12,13 +12,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .servers import log_tail, terminate
 
 __all__ = ["SERVICE_PIDS", "SeaweedServer"]
 
@@ -157,24 +158,12 @@ class SeaweedServer:
         return name
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join((self.folder / "weed.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.folder / "weed.log", lines)
 
     def stop(self, *, check: bool = True) -> None:
         """SIGTERM, then wait for a clean exit; with ``check``, anything else is an error. Its data is removed."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                if check:
-                    raise RuntimeError(
-                        f"weed did not stop within {STOP_SECONDS} s of SIGTERM:\n{self.log_tail()}"
-                    ) from None
+        if not terminate(self.process, STOP_SECONDS) and check:
+            raise RuntimeError(f"weed did not stop within {STOP_SECONDS} s of SIGTERM:\n{self.log_tail()}")
         returncode = self.process.returncode
         SERVICE_PIDS.discard(self.process.pid)
         shutil.rmtree(self.folder / "data", ignore_errors=True)
