@@ -177,10 +177,10 @@ def start_ui(project: Path, env: dict[str, str], log: Path) -> tuple[subprocess.
 
 def edit(project: Path, graphql: GraphQL, round_: int) -> float:
     """Save an edit of the version acme runs; seconds until acme's predictions are materialised again."""
-    before, _ = graphql.latest("acme", "m", "m_predictions")
+    before, _ = graphql.latest("acme", "acme_m_predictions")
     model = project / "model_packages" / "m" / "src" / "m" / "model.py"
     model.write_text(model.read_text() + f"\n# edit {round_}\n")
-    return wait("predictions after an edit", lambda: graphql.latest("acme", "m", "m_predictions")[0] > before)
+    return wait("predictions after an edit", lambda: graphql.latest("acme", "acme_m_predictions")[0] > before)
 
 
 def release(project: Path, graphql: GraphQL, major: int) -> tuple[float, float]:
@@ -202,7 +202,7 @@ def release(project: Path, graphql: GraphQL, major: int) -> tuple[float, float]:
     def moved() -> bool:
         if not asset and graphql.has_asset("model", "m", f"m_v{major}_0_0"):
             asset.append(time.monotonic() - started)
-        return graphql.latest("acme", "m", "m_predictions")[1].get("model_version") == version
+        return graphql.latest("acme", "acme_m_predictions")[1].get("model_version") == version
 
     predictions = wait(f"acme's predictions from {version}", moved)
     if not asset:

@@ -3,9 +3,11 @@
 - ``modelpex/base``: the base pex (code version: its content key).
 - ``model/<name>/<name>_v<version>``: one per model version that exists; materialising builds it or fetches it.
 - per client, one graph of steps: a step per dataset (``<client>/<dataset>``), and per model a training step
-  (``<client>/<model>/<model>_state``) and a prediction step (``<client>/<model>/<model>_predictions``, which runs
-  the predictions' asset checks). The lineage graph labels a node with the last part of its key only, so every
-  label of a model's asset names the model.
+  (``<client>/<client>_<model>_state``) and a prediction step (``<client>/<client>_<model>_predictions``, which
+  runs the predictions' asset checks). The lineage graph labels a node with the last part of its key only, so every
+  label of a model's asset names its client and model (a model version's group shows the clients that run it as
+  links labelled so); and two parts keep the client in an asset page's breadcrumbs, which the UI folds from the
+  left when they run long.
 
 N.B. Why graphs: each model's training and prediction is a step of its own (its own timing and failure on the run
 page), while the definitions stay small: one graph-backed definition per client whose steps all share a few op
@@ -14,8 +16,8 @@ clients (benchmarks/definitions.py).
 """
 
 import functools
-import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import pyarrow as pa
 from dagster import (
     AssetCheckResult,
     AssetKey,
+    AssetMaterialization,
     AssetObservation,
     AssetsDefinition,
     AssetSpec,
@@ -49,13 +52,14 @@ from dagster import (
     Out,
     Output,
     OutputMapping,
+    Shape,
     asset,
     job,
     op,
 )
 
 from orchestrator.catalog import LATEST, Catalog, ModelVersion
-from orchestrator.checks import PredictionCheck, prediction_checks
+from orchestrator.checks import PredictionCheck, declares_contract, no_contract_note, prediction_checks
 from orchestrator.datasets import load_dataset
 from orchestrator.deployments import ClientDeployment, DatasetSource, ModelDeployment
 from orchestrator.errors import ModelpexError
@@ -115,11 +119,11 @@ def dataset_key(client: str, dataset: str) -> AssetKey:
 
 
 def state_key(deployment: ModelDeployment) -> AssetKey:
-    return AssetKey([deployment.client, deployment.model, f"{deployment.model}_state"])
+    return AssetKey([deployment.client, f"{deployment.client}_{deployment.model}_state"])
 
 
 def predictions_key(deployment: ModelDeployment) -> AssetKey:
-    return AssetKey([deployment.client, deployment.model, f"{deployment.model}_predictions"])
+    return AssetKey([deployment.client, f"{deployment.client}_{deployment.model}_predictions"])
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class Deployed:
 
     @classmethod
     def of(cls, d: ModelDeployment, version: ModelVersion, code_version: str) -> "Deployed":
-        return cls(d, version, code_version, tuple(prediction_checks(d, version.predictions)))
+        return cls(d, version, code_version, tuple(prediction_checks(d, version.predictions, version.version)))
 
     @functools.cached_property
     def keys(self) -> tuple[AssetKey, AssetKey]:
@@ -212,7 +216,9 @@ def base_asset(base_key: str, index: AssetIndex) -> AssetsDefinition:
         """The shared base pex (numpy, pandas, polars, pyarrow, scikit-learn, dagster-pipes, the runtime)."""
         tag_run(context, index)
         ensured = modelpex.ensure_base()
-        return MaterializeResult(metadata={**ensured.metadata, "interpreter": ensured.record.interpreter})
+        metadata = {**ensured.metadata, "interpreter": ensured.record.interpreter}
+        with quiet_beta():
+            return MaterializeResult(metadata=metadata, data_version=DataVersion(ensured.record.sha256))
 
     return _base
 
@@ -234,43 +240,72 @@ def model_version_asset(
         group_name=VERSIONS_GROUP,
         kinds={"pex"},
         tags={"model": version.name, "version": version.version},
-        description=f"The pex of **{version.name}** {version.version} (from its {version.origin}).",
+        description=f"The pex of {version.name} {version.version} (from its {version.origin}).",
         metadata={"dagster/code_references": code_references(f"{folder}/pyproject.toml", url, label)},
     )
     def _model_version(context: OpExecutionContext, modelpex: ModelpexResource) -> MaterializeResult:
         tag_run(context, index)
-        return MaterializeResult(metadata=modelpex.ensure(version).metadata)
+        ensured = modelpex.ensure(version)
+        with quiet_beta():
+            return MaterializeResult(metadata=ensured.metadata, data_version=DataVersion(ensured.record.sha256))
 
     return _model_version
 
 
+def _version_choice(choices: Sequence[str]) -> Shape:
+    """``model_version``: an enum of ``choices``, which the launchpad completes as a list as one types.
+
+    N.B. Dagster memoises a config shape, process-wide, by a hash of its description and its fields' type names: a
+    shape whose enum is named alike for other choices (a catalog reloaded in the same process) would bring back the
+    old choices. The shape's description lists the choices, so the enum keeps a readable name; the launchpad shows
+    that list above the field.
+    """
+    model_version = Field(
+        Enum("ModelVersion", [EnumValue(choice) for choice in choices]),
+        default_value=choices[0],
+        description="The model version to build or fetch: model@version, or model@latest for its newest version. "
+        "Type over it (or press Ctrl+Space) for the list.",
+    )
+    return Shape({"model_version": model_version}, description=f"build_model's choices: {', '.join(choices)}")
+
+
+def _data_version_tag(sha256: str) -> dict[str, str]:
+    """A materialisation's data version as a tag, for an event an op logs itself.
+
+    N.B. `Output` and `MaterializeResult` take a `DataVersion`; an `AssetMaterialization` does not, and Dagster's own
+    webserver records a reported materialisation's data version under this tag (its external-assets endpoint).
+    """
+    return {"dagster/data_version": sha256}
+
+
 def build_model_job(catalog: Catalog) -> JobDefinition | None:
     """``build_model``: build or fetch any one model version, chosen from the versions that exist (``None``
-    without models). The launchpad opens on a valid choice, the newest version of the first model."""
+    without models), and record it as a materialisation of that version's asset. The launchpad opens on the newest
+    version of the first model, with nothing else to fill in (the resources take no config at launch)."""
     choices = [f"{name}@{LATEST}" for name in sorted(catalog.specs)]
     choices += [f"{v.name}@{v.version}" for v in catalog.all()]
     if not choices:
         return None
-    # N.B. Dagster memoises config shapes by the names of their types, process-wide: an enum named alike for other
-    # choices (a reloaded catalog) would bring back the old choices. The name carries a digest of its values.
-    digest = hashlib.sha256("\n".join(choices).encode()).hexdigest()[:12]
-    model_version = Field(
-        Enum(f"ModelVersion_{digest}", [EnumValue(choice) for choice in choices]),
-        default_value=choices[0],
-        description="model@version to build or fetch; model@latest is its newest version",
-    )
 
     @op(
         name="build_or_fetch_model",
-        config_schema={"model_version": model_version},
+        config_schema=_version_choice(choices),
         description="Build a model version's pex, or fetch and verify it when that exact key is in the store.",
     )
-    def _build(context: OpExecutionContext, modelpex: ModelpexResource) -> dict[str, Any]:
+    def _build(context: OpExecutionContext, modelpex: ModelpexResource) -> None:
         name, _, wanted = str(context.op_config["model_version"]).partition("@")
         current = modelpex.catalog()
-        ensured = modelpex.ensure(current.resolve(name, wanted), current)
+        version = current.resolve(name, wanted)
+        ensured = modelpex.ensure(version, current)
         context.log.info(f"{ensured.action} {ensured.record.label} (key {ensured.record.key})")
-        return {k: v.value if isinstance(v, MetadataValue) else v for k, v in ensured.metadata.items()}
+        context.log_event(
+            AssetMaterialization(
+                asset_key=model_version_key(version),
+                description=f"{ensured.action} by build_model",
+                metadata=ensured.metadata,
+                tags=_data_version_tag(ensured.record.sha256),
+            )
+        )
 
     @job(name="build_model", description="Build or fetch one model version's pex (config: model_version).")
     def build_model() -> None:
@@ -307,20 +342,26 @@ def _trained_state(context: OpExecutionContext, d: ModelDeployment, key: AssetKe
     return str(meta["model_version"]), str(meta["state_sha256"])
 
 
-def _run_metadata(outcome: RunOutcome, ensured: Ensured, d: ModelDeployment, started: float) -> dict[str, Any]:
-    """What a call did, durations and sizes in human units; ``step_overhead`` is the step's own time: everything but
-    the model's code and, on the call that started it, the model process's start (its imports)."""
-    model_seconds = sum(outcome.model_seconds.values())
-    overhead = max(0.0, time.perf_counter() - started - model_seconds - outcome.start_seconds)
+def _release_metadata(ensured: Ensured, d: ModelDeployment) -> dict[str, Any]:
+    """Which pex ran, and with which parameters."""
     return {
         "model": ensured.record.name,
         "model_version": ensured.record.version,
         "model_key": ensured.record.key,
         "pex": ensured.action,
         "params": MetadataValue.json(dict(d.params)),
+    }
+
+
+def _timing_metadata(outcome: RunOutcome, started: float) -> dict[str, Any]:
+    """What a call cost, after the data's profile: sizes and durations in human units and one number to plot,
+    ``model_seconds``. ``step_overhead`` is the step's own time: everything but the model's code and, on the call
+    that started it, the model process's start (its imports)."""
+    model_seconds = sum(outcome.model_seconds.values())
+    overhead = max(0.0, time.perf_counter() - started - model_seconds - outcome.start_seconds)
+    return {
         "rows_in": sum(outcome.rows_in.values()),
         "data_moved": human_size(outcome.bytes_moved),
-        "model_time": human_duration(model_seconds),
         "transport_time": human_duration(outcome.transport_seconds),
         "process_start": human_duration(outcome.start_seconds) if outcome.process_started else "re-used",
         "step_overhead": human_duration(overhead),
@@ -379,10 +420,11 @@ class ModelStep:
         record = self.modelpex.runner.states.save(ensured.record, self.d.client, self.context.run.run_id, outcome.state)
         metadata = {
             **metric_metadata(outcome.metrics),
-            **_run_metadata(outcome, ensured, self.d, started),
+            **_release_metadata(ensured, self.d),
             "state_sha256": record.sha256,  # N.B. Computed and signed here: the digest predictions trust.
             "state_format": record.format,
             "state_size": human_size(record.size),
+            **_timing_metadata(outcome, started),
         }
         metadata |= _unclaimed(reported, metadata)
         with quiet_beta():
@@ -409,7 +451,12 @@ class ModelStep:
             reported=reported,
         )
         table = outcome.outputs["predictions"]
-        metadata = {**_run_metadata(outcome, ensured, self.d, started), **frame_metadata(table), "state_sha256": sha256}
+        metadata = {
+            **frame_metadata(table),
+            **_release_metadata(ensured, self.d),
+            "state_sha256": sha256,
+            **_timing_metadata(outcome, started),
+        }
         metadata |= _unclaimed(reported, metadata)
         selected = {check.name for check in self.context.selected_asset_check_keys if check.asset_key == self.key}
         checks = [c.result(self.key, table, outcome.rows_in) for c in self.deployed.checks if c.name in selected]
@@ -469,7 +516,7 @@ class ClientSteps:
 
         @op(
             name=f"{version.name}_{version.slug}_train",
-            ins={"after": In(Nothing)},
+            ins={"after": In(Nothing), "pex": In(Nothing)},
             out={"result": Out(Nothing)},
             tags={"model": version.name, "version": version.version},
             description=f"Train {version.name} {version.version} on a client's data, in its model process.",
@@ -498,21 +545,49 @@ class ClientSteps:
         return _predict
 
 
-def _describe(deployed: Deployed, what: str) -> str:
+def _pin(d: ModelDeployment) -> str:
+    return "follows latest" if d.follows_latest else "pinned"
+
+
+def _describe(deployed: Deployed, what: str, *details: str) -> str:
+    """Who runs what, in plain words first: the catalog shows a description's start as it is (no markdown) and the
+    graph its first line. ``details`` are Markdown paragraphs the asset's page renders below."""
     d, version = deployed.deployment, deployed.version
-    pin = "follows latest" if d.follows_latest else "pinned"
-    params = f" · params `{json.dumps(dict(d.params), sort_keys=True)}`" if d.params else ""
-    return f"**{d.model}** {version.version} ({pin}) for {d.client}: {what}{params}"
+    lines = [f"{d.client} runs {d.model} {version.version} ({_pin(d)}): {what}.", *details]
+    if d.params:
+        lines.append(f"Parameters: `{json.dumps(dict(d.params), sort_keys=True)}`")
+    return "\n\n".join(lines)
+
+
+def _contract(deployed: Deployed) -> str:
+    """What the predictions' checks come from, said on the predictions' page: the release's contract, or that it
+    declares none."""
+    if not declares_contract(deployed.version.predictions):
+        return no_contract_note(deployed.deployment.model, deployed.version.version)
+    d, version = deployed.deployment, deployed.version.version
+    if not deployed.checks:
+        return f"The contract {d.model} {version} declares asks for no check of these predictions."
+    names = ", ".join(f"`{c.name}`" for c in deployed.checks)
+    return f"Checked after every prediction against the contract {d.model} {version} declares: {names}."
+
+
+def _kind(text: str) -> str:
+    """``text`` as a kind: Dagster allows letters, digits, ``_``, ``.`` and ``-``, 63 at most."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:63]
 
 
 def _tags(deployed: Deployed, kind: str) -> dict[str, str]:
-    d = deployed.deployment
+    """Tags, and kinds: the graph draws a node's kinds under it, its tags nowhere, so the version a client runs and
+    whether it is pinned are kinds too (``kind:pinned`` selects every pinned deployment)."""
+    d, latest = deployed.deployment, deployed.deployment.follows_latest
     return {
         "client": d.client,
         "model": d.model,
         "version": deployed.version.version,
-        "follows": "latest" if d.follows_latest else "pinned",
+        "follows": "latest" if latest else "pinned",
         f"dagster/kind/{kind}": "",
+        f"dagster/kind/{_kind('v' + deployed.version.version)}": "",
+        f"dagster/kind/{'follows-latest' if latest else 'pinned'}": "",
     }
 
 
@@ -572,13 +647,18 @@ def _add_model(graph: _Graph, deployed: Deployed, steps: ClientSteps) -> None:
     graph.dependencies[NodeInvocation(predict.name, alias=predicts)] = {
         "after": MultiDependencyDefinition([DependencyDefinition(trains, "result"), *after])
     }
+    # N.B. The version's pex is an input of the training step, not only a dependency of the state's asset: in a run
+    # with both, training waits for the pex (which its data version records), and a run without it reads it as is.
+    pex = f"{d.model}__pex"
+    graph.inputs.append(InputMapping(graph_input_name=pex, mapped_node_name=trains, mapped_node_input_name="pex"))
+    graph.keys_in[pex] = steps.version_key(version)
     state, predictions = deployed.keys
     graph.output(
         f"{d.model}__state",
         trains,
         state,
         {steps.version_key(version), *data_keys},
-        _describe(deployed, "the fitted state, trained at run time; its sha256 is kept"),
+        _describe(deployed, "its fitted state, trained at run time", "The state's sha256 is kept and checked."),
         _tags(deployed, STATE_KIND),
     )
     graph.output(
@@ -586,7 +666,7 @@ def _add_model(graph: _Graph, deployed: Deployed, steps: ClientSteps) -> None:
         predicts,
         predictions,
         {state, *data_keys},
-        _describe(deployed, "predictions"),
+        _describe(deployed, "its predictions", _contract(deployed)),
         _tags(deployed, "parquet"),
     )
     graph.code_versions[f"{d.model}__state"] = graph.code_versions[f"{d.model}__predictions"] = deployed.code_version

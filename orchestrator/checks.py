@@ -25,7 +25,7 @@ from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetK
 from orchestrator.deployments import ModelDeployment
 from orchestrator.specs import ROWS_ANY, ROWS_INPUT, ColumnCheck, PredictionContract
 
-__all__ = ["PredictionCheck", "prediction_checks"]
+__all__ = ["PredictionCheck", "declares_contract", "no_contract_note", "prediction_checks"]
 
 MAX_LISTED = 10
 
@@ -58,14 +58,31 @@ class PredictionCheck:
         )
 
 
-def prediction_checks(d: ModelDeployment, contract: PredictionContract) -> list[PredictionCheck]:
-    """The checks of ``d``'s predictions under the contract of the model version it runs."""
+def declares_contract(contract: PredictionContract) -> bool:
+    """Whether a version declares what its predictions promise (``[tool.modelpex.predictions]``) beyond the default
+    row count."""
+    return contract != PredictionContract()
+
+
+def no_contract_note(model: str, version: str) -> str:
+    """Said on the predictions and on their checks of a version that declares no contract: a release keeps the
+    checks it was released with, so its checks are few and nothing else would say why."""
+    return (
+        f"{model} {version} declares no prediction contract ([tool.modelpex.predictions] in its pyproject.toml), "
+        "so its predictions' columns and values are not checked."
+    )
+
+
+def prediction_checks(d: ModelDeployment, contract: PredictionContract, version: str = "") -> list[PredictionCheck]:
+    """The checks of ``d``'s predictions under the contract of the model version it runs (``version``, named in the
+    checks' descriptions when it declares no contract)."""
     checks = []
     rows_input = _rows_input(d, contract)
     if rows_input is not None:
-        checks.append(
-            PredictionCheck("rows_match_input", f"as many rows as the input {rows_input!r}", "error", input=rows_input)
-        )
+        description = f"as many rows as the input {rows_input!r}"
+        if not declares_contract(contract):
+            description += f". {no_contract_note(d.model, version or d.version)}"
+        checks.append(PredictionCheck("rows_match_input", description, "error", input=rows_input))
     if contract.columns:
         described = ", ".join(contract.columns)
         checks.append(

@@ -453,6 +453,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     from dagster import DagsterInstance
 
     from orchestrator.definitions import build_definitions
+    from orchestrator.metadata import human_duration
 
     with err.status("loading the code location"):
         defs = build_definitions(settings)
@@ -478,7 +479,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
                 str(meta.get("dagster/row_count", "-")),
                 str(meta["data_moved"]),
                 str(meta["transport_time"]),
-                str(meta["model_time"]),
+                human_duration(float(meta["model_seconds"])),
             )
     out.print(table)
     if not result.success:
@@ -486,7 +487,14 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
             f"{e.step_key}: {_first_line(e.event_specific_data.error)}" for e in result.all_events if e.is_step_failure
         )
         raise ModelpexError(f"deploy run {result.run_id} failed in {failed} (its tracebacks: `modelpex ui`)")
-    out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui` (http://127.0.0.1:3000)")
+    groups = sorted({node.group_name for node in defs.resolve_asset_graph().asset_nodes if node.group_name})
+    out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui`: {lineage_url(groups)}", soft_wrap=True)
+
+
+def lineage_url(groups: Sequence[str], base: str = "http://127.0.0.1:3000") -> str:
+    """The UI's global lineage with every group open: the UI opens it with every group collapsed, and nothing in the
+    definitions changes that; its ``expanded`` query parameter does (the UI's group ids, ``global@global:<group>``)."""
+    return f"{base}/asset-groups?expanded=" + ",".join(f"global@global:{group}" for group in groups)
 
 
 def _first_line(error: SerializableErrorInfo) -> str:

@@ -35,7 +35,7 @@ from orchestrator.automation import conditions, with_conditions
 from orchestrator.catalog import ModelVersion, released_json
 from orchestrator.deployments import load_deployments
 from orchestrator.executors import run_executor
-from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource
+from orchestrator.resources import ArrowParquetIOManager, FrameStore, ModelpexResource, set_at_load
 from orchestrator.sensors import failure_sensor, redeploy_sensor
 from orchestrator.settings import Settings
 from orchestrator.store import is_remote
@@ -106,14 +106,16 @@ def build_definitions(
             failure_sensor(),
         ],
         resources={
-            "modelpex": modelpex
-            or ModelpexResource(
-                project_dir=str(settings.project),
-                store_url=settings.store_url,
-                released=released_json(released) if released else "",
+            "modelpex": set_at_load(
+                modelpex
+                or ModelpexResource(
+                    project_dir=str(settings.project),
+                    store_url=settings.store_url,
+                    released=released_json(released) if released else "",
+                )
             ),
             "frames": ArrowParquetIOManager(store=frame_store),
-            "frame_store": frame_store,
+            "frame_store": set_at_load(frame_store),
         },
         executor=run_executor(settings),
     )

@@ -204,11 +204,15 @@ def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployme
         str(m): _model(name, str(m), v, datasets, defaults, catalog, f"{where}.models.{m}")
         for m, v in _table(table.get("models"), f"{where}.models").items()
     }
-    # N.B. Steps are named after the datasets, `<model>_train` and `<model>_predict` (orchestrator/assets.py).
+    # N.B. Steps are named after the datasets, `<model>_train` and `<model>_predict`, and datasets share the key
+    # prefix `<client>/` with the model's assets, `<client>_<model>_state` and `_predictions` (orchestrator/assets.py).
     for model in models:
         for step in (f"{model}_train", f"{model}_predict"):
             if step in datasets:
                 raise DeploymentError(f"{where}.datasets.{step}: the name is {model}'s step: rename the dataset")
+        for asset in (f"{name}_{model}_state", f"{name}_{model}_predictions"):
+            if asset in datasets:
+                raise DeploymentError(f"{where}.datasets.{asset}: the name is {model}'s asset: rename the dataset")
     return ClientDeployment(name, datasets, models)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from dagster import (
     InitResourceContext,
     InputContext,
     OutputContext,
+    ResourceDefinition,
+    resource,
 )
 from modelpex_runtime.transport import to_arrow
 from pydantic import Field, PrivateAttr
@@ -42,7 +45,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import ArtifactRecord, PexStore, open_store
 from orchestrator.versions import WebRemote, web_remote
 
-__all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource", "StoredFrame"]
+__all__ = ["ArrowParquetIOManager", "Ensured", "FrameStore", "ModelpexResource", "StoredFrame", "set_at_load"]
 
 
 @dataclass(frozen=True)
@@ -296,3 +299,23 @@ class ArrowParquetIOManager(ConfigurableIOManager):
 
     def load_input(self, context: InputContext) -> pa.Table:
         return self.store.load_table(context.asset_key)
+
+
+def set_at_load(configured: ConfigurableResource) -> ResourceDefinition:
+    """``configured`` as a resource that takes no config at launch: its values are those the code location loaded.
+
+    N.B. A configured `ConfigurableResource` offers every field in every launchpad, its value as the default, and the
+    launchpad pre-fills them all: `build_model`'s opened on some twenty lines of absolute paths and environment names
+    around the one choice a user makes. None of them is a per-run choice. This is Dagster's documented way to build a
+    function-style resource from one (`from_resource_context_cm`), which keeps its set-up and teardown. Its schema
+    is empty, not absent: a run config that still sets a field is refused, naming it, rather than ignored.
+    """
+    cls = type(configured)
+    values = {name: getattr(configured, name) for name in cls.model_fields}
+
+    @resource(config_schema={}, description=cls.__doc__)
+    def _set_at_load(context: InitResourceContext) -> Iterator[Any]:
+        with cls.from_resource_context_cm(context, nested_resources=values) as value:
+            yield value
+
+    return _set_at_load

@@ -25,7 +25,8 @@ from orchestrator.store import ArtifactRecord
 __all__ = ["Runner"]
 
 log = logging.getLogger("modelpex")
-_described: set[str] = set()
+# N.B. Process-wide: a Dagster run or a command may make several runners, and says who models run as once.
+_announced: set[str] = set()
 
 
 class Runner:
@@ -49,9 +50,6 @@ class Runner:
         self.sandbox.check_reachable(interpreter.path, "the interpreter")
         self.processes = ModelProcesses(self.sandbox, env_allow=env_allow, env=env)
         self.states = StateKeeper(self.store, settings.signing_key_path)
-        if (described := self.sandbox.describe()) not in _described:
-            _described.add(described)
-            (log.info if self.sandbox.switching else log.warning)(f"modelpex isolation: {described}")
 
     def __enter__(self) -> Runner:
         return self
@@ -75,7 +73,17 @@ class Runner:
         self, model: ArtifactRecord, link: Callable[[], AbstractContextManager[PipesLink]], **kwargs: Any
     ) -> RunOutcome:
         """One call of ``model`` (see `ModelProcess.call` for the keyword arguments)."""
-        return self.processes.call(self.prepare(model), link, timeout=self.timeout, **kwargs)
+        prepared = self.prepare(model)
+        self._announce()
+        return self.processes.call(prepared, link, timeout=self.timeout, **kwargs)
+
+    def _announce(self) -> None:
+        """Who model processes run as, and each guarantee that does not hold: once per process, as its first model
+        process is about to start (a warning when a guarantee is missing), never ahead of an unrelated error."""
+        if (described := self.sandbox.describe()) not in _announced:
+            _announced.add(described)
+            complete = self.sandbox.switching and self.sandbox.bwrap
+            (log.info if complete else log.warning)(f"modelpex isolation: {described}")
 
     def close(self) -> None:
         self.processes.close()

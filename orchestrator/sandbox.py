@@ -117,12 +117,18 @@ class Sandbox:
     """How this orchestrator starts model processes: as whom, in which folder, with which guarantees."""
 
     def __init__(
-        self, cache: Path, mode: Mode, user: pwd.struct_passwd | None = None, bwrap: str | None = None
+        self,
+        cache: Path,
+        mode: Mode,
+        user: pwd.struct_passwd | None = None,
+        bwrap: str | None = None,
+        no_bwrap: str = "MODELPEX_SANDBOX=none",
     ) -> None:
         self.cache = cache
         self.mode = mode
         self.user = user
         self.bwrap = bwrap
+        self.no_bwrap = no_bwrap  # N.B. Why there is no namespace sandbox, when there is none.
         self.uids = _subuid_range(user) if user is not None else None
         owned_dir(cache, 0o755)
         self.runs = owned_dir(cache / RUNS, 0o711)  # N.B. Traversable, not listable: a uid finds only its folder.
@@ -140,7 +146,7 @@ class Sandbox:
             raise SandboxError(f"MODELPEX_SANDBOX={sandbox!r} is not one of auto, bwrap, none")
         switch = isolation == "user" or (isolation == "auto" and can_switch_users())
         account = cls._model_user(user, isolation) if switch else None
-        return cls(cache, "user" if switch else "none", account, _bubblewrap(sandbox, account))
+        return cls(cache, "user" if switch else "none", account, *_bubblewrap(sandbox, account))
 
     @staticmethod
     def _model_user(user: str, isolation: str) -> pwd.struct_passwd:
@@ -176,7 +182,7 @@ class Sandbox:
             )
         else:
             who = f"model processes run as this process's own user (uid {os.geteuid()}): it cannot switch users"
-        who += ", in a bubblewrap sandbox" if self.bwrap else ", without a namespace sandbox (install bubblewrap)"
+        who += ", in a bubblewrap sandbox" if self.bwrap else f", without a namespace sandbox ({self.no_bwrap})"
         missing = [text for text, holds in guarantees(self.mode, bool(self.bwrap), bool(self.uids)) if not holds]
         return who + ("; these guarantees do NOT hold: " + "; ".join(missing) if missing else "")
 
@@ -258,10 +264,14 @@ def _bwrap_args(workdir: Path, binds: Sequence[str] = ()) -> list[str]:
 
 
 @functools.cache
-def _bubblewrap(choice: str, account: pwd.struct_passwd | None) -> str | None:
-    """bubblewrap's path when the sandbox should and can use it; one trial run as the model user proves it."""
+def _bubblewrap(choice: str, account: pwd.struct_passwd | None) -> tuple[str | None, str]:
+    """bubblewrap's path when the sandbox should and can use it (one trial run as the model user proves it), and
+    otherwise why not.
+
+    N.B. Nothing is logged here: the runner says it once, when a model process first starts (`Runner.call`), so that
+    it never comes ahead of an error that has nothing to do with the sandbox."""
     if choice == "none":
-        return None
+        return None, "MODELPEX_SANDBOX=none"
     found = shutil.which("bwrap")
     if found is not None:
         user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []} if account else {}
@@ -271,11 +281,10 @@ def _bubblewrap(choice: str, account: pwd.struct_passwd | None) -> str | None:
                 [found, *_bwrap_args(Path(tmp)), "--", "/bin/true"], capture_output=True, text=True, check=False, **user
             )
         if trial.returncode == 0:
-            return found
+            return found, ""
         problem = f"bubblewrap cannot start a sandbox here: {trial.stderr.strip()}"
     else:
-        problem = "bubblewrap is not installed (Debian: apt-get install bubblewrap)"
+        problem = "bubblewrap is not installed: Debian's apt-get install bubblewrap"
     if choice == "bwrap":
         raise SandboxError(f"MODELPEX_SANDBOX=bwrap but {problem}")
-    log.warning(f"modelpex runs models without a namespace sandbox: {problem}")
-    return None
+    return None, problem

@@ -6,7 +6,6 @@ MODELPEX_CELERY_BROKER.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -14,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .conftest import free_port
-from .servers import log_tail, terminate
+from .servers import log_tail, spawn, stop, terminate
+from .system import find
 
 __all__ = ["RedisServer"]
 
@@ -36,16 +36,14 @@ class RedisServer:
 
     @classmethod
     def start(cls, folder: Path) -> RedisServer:
-        binary = shutil.which("redis-server")
+        binary = find("redis-server")
         if binary is None:
-            raise RuntimeError("no redis-server: install Debian's (`apt-get install redis-server`), as .ci/run does")
+            raise RuntimeError("no redis-server: tests/system.py's requires('redis-server') should have skipped")
         port = free_port()
         # N.B. --save '' and --appendonly no: a throwaway broker writes no snapshot, at exit or ever.
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         with open(folder / "redis.log", "wb") as log:
-            process = subprocess.Popen(
-                [*command, "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            process = spawn([*command, "--dir", str(folder)], stdout=log)
         server = cls(folder, port, process)
         try:
             server._wait_until_ready()
@@ -76,6 +74,7 @@ class RedisServer:
 
     def stop(self, *, check: bool = True) -> None:
         """SIGTERM, then wait for a clean exit; with ``check``, anything else is an error."""
-        terminate(self.process, STOP_SECONDS)
-        if check and self.process.returncode != 0:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode} on SIGTERM:\n{self.log_tail()}")
+        if check:
+            stop(self.process, "redis-server", STOP_SECONDS, tail=self.log_tail)
+        else:
+            terminate(self.process, STOP_SECONDS)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +21,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from orchestrator.build import Builder, BuildResult
+from orchestrator.errors import ModelpexError
 from orchestrator.specs import load_base_env
-from orchestrator.store import LocalPexStore
+from orchestrator.store import ArtifactRecord, LocalPexStore, file_sha256
 
+from . import servers
 from .seaweed import SERVICE_PIDS, SeaweedServer, unique_prefix
+from .servers import log_tail, spawn, stop
+from .system import find, require
 
 if TYPE_CHECKING:
     from orchestrator.transport import SegmentPool
@@ -31,23 +36,111 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shm_used() -> int:
-    """Bytes in use on /dev/shm: our segments are unnamed, so what they hold shows only here."""
-    stat = os.statvfs("/dev/shm")
-    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+def cache_folder(prefix: str) -> Path:
+    """A new, empty folder beside the one modelpex caches in by default (/var/cache when models run as another user,
+    ~/.cache otherwise), for a cache of a test's own.
+
+    N.B. Not under pytest's mode-0700 temporary folder, which the model user cannot reach, nor under /tmp or /var/tmp,
+    which bubblewrap replaces with private ones: there a model would see a fresh folder around its own, not the
+    cache (tests/test_isolation.py's attacks would write into that and look allowed).
+    """
+    from orchestrator.settings import Settings
+
+    parent = Settings.from_env(env={}, project=str(REPO)).cache_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    folder.chmod(0o755)
+    return folder
 
 
-SHM_AT_START = shm_used()
+def _session_cache() -> Path:
+    """A modelpex cache of this test session's own (MODELPEX_CACHE, for every test and the commands they start), on
+    the PEX_ROOT this machine's set-up warmed (``modelpex warm``): model processes' folders (``runs/``) and verified
+    copies are this session's alone, whoever else runs modelpex or its tests on the machine. Removed when the
+    session ends.
+    """
+    from orchestrator.settings import Settings
+
+    os.environ.setdefault("MODELPEX_PEX_ROOT", str(Settings.from_env(project=str(REPO)).model_pex_root))
+    folder = cache_folder("modelpex-test-session-")
+    os.environ["MODELPEX_CACHE"] = str(folder)
+    return folder
+
+
+SESSION_CACHE = _session_cache()
+
+
+def cache_env(**more: str) -> dict[str, str]:
+    """The session's cache settings (and ``more``), for a `Settings.from_env(env=...)` that must not fall back to the
+    machine's default cache."""
+    return {name: os.environ[name] for name in ("MODELPEX_CACHE", "MODELPEX_PEX_ROOT")} | more
+
+
+def shm_held(root: int | None = None) -> int:
+    """Bytes of shared memory (unnamed files on /dev/shm, memfds) held open or mapped by process ``root`` (this one by
+    default) and its descendants, each segment counted once.
+
+    N.B. What the tests created, and only that: other sessions and other engineers' work share this machine's
+    /dev/shm, so its overall use says nothing about ours. A process that outlived its parent is no longer a
+    descendant; tests that kill processes check that none is left (`leaked_children`, the tests' own scans).
+    """
+    import psutil
+
+    try:
+        top = psutil.Process(root)
+        processes = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    sizes: dict[tuple[int, int], int] = {}
+    for process in processes:
+        sizes.update(_segments_of(process.pid))
+    return sum(sizes.values())
+
+
+def _is_segment(target: str) -> bool:
+    return target.startswith(("/dev/shm/", "/memfd:"))
+
+
+def _segments_of(pid: int) -> dict[tuple[int, int], int]:
+    """(device, inode) -> allocated bytes of each segment ``pid`` holds as a descriptor or maps."""
+    found: dict[tuple[int, int], int] = {}
+    proc = Path(f"/proc/{pid}")
+    try:
+        for fd in (proc / "fd").iterdir():
+            try:
+                if _is_segment(os.readlink(fd)):
+                    info = os.stat(fd)
+                    found[(info.st_dev, info.st_ino)] = info.st_blocks * 512
+            except OSError:
+                continue
+        maps = (proc / "maps").read_text()
+    except OSError:
+        return found
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not _is_segment(fields[5]):
+            continue
+        major, minor = (int(part, 16) for part in fields[3].split(":"))
+        key = (os.makedev(major, minor), int(fields[4]))
+        if key not in found:
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            try:
+                info = os.stat(proc / "map_files" / fields[0])
+                found[key] = info.st_blocks * 512
+            except OSError:  # N.B. map_files is root's only: the mapping's length, then.
+                found[key] = end - start
+    return found
 
 
 def assert_pool_holds_only_idle(pool: SegmentPool, before: int) -> None:
-    """Between calls a pool holds idle segments only, and /dev/shm no more than they take (``before`` the pool).
+    """Between calls a pool holds idle segments only, and we no more shared memory than they take (``before`` the
+    pool).
 
     N.B. Check before the pool closes: closing frees leased segments too, so a call that never gave its segments
     back is invisible afterwards, and so to the suite-level check below, which runs once every pool has closed.
     """
     assert pool.leased_bytes() == 0, "every call gave its segments back"
-    assert shm_used() <= before + pool.held_bytes() + (1 << 20), "/dev/shm holds only what the pool keeps idle"
+    assert shm_held() <= before + pool.held_bytes() + (1 << 20), "we hold only the shared memory the pool keeps idle"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -59,19 +152,43 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import gc
 
     gc.collect()
-    grown = shm_used() - SHM_AT_START
-    if grown > 1 << 20:
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    held = shm_held()
+    if held > 1 << 20:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        print(f"\n/dev/shm holds {grown / 1e6:.1f} MB more than when the suite started", file=sys.stderr)
+        print(f"\nthe test session still holds {held / 1e6:.1f} MB of shared memory", file=sys.stderr)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "benchmarks: runs a benchmark (quick); -m 'not benchmarks' leaves them out")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under ``CI=true`` a skipped test is a failure: CI must run every test (`.ci/run` sets it). Elsewhere a test
+    that needs a program the machine lacks is skipped, saying which package to install (`tests/system.py`)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and _in_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true, and this test was skipped: {reason}"
 
 
 def leaked_children() -> list[object]:
-    """This process's descendants, less the servers the session keeps running (SeaweedFS) and theirs."""
+    """This process's descendants, less the servers the tests started (`tests.servers.spawn`), theirs and the reaper."""
     import psutil
 
-    services = {pid for pid in SERVICE_PIDS if psutil.pid_exists(pid)}
+    services = {pid for pid in servers.services() | SERVICE_PIDS if psutil.pid_exists(pid)}
     for pid in list(services):
-        services |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        try:
+            services |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
     return [child for child in psutil.Process().children(recursive=True) if child.pid not in services]
 
 
@@ -86,10 +203,33 @@ class SessionBase:
 
 @pytest.fixture(scope="session")
 def session_base(tmp_path_factory: pytest.TempPathFactory) -> SessionBase:
-    """The repository's base_env built for real, once per session (about 20 s with pex's wheel cache warm)."""
+    """The repository's base_env as a base pex, in a store of the session's own, once per session.
+
+    N.B. Set-up has usually built it already (`.ci/setup` runs `modelpex build --all` into the project's store,
+    pex_builds/): that very artifact is taken, found by its key and its bytes hashed against its record, instead of
+    a second build of the same key (a minute or more). Otherwise (base_env changed since, or no set-up) it is built
+    here, for real; `SessionBase.build.cached` says which.
+    """
     root = tmp_path_factory.mktemp("session-store")
     builder = Builder(LocalPexStore(root), load_base_env(REPO / "base_env"))
+    record = _built_base(builder.base_key)
+    if record is not None:
+        for relative in (f"bases/{record.filename}", f"index/base/{record.key}.json"):
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.link(REPO / "pex_builds" / relative, root / relative)
     return SessionBase(root, builder.base())
+
+
+def _built_base(key: str) -> ArtifactRecord | None:
+    """The base of ``key`` in the project's store, whole (its bytes hashed against its record), or None."""
+    if not (REPO / "pex_builds" / "index").is_dir():
+        return None
+    built = LocalPexStore(REPO / "pex_builds")
+    try:
+        record = built.record("base", "base", key)
+        return record if record is not None and file_sha256(built.local_path(record)) == record.sha256 else None
+    except (ModelpexError, OSError):
+        return None
 
 
 def clone_store(session: SessionBase, root: Path) -> LocalPexStore:
@@ -273,11 +413,8 @@ def fresh_cache() -> Iterator[dict[str, str]]:
 
     N.B. Outside pytest's mode-0700 temporary folder: model processes' private folders live in the cache.
     """
-    from orchestrator.settings import Settings
-
-    folder = Path(tempfile.mkdtemp(prefix="modelpex-test-cache-"))
-    folder.chmod(0o755)
-    yield {"MODELPEX_CACHE": str(folder), "MODELPEX_PEX_ROOT": str(Settings.from_env(env={}).model_pex_root)}
+    folder = cache_folder("modelpex-test-cache-")
+    yield {"MODELPEX_CACHE": str(folder), "MODELPEX_PEX_ROOT": os.environ["MODELPEX_PEX_ROOT"]}
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -289,9 +426,11 @@ def sample_table() -> Iterator[object]:
 
 
 def pg_bin(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
-    assert found, f"{name} not found: install PostgreSQL (Debian: apt-get install postgresql), as .ci/run does"
-    return found
+    """A PostgreSQL program, from the server's own folder (Debian keeps the server's tools off PATH)."""
+    require("initdb")
+    found = Path(str(find("initdb"))).with_name(name)
+    assert found.is_file(), f"{found} is missing: reinstall PostgreSQL (apt-get install postgresql)"
+    return str(found)
 
 
 def free_port() -> int:
@@ -314,41 +453,56 @@ def postgres() -> Iterator[dict[str, str]]:
 @contextmanager
 def postgres_server() -> Iterator[dict[str, str]]:
     """A throwaway PostgreSQL server on loopback with a database ``dagster``; yields the ``DAGSTER_PG_*`` variables
-    that orchestrator/dagster-postgres.yaml reads. Stopped and removed on exit."""
+    that orchestrator/dagster-postgres.yaml reads. Its stop is checked (a fast shutdown, exit 0), and its folder
+    removed.
+
+    N.B. The server itself (``postgres``), not ``pg_ctl start``, whose server detaches: started by `spawn`, it dies
+    with the test session however that ends.
+    """
     # N.B. Not under pytest's tmp_path: that is private to root, and the server runs as the postgres user.
     root = Path(tempfile.mkdtemp(prefix="modelpex-pg-"))
-    data, sockets = root / "data", root / "sockets"
-    sockets.mkdir()
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        for path in (root, sockets):
-            os.chown(path, user.pw_uid, user.pw_gid)
-    subprocess.run(
-        _as_postgres([pg_bin("initdb"), "-D", str(data), "-U", "modelpex", "--auth=trust"]),
-        check=True,
-        capture_output=True,
-    )
-    port = str(free_port())
-    # N.B. mmap dynamic shared memory keeps the server's own segments out of /dev/shm, where ours are checked.
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c dynamic_shared_memory_type=mmap"
-    # N.B. -l: the server must not inherit our pipes, or waiting for pg_ctl's output would wait for the server.
-    subprocess.run(
-        _as_postgres([pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start"]),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        timeout=60,
-    )
     try:
-        subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "modelpex", "dagster"], check=True)
-        yield {
-            "DAGSTER_PG_HOST": "127.0.0.1",
-            "DAGSTER_PG_PORT": port,
-            "DAGSTER_PG_DB": "dagster",
-            "DAGSTER_PG_USER": "modelpex",
-            "DAGSTER_PG_PASSWORD": "",
-        }
-    finally:
+        data, sockets, log = root / "data", root / "sockets", root / "server.log"
+        sockets.mkdir()
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            for path in (root, sockets):
+                os.chown(path, user.pw_uid, user.pw_gid)
         subprocess.run(
-            _as_postgres([pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+            _as_postgres([pg_bin("initdb"), "-D", str(data), "-U", "modelpex", "--auth=trust"]),
+            check=True,
+            capture_output=True,
         )
+        port = str(free_port())
+        # N.B. mmap dynamic shared memory keeps the server's own segments off /dev/shm.
+        options = ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "dynamic_shared_memory_type=mmap"]
+        with open(log, "wb") as out:
+            server = spawn(
+                [pg_bin("postgres"), "-D", str(data), "-p", port, "-k", str(sockets), *options],
+                user="postgres" if os.geteuid() == 0 else None,
+                stdout=out,
+            )
+        try:
+            _wait_for_postgres(server, port, log)
+            subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "modelpex", "dagster"], check=True)
+            yield {
+                "DAGSTER_PG_HOST": "127.0.0.1",
+                "DAGSTER_PG_PORT": port,
+                "DAGSTER_PG_DB": "dagster",
+                "DAGSTER_PG_USER": "modelpex",
+                "DAGSTER_PG_PASSWORD": "",
+            }
+        finally:
+            # N.B. SIGINT is PostgreSQL's fast shutdown: clients are disconnected, and it exits 0 when all went well.
+            stop(server, "PostgreSQL", 60, sig=signal.SIGINT, tail=lambda: log_tail(log, 20))
+    finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_postgres(server: subprocess.Popen, port: str, log: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    ready = [pg_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", port, "-t", "1"]
+    while subprocess.run(ready, check=False).returncode != 0:
+        assert server.poll() is None, f"PostgreSQL exited with {server.returncode} at start:\n{log_tail(log, 20)}"
+        assert time.monotonic() < deadline, f"PostgreSQL did not answer in {seconds:.0f} s:\n{log_tail(log, 20)}"
+        time.sleep(0.1)

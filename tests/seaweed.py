@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .servers import log_tail, terminate
+from .servers import log_tail, spawn, stop, terminate
 
 __all__ = ["SERVICE_PIDS", "SeaweedServer"]
 
@@ -99,7 +99,7 @@ class SeaweedServer:
         ]
         (folder / "data").mkdir()
         with open(folder / "weed.log", "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = spawn(command, stdout=log)
         SERVICE_PIDS.add(process.pid)
         server = cls(folder, s3, process)
         try:
@@ -162,13 +162,14 @@ class SeaweedServer:
 
     def stop(self, *, check: bool = True) -> None:
         """SIGTERM, then wait for a clean exit; with ``check``, anything else is an error. Its data is removed."""
-        if not terminate(self.process, STOP_SECONDS) and check:
-            raise RuntimeError(f"weed did not stop within {STOP_SECONDS} s of SIGTERM:\n{self.log_tail()}")
-        returncode = self.process.returncode
-        SERVICE_PIDS.discard(self.process.pid)
-        shutil.rmtree(self.folder / "data", ignore_errors=True)
-        if check and returncode != 0:
-            raise RuntimeError(f"weed exited with {returncode} on SIGTERM:\n{self.log_tail()}")
+        try:
+            if check:
+                stop(self.process, "weed", STOP_SECONDS, tail=self.log_tail)
+            else:
+                terminate(self.process, STOP_SECONDS)
+        finally:
+            SERVICE_PIDS.discard(self.process.pid)
+            shutil.rmtree(self.folder / "data", ignore_errors=True)
 
 
 def unique_prefix(name: str) -> str:

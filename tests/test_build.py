@@ -41,7 +41,7 @@ def own_bytes(pex: Path) -> int:
 
 
 def test_base_is_reused_by_key(session_base: SessionBase, project: Project, store: LocalPexStore) -> None:
-    assert not session_base.build.cached
+    """A second builder of the same base_env finds the session's base by its key and builds nothing."""
     again = builder_for(project, store).base()
     assert again.cached and again.record == session_base.build.record
     assert again.record.size > 50_000_000  # numpy, pandas, polars, pyarrow, scikit-learn

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -215,18 +214,25 @@ def test_example_models_run_from_the_cli(cli: Cli, project: Project, tmp_path: P
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny file system needs root (CI runs as root)")
 def test_a_full_disk_leaves_neither_output_nor_state(cli: Cli, project: Project, tmp_path: Path) -> None:
     write_model(project.models, "m")
-    full = tmp_path / "full"
+    full, listing = tmp_path / "full", tmp_path / "listing"
     full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
-    try:
-        (full / "filler").write_bytes(b"\0" * 60_000)
-        args = ("--input", f"data={data_file(tmp_path)}", "--output", str(full / "out.parquet"))
-        result = cli("run", "m", *args, "--save-state", str(full / "state"))
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.splitlines()[-1].startswith(f"error: cannot write {full / 'state'}: No space left")
-        assert sorted(p.name for p in full.iterdir()) == ["filler"], "no output, no state, no temporary file"
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
+    args = ("--input", f"data={data_file(tmp_path)}", "--output", str(full / "out.parquet"))
+    result = cli("run", "m", *args, "--save-state", str(full / "state"), wrap=on_a_full_disk(full, listing))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"error: cannot write {full / 'state'}: No space left")
+    assert listing.read_text().split() == ["filler"], "no output, no state, no temporary file"
+
+
+def on_a_full_disk(folder: Path, listing: Path) -> list[str]:
+    """A command prefix: run the rest in a mount namespace of its own where ``folder`` is a 64 KB tmpfs with 60 KB
+    taken, then write what ``folder`` holds to ``listing``. The mount is that namespace's alone: nothing is left
+    mounted on the machine, however the test ends."""
+    script = (
+        'folder=$0 listing=$1; shift; mount -t tmpfs -o size=64k tmpfs "$folder" '
+        '&& head -c 60000 /dev/zero > "$folder/filler" || exit 99; '
+        '"$@"; status=$?; ls -A "$folder" > "$listing"; exit $status'
+    )
+    return ["unshare", "--mount", "sh", "-c", script, str(folder), str(listing)]
 
 
 INPUTS_DATA = (
@@ -262,18 +268,53 @@ def test_run_checks_inputs_and_outputs_before_anything_runs(
     (work / "ro").mkdir(parents=True)
     data = data_file(work)
     original = data.read_bytes()
-    subprocess.run(["mount", "--bind", "-o", "ro", str(work / "ro"), str(work / "ro")], check=True)
-    try:
-        for args, message in run_checks(work, data):
-            before = store_snapshot(store)
-            result = cli("run", "m", *args)
-            assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
-            assert result.stderr.startswith("error: ") and message in result.stderr, (args, result.stderr)
-            assert store_snapshot(store) == before, f"{args}: checked before the model is built"
-            assert data.read_bytes() == original
-            assert sorted(p.name for p in work.iterdir()) == ["data.parquet", "ro"], args
-    finally:
-        subprocess.run(["umount", str(work / "ro")], check=True)
+    for args, message in run_checks(work, data):
+        before = store_snapshot(store)
+        result = cli("run", "m", *args, wrap=read_only(work / "ro"))
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, (args, result.stderr)
+        assert store_snapshot(store) == before, f"{args}: checked before the model is built"
+        assert data.read_bytes() == original
+        assert sorted(p.name for p in work.iterdir()) == ["data.parquet", "ro"], args
+
+
+def path_without(folder: Path, *programs: str) -> str:
+    """A PATH with what this one finds, but ``programs``: a machine on which they are not installed."""
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for program in Path(directory).glob("*") if Path(directory).is_dir() else ():
+            if program.name not in programs and not (folder / program.name).exists():
+                (folder / program.name).symlink_to(program)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"MODELPEX_ISOLATION": "none"}, id="as this user"),
+        pytest.param({"PATH": "no bubblewrap"}, id="without bubblewrap"),
+    ],
+)
+def test_the_isolation_notice_comes_once_as_the_first_model_process_starts(
+    cli: Cli, project: Project, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Where an isolation guarantee does not hold (models run as this process's user; no bubblewrap), a command says
+    so once, as its first model process starts: never ahead of an error that has nothing to do with it, which stays
+    one line."""
+    if env.get("PATH") == "no bubblewrap":
+        env = {"PATH": path_without(tmp_path / "bin", "bwrap")}
+    write_model(project.models, "m")
+    args = ("--input", f"data={data_file(tmp_path)}", "--output", str(tmp_path / "out.parquet"))
+    (tmp_path / "state.json").write_text('{"mean": 0}')  # N.B. No record of it in the store: refused before any call.
+    unknown = cli("run", "m", *args, "--state", str(tmp_path / "state.json"), env=env)
+    assert_one_line_error(unknown, "state")
+    ran = cli("run", "m", *args, env=env)
+    assert ran.returncode == 0, ran.stderr
+    notices = [line for line in ran.stderr.splitlines() if "modelpex isolation: " in line]
+    assert len(notices) == 1 and "these guarantees do NOT hold" in notices[0], ran.stderr
+    assert ran.stderr.index("modelpex isolation: ") < ran.stderr.index("training"), "before the model's first call"
+    if "PATH" in env:
+        assert "without a namespace sandbox (bubblewrap is not installed" in notices[0], notices
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,6 @@ import yaml
 from dagster import AssetKey, ComponentTree, DagsterInstance
 
 from orchestrator.component import ModelpexComponent
-from orchestrator.definitions import build_definitions
-from orchestrator.settings import Settings
 from orchestrator.store import LocalPexStore
 
 from .conftest import REPO, Project
@@ -81,7 +79,7 @@ def test_an_existing_project_adds_a_model_repository(project: Project, store: Lo
     assert checked.returncode == 0, checked.stderr
     listed = json.loads(dg("list", "defs", "--json", cwd=root, env=env).stdout)
     assets = {a["asset_key"] for a in listed["assets"]}
-    assert {"model/m/m_v1_0_0", "acme/m/m_state", "acme/m/m_predictions", "modelpex/base"} <= assets
+    assert {"model/m/m_v1_0_0", "acme/acme_m_state", "acme/acme_m_predictions", "modelpex/base"} <= assets
     assert {s["name"] for s in listed["sensors"]} == {"modelpex_automation", "modelpex_redeploy", "modelpex_failures"}
 
 
@@ -91,17 +89,27 @@ def test_this_repository_is_a_dg_project() -> None:
     assert "All definitions loaded successfully" in done.stdout + done.stderr
 
 
-def test_the_component_builds_what_the_code_location_builds(project: Project, store: LocalPexStore) -> None:
-    """Python first: the component built from objects, no YAML, equals `build_definitions` for the same repo."""
+def test_the_component_builds_the_assets_of_the_repository_and_store_it_names(
+    project: Project, store: LocalPexStore
+) -> None:
+    """Python first: the component built from objects, no YAML, for a repository and a store other than the ones
+    this process would find (the working directory's, its ``pex_builds/``): it has every client's assets, and
+    materialising the model version through it puts the pex in the store it was given."""
     m_model(project, "1.0.0")
     write_deployments(project, {"acme": client("latest"), "globex": client("1.0.0")})
     component = ModelpexComponent(project=str(project.root), store=str(store.root))
     built = component.build_defs(ComponentTree.for_test().load_context)
-    direct = build_definitions(Settings.from_env(env={}, project=str(project.root), store_url=str(store.root)))
-    keys = set(built.resolve_asset_graph().get_all_asset_keys())
-    assert keys == set(direct.resolve_asset_graph().get_all_asset_keys())
-    assert len(keys) == 8, "the base, m@1.0.0, and per client (two) its data, state and predictions"
-    assert {j.name for j in built.jobs} == {j.name for j in direct.jobs}
+    keys = {key.to_user_string() for key in built.resolve_asset_graph().get_all_asset_keys()}
+    expected = {f"{c}/{a}" for c in ("acme", "globex") for a in ("data", f"{c}_m_state", f"{c}_m_predictions")}
+    assert keys == {"modelpex/base", "model/m/m_v1_0_0", *expected}
+    assert {j.name for j in built.jobs} == {"build_model"}
+    assert store.find("model", "m") == []
+    with DagsterInstance.ephemeral() as instance:
+        result = built.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, asset_selection=[AssetKey(["model", "m", "m_v1_0_0"])]
+        )
+    assert result.success
+    assert [r.version for r in store.find("model", "m")] == ["1.0.0"], "built into the component's store"
 
 
 def _dagster(*args: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -142,7 +150,7 @@ def test_released_versions_load_from_state_where_git_is_not(
     done = _dagster("asset", "materialize", "--select", "group:acme", root=root, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with DagsterInstance.from_config(str(home)) as instance:
-        event = instance.get_latest_materialization_event(AssetKey(["acme", "m", "m_state"]))
+        event = instance.get_latest_materialization_event(AssetKey(["acme", "acme_m_state"]))
         meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     assert (meta["model_version"], meta["pex"]) == ("1.0.0", "fetched"), meta
 

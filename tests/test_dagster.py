@@ -46,7 +46,7 @@ from orchestrator.specs import ModelRef, load_base_env
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import resolve_source
 
-from .conftest import REPO, CliResult, Project, leaked_children, write_model
+from .conftest import REPO, CliResult, Project, cache_env, leaked_children, write_model
 
 M_INPUTS = (
     '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\nframes = "pyarrow"\ninputs = ["data"]\n'
@@ -86,6 +86,7 @@ def test_repository_definitions_load() -> None:
     assert AssetKey(["modelpex", "base"]) in keys
     acme, globex = graph.get(state("acme", "churn")), graph.get(state("globex", "churn"))
     assert acme.tags["version"] == "1.0.0" and globex.tags["version"] == "1.1.0"
+    assert {"v1.0.0", "pinned"} <= acme.kinds and {"v1.1.0", "follows-latest"} <= globex.kinds, "drawn on the graph"
     assert acme.group_name == "acme"
     assert version("churn", "1.0.0") in acme.parent_keys and version("churn", "1.1.0") in globex.parent_keys
     assert graph.get(version("churn", "1.1.0")).code_version
@@ -101,14 +102,20 @@ def test_repository_definitions_load() -> None:
 
 
 def test_every_label_on_the_lineage_graph_names_its_model() -> None:
-    """The graph shows the last part of a key only: every model's asset says which model it is."""
+    """The graph shows the last part of a key only: every model's asset says which model it is, and a client's
+    which client runs it (a model version's group links to its clients' states by that label)."""
     graph = repo_definitions().resolve_asset_graph()
     for key in graph.get_all_asset_keys():
-        model = graph.get(key).tags.get("model")
-        if model is not None:
-            assert key.path[-1].startswith(f"{model}_"), key
+        tags = graph.get(key).tags
+        if "client" in tags and "model" in tags:
+            assert key.path[-1].startswith(f"{tags['client']}_{tags['model']}_"), key
+        elif "model" in tags:
+            assert key.path[-1].startswith(f"{tags['model']}_"), key
     labels = {key.path[-1] for key in graph.get_all_asset_keys()}
-    assert {"churn_state", "churn_predictions", "churn_v1_0_0", "churn_v1_1_0", "demand_predictions"} <= labels
+    assert {"churn_v1_0_0", "churn_v1_1_0", "acme_churn_state", "globex_churn_state"} <= labels
+    assert {"acme_churn_predictions", "globex_credit_risk_predictions", "acme_demand_predictions"} <= labels
+    links = {key.path[-1] for key in graph.get(version("churn", "1.0.0")).child_keys}
+    assert links == {"acme_churn_state"}, "the pex's group shows who runs it"
 
 
 def test_reserved_client_names_cover_every_name_modelpex_gives_itself() -> None:
@@ -161,10 +168,12 @@ M_CODE = """
             raise RuntimeError("first attempt fails")
         if "report" in params:  # N.B. The other way to report: metadata through Dagster Pipes.
             PipesContext.get().report_asset_materialization(metadata=params["report"])
+        time.sleep(params.get("sleep", 0))  # N.B. A model that takes a known time.
         state = {{"mean": pc.mean(inputs["data"]["monthly_charges"]).as_py()}}
         return Trained(state, params["metrics"]) if "metrics" in params else state
 
     def predict(inputs, state, params):
+        time.sleep(params.get("sleep", 0))
         data = inputs["data"]
         env = sorted(os.environ)
         score = pc.subtract(data["monthly_charges"], state["mean"])
@@ -199,7 +208,7 @@ def two_versions(project: Project) -> Project:
 
 
 def defs_for(project: Project, store: LocalPexStore, **resource: object) -> Definitions:
-    settings = Settings.from_env(env={}, project=str(project.root), store_url=str(store.root))
+    settings = Settings.from_env(env=cache_env(), project=str(project.root), store_url=str(store.root))
     modelpex = ModelpexResource(project_dir=str(project.root), store_url=str(store.root), **resource)
     return build_definitions(settings, automation_running=False, modelpex=modelpex)
 
@@ -224,21 +233,27 @@ def test_deploy_command_materialises_two_clients_on_two_versions(
 ) -> None:
     """README's main command: builds, then materialises every asset on the embedded SQLite instance."""
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    write_deployments(two_versions, {"acme": client("1.0.0", sleep=SLEEP), "globex": client("latest")})
     done = cli("deploy")
     assert done.returncode == 0, done.stderr
-    assert "acme/m/m_predictions" in done.stdout and "deployed: run" in done.stdout
+    assert "acme/acme_m_predictions" in done.stdout and "deployed: run" in done.stdout
     home = two_versions.root / ".dagster_home"
     with DagsterInstance.from_config(str(home)) as instance:
         latest = instance.get_latest_materialization_event
         meta = {k: {n: v.value for n, v in latest(k).asset_materialization.metadata.items()} for k in DEPLOYED}
         (run,) = instance.get_runs()
+        seconds = step_seconds(instance, run.run_id)
     acme, globex = meta[predictions("acme")], meta[predictions("globex")]
     assert (acme["model_version"], globex["model_version"]) == ("1.0.0", "1.1.0")
     assert acme["rows_in"] == acme["dagster/row_count"] == 50
-    assert quantity(acme["data_moved"]) > 0 and quantity(acme["transport_time"]) > 0 and acme["model_seconds"] > 0
+    table = pq.read_table(home / "frames" / "acme" / "acme_m_predictions.parquet")
+    data = pq.read_table(home / "frames" / "acme" / "data.parquet")
+    assert quantity(acme["data_moved"]) >= 0.99 * (data.nbytes + table.nbytes), "the input there, the output back"
+    assert SLEEP <= acme["model_seconds"] < seconds["acme.m_predict"], "the model's own time, within its step's"
+    assert 0 < quantity(acme["transport_time"]) < seconds["acme.m_predict"] - acme["model_seconds"]
     assert "| customer_id | score | version |" in acme["preview"]
     assert {c.name for c in acme["dagster/column_schema"].columns} == {"customer_id", "score", "version", "band", "env"}
-    assert acme["params"] == {} and acme["nulls"] == 0
+    assert acme["params"] == {"sleep": SLEEP} and acme["nulls"] == 0
     assert (run.tags["client"], run.tags["model"], run.tags["action"]) == ("acme,globex", "m", "build,predict,train")
     assert run.tags["version"] == "m@1.0.0,m@1.1.0"
     version_asset = meta[version("m", "1.0.0")]
@@ -246,8 +261,38 @@ def test_deploy_command_materialises_two_clients_on_two_versions(
     assert version_asset["action"] == "fetched", "deploy builds first: the asset finds the pex in the store"
     assert version_asset["sha256"] == stored.sha256
     assert meta[state("acme")]["state_format"] == "json"
-    table = pq.read_table(home / "frames" / "acme" / "m" / "m_predictions.parquet")
     assert set(table["version"].to_pylist()) == {"1.0.0"}
+    assert trained_after_its_pex(home, run.run_id) == {"acme": True, "globex": True}
+
+
+def trained_after_its_pex(home: Path, run_id: str) -> dict[str, bool]:
+    """Per client: its training step started after its version's pex step succeeded, and its state recorded the
+    pex's real data version (its sha256, not Dagster's INITIAL of a pex not yet materialised in that run)."""
+    with DagsterInstance.from_config(str(home)) as instance:
+        order = [
+            (e.dagster_event.event_type, e.step_key)
+            for e in instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
+        ]
+        found = {}
+        for client, number in (("acme", "1.0.0"), ("globex", "1.1.0")):
+            pex = version("m", number)
+            built = order.index((DagsterEventType.STEP_SUCCESS, "__".join(pex.path)))
+            trained = order.index((DagsterEventType.STEP_START, f"{client}.m_train"))
+            event = instance.get_latest_materialization_event(state(client)).asset_materialization
+            sha256 = instance.get_latest_materialization_event(pex).asset_materialization.metadata["sha256"].value
+            # N.B. Where Dagster keeps the data version of each input a materialisation saw (its provenance).
+            recorded = event.tags.get(f"dagster/input_data_version/{pex.to_user_string()}")
+            found[client] = built < trained and recorded == sha256
+    return found
+
+
+SLEEP = 0.2  # N.B. Seconds a model sleeps in each call, when a test asks it to: a time its figures must show.
+
+
+def step_seconds(instance: DagsterInstance, run_id: str) -> dict[str, float]:
+    """Each successful step's duration in a run, as Dagster recorded it."""
+    events = instance.all_logs(run_id, of_type=DagsterEventType.STEP_SUCCESS)
+    return {e.step_key: e.dagster_event.event_specific_data.duration_ms / 1000 for e in events}
 
 
 def quantity(text: str) -> float:
@@ -282,9 +327,12 @@ def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalP
         assert result.success
         assert {k.path[0] for k in materialised(result)} == {"acme"}
         assert instance.get_latest_materialization_event(predictions("globex")) is None
+        seconds = step_seconds(instance, result.run_id)
     meta = materialised(result)
     trained, predicted = meta[state("acme")], meta[predictions("acme")]
-    assert quantity(trained["process_start"]) > 0 and predicted["process_start"] == "re-used", "one warm process"
+    assert predicted["process_start"] == "re-used", "one warm process: training started it, prediction re-used it"
+    started = quantity(trained["process_start"])
+    assert 0 < started < seconds["acme.m_train"] - trained["model_seconds"], "the start is part of training's step"
     assert not leaked_children(), "the run's model processes ended with the run"
 
 
@@ -383,7 +431,7 @@ def test_one_failing_model_does_not_stop_the_others(project: Project, store: Loc
                 "datasets": {"data": {"generate": "customers", "rows": 20}},
                 "models": {
                     "m": {"inputs": {"data": "data"}, "params": {"fail": True}},
-                    "n": {"inputs": {"data": "data"}},
+                    "n": {"inputs": {"data": "data"}, "params": {"sleep": SLEEP}},
                 },
             }
         },
@@ -402,7 +450,10 @@ def test_one_failing_model_does_not_stop_the_others(project: Project, store: Loc
         "acme.n_train": "STEP_SUCCESS",
         "acme.n_predict": "STEP_SUCCESS",
     }, "each model's training and prediction is a step of its own, with its own outcome; m's prediction never ran"
-    assert all(ends[key].event_specific_data.duration_ms > 0 for key in ("acme.n_train", "acme.n_predict"))
+    meta = materialised(result)
+    times = {key: ends[key].event_specific_data.duration_ms / 1000 for key in ("acme.n_train", "acme.n_predict")}
+    assert SLEEP <= meta[state("acme", "n")]["model_seconds"] < times["acme.n_train"], "training timed in its step"
+    assert SLEEP <= meta[predictions("acme", "n")]["model_seconds"] < times["acme.n_predict"], "and prediction in its"
 
 
 def tick(
@@ -508,7 +559,7 @@ def test_an_edit_reloaded_in_the_tick_that_sees_the_last_run_is_not_lost(
         model_py = project.models / "m" / "src" / "m" / "model.py"
         model_py.write_text(model_py.read_text() + "\n# the next edit\n")
         tick = evaluate_automation_conditions(defs_for(project, store), instance, cursor=tick.cursor)
-        assert requested(tick) == {"model/m/m_v1_1_0", "a/m/m_state", "a/m/m_predictions"}
+        assert requested(tick) == {"model/m/m_v1_1_0", "a/a_m_state", "a/a_m_predictions"}
 
 
 def test_a_version_this_deployment_built_is_not_news(two_versions: Project, store: LocalPexStore) -> None:
@@ -682,16 +733,16 @@ def test_automation_redeploys_exactly_what_changed(two_versions: Project, store:
         tick = evaluate_automation_conditions(defs_for(project, store), instance, cursor=tick.cursor)
         assert requested(tick) == {
             "model/m/m_v1_1_0",
-            "a/m/m_state",
-            "a/m/m_predictions",
-            "c/m/m_state",
-            "c/m/m_predictions",
+            "a/a_m_state",
+            "a/a_m_predictions",
+            "c/c_m_state",
+            "c/c_m_predictions",
         }
 
         for version in ("1.1.0", "1.0.0"):  # N.B. b moves, then back to the version it ran before.
             write_deployments(project, {"a": client("latest"), "b": client(version), "c": client("latest")})
             reloaded = defs_for(project, store)
             tick = evaluate_automation_conditions(reloaded, instance, cursor=tick.cursor)
-            assert requested(tick) == {"b/m/m_state", "b/m/m_predictions"}, version
+            assert requested(tick) == {"b/b_m_state", "b/b_m_predictions"}, version
             tick = evaluate_automation_conditions(reloaded, instance, cursor=tick.cursor)
             assert requested(tick) == set(), "requested once"

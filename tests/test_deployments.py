@@ -69,6 +69,10 @@ def good_client(**model: object) -> dict:
             {**good_client(), "datasets": {"data": {"generate": "customers"}, "m_train": {"generate": "sales"}}},
             r"clients.acme.datasets.m_train: the name is m's step: rename the dataset",
         ),
+        (
+            {**good_client(), "datasets": {"data": {"generate": "customers"}, "acme_m_state": {"generate": "sales"}}},
+            r"clients.acme.datasets.acme_m_state: the name is m's asset: rename the dataset",
+        ),
     ],
 )
 def test_mistakes_name_their_place(project: Project, client: dict, message: str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .conftest import REPO, CliResult
+from .test_transport import in_small_shm, needs_mounts, sized_model  # noqa: F401 - a fixture
 
 HADOLINT = shutil.which("hadolint") or str(Path(__import__("sys").executable).with_name("hadolint"))
 
@@ -32,9 +33,17 @@ def test_hadolint_passes() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_dockerfile_documents_shm_size() -> None:
-    text = (REPO / "Dockerfile").read_text()
-    assert "--shm-size" in text and "medium: Memory" in text
+@needs_mounts
+def test_the_documented_shm_size_runs_what_dockers_default_refuses_in_one_line(sized_model: dict) -> None:  # noqa: F811
+    """The `docker run` the Dockerfile documents gives /dev/shm room for a call that Docker's default 64 MB refuses,
+    and that refusal names the flag: each measured on a /dev/shm of the size in question (a private tmpfs)."""
+    (documented,) = re.findall(r"^#\s+docker run .*--shm-size=(\S+)", (REPO / "Dockerfile").read_text(), re.M)
+    call = {"in_mib": 48, "out_mib": 28}
+    (refused, _) = in_small_shm("64m", sized_model, [call])
+    assert refused.get("error") == "ShmSpaceError" and "--shm-size" in refused["message"], refused
+    assert "\n" not in refused["message"]
+    (ran, _) = in_small_shm(documented, sized_model, [call])
+    assert ran.get("error") is None and ran["rows"] == 28 << 17, ran
 
 
 def test_dockerfile_commands_build_and_unpack_the_base(cli: Callable[..., CliResult], tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ from orchestrator.states import StateRecord, state_id
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import ModelSource
 
-from .conftest import Project, shm_used, store_snapshot, write_model
+from .conftest import Project, cache_env, shm_held, store_snapshot, write_model
+from .servers import spawn
+from .system import requires
 
 SECRET = "modelpex-test-secret-hunter2"
 
@@ -184,13 +186,13 @@ def env_secret() -> Iterator[str]:
 class Lab:
     """A project with a hostile model and a bystander, built, and a runner over them."""
 
-    def __init__(self, project: Project, store: LocalPexStore, tmp_path: Path) -> None:
+    def __init__(self, project: Project, store: LocalPexStore, tmp_path: Path, cache: dict[str, str]) -> None:
         self.project, self.store = project, store
         self.saved: StateRecord | None = None  # the last state `train` kept in the store
         write_model(project.models, "hostile", code=HOSTILE, tool=_tool("hostile"))
         write_model(project.models, "bystander", tool=_tool("bystander"))
         write_model(project.models, "fresh", code=HOSTILE, tool=_tool("fresh", "reuse = false\n"))
-        env = {"MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "keys" / "signing.key")}
+        env = {**cache, "MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "keys" / "signing.key")}
         self.settings = Settings.from_env(env=env, project=str(project.root), store_url=str(store.root))
         builder = Builder(store, load_base_env(project.root / "base_env"))
         self.records = {
@@ -213,8 +215,10 @@ class Lab:
 
 
 @pytest.fixture
-def lab(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(project, store, tmp_path)
+def lab(project: Project, store: LocalPexStore, tmp_path: Path, fresh_cache: dict[str, str]) -> Iterator[Lab]:
+    """A cache of the test's own (`fresh_cache`): what it finds in ``runs/`` is its own, and `modelpex gc` there
+    sweeps nothing of anyone else's."""
+    lab = Lab(project, store, tmp_path, fresh_cache)
     yield lab
     lab.runner.close()
 
@@ -279,9 +283,10 @@ def test_every_attack_fails_and_nothing_changes(lab: Lab, env_secret: str) -> No
 
 
 @needs_user_switch
+@requires("bwrap")
 def test_a_model_cannot_write_outside_its_private_folder(lab: Lab) -> None:
     if not lab.runner.sandbox.bwrap:
-        pytest.skip("/tmp, /var/tmp and /dev/shm are world-writable without a mount namespace (install bubblewrap)")
+        pytest.skip("bubblewrap cannot start a sandbox here (user namespaces?): /tmp, /var/tmp and /dev/shm stay open")
     lab.train("hostile", {"escape": True})
     for path in ("/tmp/modelpex-planted", "/var/tmp/modelpex-planted", "/dev/shm/modelpex-planted"):
         assert not Path(path).exists(), f"{path} was written from inside the sandbox"
@@ -329,7 +334,9 @@ def test_an_untrusted_state_type_names_both_fixes_and_pickle_is_opt_in(
     write_model(project.models, "odd", code=code, tool=_tool("odd"))
     write_model(project.models, "opted", code=code, tool=_tool("opted", 'state = "pickle"\n'))
     settings = Settings.from_env(
-        env={"MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "k")}, project=str(project.root), store_url=str(store.root)
+        env=cache_env(MODELPEX_SIGNING_KEY_FILE=str(tmp_path / "k")),
+        project=str(project.root),
+        store_url=str(store.root),
     )
     builder = Builder(store, load_base_env(project.root / "base_env"))
     with Runner(settings, builder.interpreter, timeout=120) as runner:
@@ -351,14 +358,17 @@ def test_an_untrusted_state_type_names_both_fixes_and_pickle_is_opt_in(
 # --- containment ---------------------------------------------------------------------------------------------
 
 
-def _model_processes(marker: str) -> list[int]:
-    """Processes whose command line or environment names ``marker`` (the model's pex venv)."""
+def _model_processes(marker: str, cache: Path | str) -> list[int]:
+    """Processes whose command line names ``marker`` and that work in a private folder of ``cache`` (a model process
+    and whatever it starts): this test's own, never those of another test or of anyone else on the machine."""
+    runs = str(Path(cache) / "runs") + "/"
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
+                    if (os.readlink(f"/proc/{entry}/cwd") + "/").startswith(runs):
+                        found.append(int(entry))
             except OSError:
                 continue
     return found
@@ -369,7 +379,8 @@ def test_children_die_after_every_call_and_are_never_waited_on(lab: Lab) -> None
     lab.train("hostile", {"children": True})
     assert time.monotonic() - started < 30, "the call did not wait on its children's pipes"
     time.sleep(0.5)
-    assert not _model_processes("sleep\x00600") and not _model_processes("sleep\x00601")
+    cache = lab.settings.cache_dir
+    assert not _model_processes("sleep\x00600", cache) and not _model_processes("sleep\x00601", cache)
 
 
 def test_a_hanging_model_and_its_children_die_at_the_timeout(lab: Lab) -> None:
@@ -379,13 +390,14 @@ def test_a_hanging_model_and_its_children_die_at_the_timeout(lab: Lab) -> None:
     with pytest.raises(ModelTimeoutError, match="ran longer than its timeout of 3 s"):
         lab.train("hostile", {"hang": True})
     time.sleep(0.5)
-    assert not _model_processes("sleep\x00602")
+    assert not _model_processes("sleep\x00602", lab.settings.cache_dir)
     lab.runner.timeout = 120
     assert lab.train("hostile", {})["mean"] == 2.0, "the next call gets a fresh process"
 
 
 @pytest.fixture
-def cli_env(project: Project, store: LocalPexStore, tmp_path: Path) -> dict[str, str]:
+def cli_env(project: Project, store: LocalPexStore, tmp_path: Path, fresh_cache: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment, on a cache of the test's own: what it finds in ``runs/`` is its own."""
     write_model(project.models, "hostile", code=HOSTILE, tool=_tool("hostile"))
     pq_path = tmp_path / "data.parquet"
     import pyarrow.parquet as pq
@@ -397,14 +409,15 @@ def cli_env(project: Project, store: LocalPexStore, tmp_path: Path) -> dict[str,
         "MODELPEX_STORE": str(store.root),
         "MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
         "DATA": str(pq_path),
+        **fresh_cache,
     }
 
 
 def _start_cli(env: dict[str, str], params: dict, output: Path) -> subprocess.Popen:
-    return subprocess.Popen(
+    return spawn(
         [sys.executable, "-m", "orchestrator.cli", "run", "hostile", "--input", f"data={env['DATA']}",
          "--output", str(output), "--params", json.dumps(params)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
@@ -424,19 +437,23 @@ def _runs(settings_env: dict[str, str]) -> list[Path]:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_the_model_dies_with_its_orchestrator(cli_env: dict[str, str], tmp_path: Path, sig: int) -> None:
-    before_runs, before_shm = set(_runs(cli_env)), shm_used()
+    before_runs, before_shm = set(_runs(cli_env)), shm_held()
     cli = _start_cli(cli_env, {"hang": True}, tmp_path / "out.parquet")
     try:
-        _wait_for(lambda: _model_processes("sleep\x00602"), 120, "the model to start")
+        _wait_for(lambda: _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]), 120, "the model to start")
         started = time.monotonic()
         os.kill(cli.pid, sig)
         cli.wait(timeout=30)
-        _wait_for(lambda: not _model_processes("sleep\x00602"), 5, "the model's children to die")
+        _wait_for(
+            lambda: not _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]), 5, "the model's children to die"
+        )
         assert time.monotonic() - started < 2.5, "the model died within about a second"
     finally:
         if cli.poll() is None:
             cli.kill()
-    assert not _model_processes("modelpex_runtime"), "no model process outlives its orchestrator"
+    assert not _model_processes("modelpex_runtime", cli_env["MODELPEX_CACHE"]), (
+        "no model process outlives its orchestrator"
+    )
     left = set(_runs(cli_env)) - before_runs
     if sig == signal.SIGTERM:
         assert cli.returncode == 143 and "terminated" in cli.stderr.read()
@@ -449,7 +466,7 @@ def test_the_model_dies_with_its_orchestrator(cli_env: dict[str, str], tmp_path:
         )  # fmt: skip
         assert gc.returncode == 0, gc.stderr
         assert not set(_runs(cli_env)) - before_runs
-    assert shm_used() <= before_shm + (1 << 20)
+    assert shm_held() <= before_shm + (1 << 20)
     assert not (tmp_path / "out.parquet").exists()
 
 
@@ -460,21 +477,23 @@ def test_gc_in_another_pid_namespace_leaves_a_live_run_alone(cli_env: dict[str, 
     before = set(_runs(cli_env))
     cli = _start_cli(cli_env, {"hang": True}, tmp_path / "out.parquet")
     try:
-        _wait_for(lambda: _model_processes("sleep\x00602"), 120, "the model to start")
+        _wait_for(lambda: _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]), 120, "the model to start")
         (live,) = set(_runs(cli_env)) - before
         gc = subprocess.run(
             ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "orchestrator.cli", "gc"],
             env=cli_env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert gc.returncode == 0, gc.stderr
-        assert live.is_dir() and _model_processes("sleep\x00602"), "the live run and its model are untouched"
+        assert live.is_dir() and _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]), (
+            "the live run and its model are untouched"
+        )
         other = subprocess.run(
             ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "orchestrator.cli", "run", "hostile",
              "--input", f"data={cli_env['DATA']}", "--output", str(tmp_path / "other.parquet")],
             env=cli_env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert other.returncode == 0, other.stderr
-        assert live.is_dir() and _model_processes("sleep\x00602"), (
+        assert live.is_dir() and _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]), (
             "a first run in another namespace sweeps nothing live"
         )
     finally:
@@ -538,15 +557,18 @@ def test_terminating_a_dagster_run_cleans_up_like_ctrl_c(
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("")
-    before_runs, before_shm = set(_runs(cli_env)), shm_used()
-    run = subprocess.Popen(
+    before_runs, before_shm = set(_runs(cli_env)), shm_held()
+    run = spawn(
         [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "orchestrator.definitions",
          "-a", "defs", "--select", "group:acme"],
-        env={**cli_env, "DAGSTER_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        env={**cli_env, "DAGSTER_HOME": str(home)}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_for(lambda: _model_processes("sleep\x00602"), 180, "the model to start in the Dagster run")
+        _wait_for(
+            lambda: _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]),
+            180,
+            "the model to start in the Dagster run",
+        )
         assert set(_runs(cli_env)) - before_runs, "the model process has its private folder"
         os.kill(run.pid, signal.SIGTERM)
         output = run.communicate(timeout=60)[0]
@@ -555,10 +577,10 @@ def test_terminating_a_dagster_run_cleans_up_like_ctrl_c(
             run.kill()
     assert run.returncode != 0
     assert "Execution was interrupted" in output or "DagsterExecutionInterruptedError" in output, output[-2000:]
-    _wait_for(lambda: not _model_processes("sleep\x00602"), 5, "the model's children to die")
-    assert not _model_processes("modelpex_runtime")
+    _wait_for(lambda: not _model_processes("sleep\x00602", cli_env["MODELPEX_CACHE"]), 5, "the model's children to die")
+    assert not _model_processes("modelpex_runtime", cli_env["MODELPEX_CACHE"])
     assert not set(_runs(cli_env)) - before_runs, "the private folder was removed on the way out"
-    assert shm_used() <= before_shm + (1 << 20)
+    assert shm_held() <= before_shm + (1 << 20)
 
 
 def test_gc_removes_what_dead_runs_left_only_after_the_grace_period(lab: Lab, cli_env: dict[str, str]) -> None:
@@ -598,6 +620,7 @@ def test_two_cold_runs_at_once_share_a_new_cache_under_tmp(cli_env: dict[str, st
     cache = Path(tempfile.mkdtemp(prefix="modelpex-cold-"))
     cache.chmod(0o755)
     env = {**cli_env, "MODELPEX_CACHE": str(cache)}
+    del env["MODELPEX_PEX_ROOT"]  # N.B. Empty too: the default, in the cache.
     outputs = [tmp_path / "one.parquet", tmp_path / "two.parquet"]
     try:
         runs = [
@@ -640,7 +663,9 @@ def test_a_model_carrying_a_startup_hook_is_never_unpacked(
     marker = tmp_path / "ran"
     (folder / "src" / "hooked.pth").write_text(f"import os; open({str(marker)!r}, 'w').close()\n")
     settings = Settings.from_env(
-        env={"MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "k")}, project=str(project.root), store_url=str(store.root)
+        env=cache_env(MODELPEX_SIGNING_KEY_FILE=str(tmp_path / "k")),
+        project=str(project.root),
+        store_url=str(store.root),
     )
     builder = Builder(store, load_base_env(project.root / "base_env"))
     record = builder.model(ModelSource(load_model_spec(folder), None)).record

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,16 +44,27 @@ def edited(source: Path, destination: Path, change: Callable[[dict], None]) -> P
 
 
 def newer_glibc(data: dict) -> None:
-    """Workers with glibc 2.40: every tag of this machine (glibc 2.36 here) plus four it does not accept.
+    """Workers with a glibc four minor versions newer than this machine's: every tag of this machine plus the four
+    newer ones, which it does not accept.
 
     N.B. Offline, the only other platform the lock's cached wheels can be built for: it resolves to the very wheels
     this machine uses, so the build works, and only the recorded target tells the worker it is not for it.
     """
-    first = data["compatible_tags"][0]
-    prefix, _, machine = first.partition("-manylinux_2_")
-    glibc, _, arch = machine.partition("_")
-    assert int(glibc) < 37, f"this test assumes a glibc older than 2.37, not {first}"
-    data["compatible_tags"] = [f"{prefix}-manylinux_2_{v}_{arch}" for v in (40, 39, 38, 37)] + data["compatible_tags"]
+    prefix, glibc, arch = newest_manylinux(data)
+    newer = [f"{prefix}-manylinux_2_{v}_{arch}" for v in range(glibc + NEWER, glibc, -1)]
+    data["compatible_tags"] = newer + data["compatible_tags"]
+
+
+NEWER = 4
+
+
+def newest_manylinux(data: dict) -> tuple[str, int, str]:
+    """The platform's first (most specific) manylinux tag, ``cp311-cp311-manylinux_2_36_x86_64`` as (``cp311-cp311``,
+    36, ``x86_64``): this machine's glibc, whichever it is."""
+    tag = next(t for t in data["compatible_tags"] if "-manylinux_2_" in t)
+    prefix, _, rest = tag.partition("-manylinux_2_")
+    glibc, _, arch = rest.partition("_")
+    return prefix, int(glibc), arch
 
 
 def macos(data: dict) -> None:
@@ -112,7 +124,7 @@ def test_an_artifact_for_another_platform_is_refused_before_it_runs(
     cli: Cli, project: Project, store: LocalPexStore, here: Path, tmp_path: Path, fresh_cache: dict[str, str]
 ) -> None:
     write_model(project.models, "m")
-    other = edited(here, tmp_path / "glibc-2.40.json", newer_glibc)
+    other = edited(here, tmp_path / "newer-glibc.json", newer_glibc)
     built = cli("build", "--complete-platform", str(other), "m")
     assert built.returncode == 0, built.stderr
     (model,) = store.find("model", "m")
@@ -155,7 +167,8 @@ def test_building_for_a_platform_the_lock_does_not_cover_fails_clearly(
     result = cli("build", "--complete-platform", str(mac), "base", timeout=120)
     assert result.returncode == 1, result.stderr
     first = result.stderr.splitlines()[0]
-    assert first.startswith("error: building the base pex for cp311-cp311-macosx_14_0_arm64"), first
+    python = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert first.startswith(f"error: building the base pex for {python}-{python}-macosx_14_0_arm64"), first
     assert "the lock has no wheel for this target of numpy" in first, first
     after = {k: v for k, v in store_snapshot(store).items() if k.startswith(("bases", "models", "index"))}
     assert after == published, "nothing was published (a failed build leaves its lock file, as any build does)"
@@ -204,7 +217,7 @@ def test_which_platforms_a_worker_accepts(here: Path, tmp_path: Path) -> None:
     refusals = {
         "python_version": edited(here, tmp_path / "py.json", python_3_99),
         "platform_machine is 'arm64'": edited(here, tmp_path / "mac.json", macos),
-        "manylinux_2_40": edited(here, tmp_path / "glibc.json", newer_glibc),
+        f"manylinux_2_{newest_manylinux(data)[1] + NEWER}": edited(here, tmp_path / "glibc.json", newer_glibc),
     }
     for fragment, path in refusals.items():
         assert fragment in (CompletePlatform.load(path, "test").refusal(worker) or ""), fragment
@@ -224,8 +237,9 @@ def test_a_native_base_of_another_interpreter_is_refused(session_base: SessionBa
     here = Interpreter.detect()
     base = session_base.build.record
     check_runs_here(base, base, here)
-    elsewhere = dataclasses.replace(base, interpreter="cpython-3.12.7-linux-aarch64-glibc-2.39")
-    with pytest.raises(PlatformError, match=r"refusing to run base: .* built for the interpreter cpython-3\.12\.7"):
+    other = f"cpython-{sys.version_info.major}.{sys.version_info.minor + 1}.0"  # N.B. Never this interpreter.
+    elsewhere = dataclasses.replace(base, interpreter=f"{other}-linux-aarch64-glibc-2.39")
+    with pytest.raises(PlatformError, match=rf"refusing to run base: .* built for the interpreter {re.escape(other)}"):
         check_runs_here(elsewhere, elsewhere, here)
     record = ArtifactRecord("base", "base", base.version, base.key, details={PLATFORM_DETAIL: {"compatible_tags": 1}})
     with pytest.raises(PlatformError, match="the complete platform in its index record lacks"):

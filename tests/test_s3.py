@@ -6,12 +6,10 @@ The contract every backend keeps is in tests/test_store.py; these are what only 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from orchestrator.s3store import S3PexStore, transfer_config
 from orchestrator.states import StateKeeper
 from orchestrator.store import ArtifactRecord, open_store
 
-from .conftest import CliResult, Project, SessionBase, write_model
+from .conftest import CliResult, Project, SessionBase, cache_folder, write_model
 from .seaweed import SeaweedServer, free_ports
 from .test_cli import assert_one_line_error, data_file
 from .test_store import KEY, artifact
@@ -73,21 +71,30 @@ def test_multipart_upload_carries_part_checksums_and_is_checked_whole(s3_url: st
     assert other.records() == [] and list(other._list("models")) == []
 
 
-def test_the_server_refuses_a_part_with_a_wrong_checksum(s3_server: SeaweedServer) -> None:
-    """What the multipart upload relies on: the server checks each part's ``x-amz-checksum-sha256``."""
-    client = s3_server.client()
-    upload = client.create_multipart_upload(Bucket="modelpex", Key="part-check", ChecksumAlgorithm="SHA256")
-    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
-    with pytest.raises(client.exceptions.ClientError, match="BadDigest"):
-        client.upload_part(
-            Bucket="modelpex",
-            Key="part-check",
-            UploadId=upload["UploadId"],
-            PartNumber=1,
-            Body=b"x" * SMALL_PARTS,
-            ChecksumSHA256=wrong,
-        )
-    client.abort_multipart_upload(Bucket="modelpex", Key="part-check", UploadId=upload["UploadId"])
+def test_a_part_changed_on_its_way_to_the_server_is_refused_and_nothing_is_published(
+    s3_url: str, tmp_path: Path
+) -> None:
+    """Each part goes with the checksum of the bytes the store read, and the server verifies it: a part whose bytes
+    change after that (a faulty link, a proxy) is refused, the upload fails in one line, and neither the artifact,
+    its record nor an unfinished multipart upload is left on the server."""
+    store = s3_store(s3_url, tmp_path, transfer=transfer_config(SMALL_PARTS, 3))
+    record, path = artifact(tmp_path, os.urandom(12 << 20))
+    changed: list[int] = []
+
+    def change_one_byte(request, **kwargs: object) -> None:  # noqa: ANN001 - botocore's AWSPreparedRequest
+        body = request.body if isinstance(request.body, bytes) else request.body.read()
+        if len(changed) == 0:
+            body = body[:100] + bytes([body[100] ^ 0xFF]) + body[101:]  # N.B. Same length: only a checksum tells.
+            changed.append(len(body))
+        request.body = body
+
+    store.client.meta.events.register("before-send.s3.UploadPart", change_one_byte)
+    with pytest.raises(StoreError, match=r"cannot upload .*BadDigest|cannot upload .*checksum") as raised:
+        store.put(record, path)
+    assert changed and "\n" not in str(raised.value), str(raised.value)
+    assert store.records() == [] and store._get(store._artifact_key(record), "test") is None
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store._artifact_key(record))
+    assert not uploads.get("Uploads"), "the unfinished upload was aborted"
 
 
 def test_a_second_publisher_loses_the_conditional_create_cleanly(
@@ -281,14 +288,11 @@ def test_a_state_saved_on_one_host_loads_on_another(s3_url: str, tmp_path: Path)
 @pytest.fixture
 def caches() -> Iterator[Callable[[], dict[str, str]]]:
     """Settings for empty artifact caches, one per simulated host, on the shared PEX_ROOT (see `fresh_cache`)."""
-    from orchestrator.settings import Settings
-
     made: list[Path] = []
-    pex_root = str(Settings.from_env(env={}).model_pex_root)
+    pex_root = os.environ["MODELPEX_PEX_ROOT"]
 
     def make() -> dict[str, str]:
-        folder = Path(tempfile.mkdtemp(prefix="modelpex-test-cache-"))
-        folder.chmod(0o755)
+        folder = cache_folder("modelpex-test-cache-")
         made.append(folder)
         return {"MODELPEX_CACHE": str(folder), "MODELPEX_PEX_ROOT": pex_root}
 
@@ -298,23 +302,32 @@ def caches() -> Iterator[Callable[[], dict[str, str]]]:
 
 
 def test_build_run_list_and_gc_from_the_command_line(
-    cli: Cli, project: Project, s3_url: str, tmp_path: Path, caches: Callable[[], dict[str, str]]
+    cli: Cli,
+    project: Project,
+    s3_url: str,
+    tmp_path: Path,
+    caches: Callable[[], dict[str, str]],
+    session_base: SessionBase,
 ) -> None:
-    """`modelpex build --all` builds the base for real and uploads it in parts; `run` on two hosts (two empty
-    caches, no local store) fetches from S3, keeps the fitted state there and finds it from the other host."""
+    """The base goes up in parts, each checksummed (the session's: a second build of it would take a minute and test
+    nothing more); `modelpex build --all` finds it there and builds and uploads both model versions; `run` on two
+    hosts (two empty caches, no local store) fetches from S3, keeps the fitted state there and finds it from the other
+    host."""
     folder = write_model(project.models, "m", version="1.0.0")
     project.commit_and_tag("m 1.0.0", "m/v1.0.0")
     pyproject = folder / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('"1.0.0"', '"1.1.0"'))
+    store = s3_store(s3_url, tmp_path)
+    record = session_base.build.record
+    store.put(record, session_base.store_root / "bases" / record.filename)
     builder = {"MODELPEX_STORE": s3_url, **caches()}
     built = cli("build", "--all", env=builder, timeout=900)
     assert built.returncode == 0, built.stderr
     assert [line.split()[:2] for line in built.stdout.splitlines()] == [
-        ["built", "base"],
+        ["cached", "base"],
         ["built", "m@1.0.0"],
         ["built", "m@1.1.0"],
     ]
-    store = s3_store(s3_url, tmp_path)
     (base,) = store.find("base", "base")
     head = store.client.head_object(Bucket=store.bucket, Key=store._artifact_key(base), ChecksumMode="ENABLED")
     parts = -(-base.size // (16 << 20))
@@ -377,9 +390,9 @@ def test_dagster_runs_on_two_hosts_share_frames_and_states_through_the_store(
     write_deployments(project, {"acme": client("1.0.0")})
     base = session_base.build.record
     S3PexStore(s3_url).put(base, session_base.store_root / "bases" / base.filename)
-    keys = {name: AssetKey(["acme", *name.split("/")]) for name in ("data", "m/m_state", "m/m_predictions")}
+    keys = {name: AssetKey(["acme", *name.split("/")]) for name in ("data", "acme_m_state", "acme_m_predictions")}
     with DagsterInstance.ephemeral() as instance:
-        for host, selection in (("a", ["data", "m/m_state"]), ("b", ["m/m_predictions"])):
+        for host, selection in (("a", ["data", "acme_m_state"]), ("b", ["acme_m_predictions"])):
             cache = caches()
             for name, value in cache.items():
                 monkeypatch.setenv(name, value)
@@ -389,7 +402,7 @@ def test_dagster_runs_on_two_hosts_share_frames_and_states_through_the_store(
             assert result.success, host
             assert (Path(cache["MODELPEX_CACHE"]) / "artifacts" / f"{base.sha256}.pex").is_file(), host
     store = S3PexStore(s3_url)
-    table = FrameStore(store_url=s3_url).load_table(keys["m/m_predictions"])
+    table = FrameStore(store_url=s3_url).load_table(keys["acme_m_predictions"])
     assert table.num_rows == 50 and set(table["version"].to_pylist()) == {"1.0.0"}
     assert FrameStore(store_url=s3_url).load_table(keys["data"]).num_rows == 50
     assert len(store.state_records()) == 1

@@ -24,7 +24,8 @@ from dagster._core.storage.dagster_run import RunsFilter
 
 from orchestrator.store import LocalPexStore
 
-from .conftest import REPO, Project, free_port, shm_used
+from .conftest import REPO, Project, free_port, shm_held
+from .servers import spawn, stop, terminate
 from .test_dagster import client, m_model
 
 CONCURRENCY = 8
@@ -68,7 +69,7 @@ def _graphql(port: int) -> Callable[..., dict]:
 
 def _start(name: str, command: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
     with open(logs / f"{name}.log", "w") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return spawn(command, env=env, stdout=log)
 
 
 def _project(project: Project) -> None:
@@ -149,26 +150,24 @@ def topology(
         )
         _wait("the webserver", lambda: _answers_graphql(graphql), topology)
         yield topology
-        _stop(processes["daemon"], topology)  # N.B. First: no new run (cron predicts every minute) starts after it.
+        _stop("daemon", topology)  # N.B. First: no new run (cron predicts every minute) starts after it.
         with topology.instance() as instance:
             _wait("the runs in flight", lambda: not instance.get_runs(filters=RunsFilter(statuses=RUNNING)), topology)
-        _stop(processes["webserver"], topology)
+        _stop("webserver", topology)
         # N.B. `dagster code-server start` waits out its gRPC server's grace period on SIGTERM, past 60 s on a loaded
         # machine (CI): no run is in flight by now, so the `finally` below ends it without waiting.
         os.killpg(processes["code-server"].pid, signal.SIGTERM)
     finally:
         for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+            terminate(process, 0, signal.SIGKILL)
 
 
 RUNNING = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
-def _stop(process: subprocess.Popen, topology: Topology) -> None:
-    """SIGTERM, as a supervisor stops a server: it must exit on its own within 60 s."""
-    os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=60) in (0, -signal.SIGTERM), topology.tail()
+def _stop(name: str, topology: Topology) -> None:
+    """SIGTERM, as a supervisor stops a server: it must exit on its own, cleanly, within 60 s."""
+    stop(topology.processes[name], name, 60, tail=topology.tail)
 
 
 def _answers_grpc(port: int) -> bool:
@@ -230,7 +229,7 @@ def _overlap(runs: list) -> int:
 
 
 def test_production_topology_runs_many_clients_at_once(topology: Topology, project: Project) -> None:
-    shm_before = shm_used()
+    shm_before = shm_held()
     run_ids = [_launch(topology.graphql, name) for name in CLIENTS]
     with topology.instance() as instance:
         _wait("nine runs", lambda: all(instance.get_run_by_id(r).status in DONE for r in run_ids), topology, 600)
@@ -239,11 +238,11 @@ def test_production_topology_runs_many_clients_at_once(topology: Topology, proje
         assert not failed, f"failed runs {failed}:\n{topology.tail()}"
         assert 2 <= _overlap(runs) <= CONCURRENCY, "they ran at once, within the coordinator's limit"
         for name, run_id in zip(CLIENTS, run_ids, strict=True):
-            event = instance.get_latest_materialization_event(AssetKey([name, "m", "m_predictions"]))
+            event = instance.get_latest_materialization_event(AssetKey([name, f"{name}_m_predictions"]))
             assert event is not None and event.run_id == run_id, name
             version = event.asset_materialization.metadata["model_version"].value
             assert version == ("1.0.0" if CLIENTS.index(name) % 2 or name == "cron" else "1.1.0"), name
-    assert shm_used() - shm_before < 1 << 20, "no segment outlived its run"
+    assert shm_held() - shm_before < 1 << 20, "no segment outlived its run"
 
     with topology.instance() as instance:
         _wait("the on_cron run of client cron", lambda: _automation_runs(instance, "cron"), topology, 150)
@@ -283,12 +282,12 @@ def _innermost(error) -> str:
 
 def _predicted(instance: DagsterInstance, client_name: str) -> float:
     """When ``client_name``'s predictions were last materialised (epoch seconds)."""
-    event = instance.get_latest_materialization_event(AssetKey([client_name, "m", "m_predictions"]))
+    event = instance.get_latest_materialization_event(AssetKey([client_name, f"{client_name}_m_predictions"]))
     return event.timestamp if event else 0.0
 
 
 def _automation_runs(instance: DagsterInstance, client_name: str) -> list:
     """Runs the automation sensor launched that materialise ``client_name``'s predictions."""
     runs = instance.get_runs(filters=RunsFilter(tags={"dagster/from_automation_condition": "true"}))
-    key = AssetKey([client_name, "m", "m_predictions"])
+    key = AssetKey([client_name, f"{client_name}_m_predictions"])
     return [r for r in runs if r.asset_selection and key in r.asset_selection]

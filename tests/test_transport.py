@@ -40,10 +40,14 @@ from modelpex_runtime.transport import (
 
 from orchestrator.transport import FrameExchange, SegmentPool, idle_budget
 
-from .conftest import assert_pool_holds_only_idle, shm_used
+from .conftest import assert_pool_holds_only_idle, cache_env, shm_held
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
+MiB = 1 << 20
+needs_mounts = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="a private tmpfs needs root and unshare (CI has both)"
+)
 
 
 def round_trip(frame: object, library: str, pool: SegmentPool) -> tuple[object, object]:
@@ -59,12 +63,12 @@ def round_trip(frame: object, library: str, pool: SegmentPool) -> tuple[object, 
 @pytest.fixture
 def pool():
     """A pool of the test's own: between calls it holds only idle segments, and closed, nothing."""
-    before = shm_used()
+    before = shm_held()
     pool = SegmentPool()
     yield pool
     assert_pool_holds_only_idle(pool, before)
     pool.close()
-    assert shm_used() <= before + (1 << 20), "the pool's segments are freed when it closes"
+    assert shm_held() <= before + (1 << 20), "the pool's segments are freed when it closes"
 
 
 # --- every column kind users send, for each library ---------------------------------------------------------
@@ -234,14 +238,18 @@ def test_integers_with_nulls_reach_pandas_as_float64_where_it_is_exact(pool: Seg
 
 @pytest.mark.parametrize("library", ["pyarrow", "polars", "pandas"])
 def test_empty_zero_column_and_multi_batch_frames(library: str, pool: SegmentPool) -> None:
-    big = pa.table({"a": np.arange(300_000), "c": pa.array(["c"] * 300_000)})
-    batches = pa.Table.from_batches(big.to_batches(max_chunksize=70_000))
+    sizes = [70_000, 70_000, 70_000, 70_000, 20_000]
+    batches = pa.Table.from_batches(
+        [pa.record_batch({"a": np.arange(n), "c": pa.array(["c"] * n)}) for n in sizes]
+    )  # N.B. Five record batches, by construction.
     cases = [pa.table({"a": pa.array([], pa.int64())}), pa.table({}), batches]
     for table in cases:
         sent = sent_frame(table, library)
         for got in round_trip(sent, library, pool):
             assert_same(got, sent, library)
-    assert len(batches.to_batches()) > 1
+    if library == "pyarrow":
+        seen, _ = round_trip(batches, library, pool)
+        assert [b.num_rows for b in seen.to_batches()] == sizes, "the model reads the batches sent, none combined"
 
 
 def test_seed_frame_at_a_million_rows(pool: SegmentPool) -> None:
@@ -415,7 +423,7 @@ def call_model(mode: str, pool: SegmentPool) -> None:
 @pytest.mark.parametrize("mode", ["ok", "raise", "hang-mid-write", "orchestrator-raises"])
 def test_every_path_frees_the_shared_memory(mode: str) -> None:
     """Each path of a call gives every segment back to the pool, and /dev/shm holds what it held once it closes."""
-    before = shm_used()
+    before = shm_held()
     pool = SegmentPool()
     if mode == "orchestrator-raises":
         with pytest.raises(RuntimeError, match="the orchestrator failed between two steps"):
@@ -424,7 +432,7 @@ def test_every_path_frees_the_shared_memory(mode: str) -> None:
         call_model(mode, pool)
     assert_pool_holds_only_idle(pool, before)
     pool.close()
-    assert shm_used() <= before + (1 << 20)
+    assert shm_held() <= before + (1 << 20)
 
 
 ORCHESTRATOR = """
@@ -438,19 +446,41 @@ print("ready", flush=True)
 time.sleep(600)
 """
 
+# N.B. Runs in a mount namespace whose /dev/shm is a fresh tmpfs: what it measures is the orchestrator's alone.
+KILLED_DRIVER = """
+import os, subprocess, sys
+def used():
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+before = used()
+process = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+try:
+    ready = process.stdout.readline().strip() == "ready"
+    held = used() - before
+finally:
+    process.kill()
+    process.wait()
+print(ready, held, used() - before)
+"""
 
+
+@needs_mounts
 def test_a_killed_orchestrator_leaves_no_shared_memory() -> None:
     """kill -9: nothing to sweep, the kernel frees unnamed segments with their last descriptor."""
-    before = shm_used()
     code = ORCHESTRATOR.format(repo=str(REPO), src=str(REPO / "base_env" / "src"))
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "ready"
-        assert shm_used() >= before + 60_000_000, "the 64 MB frame sits in /dev/shm"
-    finally:
-        process.kill()
-        process.wait()
-    assert shm_used() <= before + (1 << 20)
+    mount = 'mount -t tmpfs modelpex-test /dev/shm && exec "$0" -c "$1" "$2"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, sys.executable, KILLED_DRIVER, code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ready, held, left = done.stdout.split()
+    assert ready == "True", done.stderr[-3000:]
+    assert int(held) >= 60_000_000, "the 64 MB frame sat in /dev/shm"
+    assert int(left) == 0, f"{int(left) / MiB:.1f} MiB outlived the killed orchestrator"
 
 
 def test_pool_reuses_segments_between_calls(pool: SegmentPool) -> None:
@@ -465,14 +495,14 @@ def test_pool_reuses_segments_between_calls(pool: SegmentPool) -> None:
 
 def test_a_model_process_holds_a_segment_only_while_a_frame_views_it(pool: SegmentPool) -> None:
     """A mapping kept after the call would hold the space of a segment the orchestrator has closed."""
-    before = shm_used()
+    before = shm_held()
     with FrameExchange(pool) as exchange:
         ref = exchange.put("frame", pa.table({"a": np.arange(4_000_000)}))
         frame = read_frame(ref, exchange.fds[ref["slot"]], "pyarrow")
     pool.close()
-    assert shm_used() > before + 30_000_000, "a frame the model still holds keeps its segment"
+    assert shm_held() > before + 30_000_000, "a frame the model still holds keeps its segment"
     del frame
-    assert shm_used() <= before + (1 << 20)
+    assert shm_held() <= before + (1 << 20)
 
 
 def test_release_is_safe_from_a_finalizer_run_while_the_pool_is_busy() -> None:
@@ -559,9 +589,8 @@ def used():
 
 
 args = json.loads(sys.argv[1])
-settings = Settings.from_env(
-    env={"MODELPEX_SIGNING_KEY_FILE": args["key_file"]}, project=args["project"], store_url=args["store"]
-)
+env = {"MODELPEX_SIGNING_KEY_FILE": args["key_file"], **args["cache"]}
+settings = Settings.from_env(env=env, project=args["project"], store_url=args["store"])
 record = LocalPexStore(args["store"]).record("model", "sized", args["key"])
 results = []
 with Runner(settings, Interpreter.detect(), timeout=300) as runner:
@@ -599,12 +628,8 @@ def sized_model(project, store, tmp_path: Path) -> dict:
         "key": record.key,
         "key_file": str(tmp_path / "keys" / "signing.key"),
         "results": str(tmp_path / "results.json"),
+        "cache": cache_env(),
     }
-
-
-needs_mounts = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None, reason="a private tmpfs needs root and unshare (CI has both)"
-)
 
 
 def in_small_shm(size: str, args: dict, calls: list[dict]) -> list[dict]:
@@ -617,9 +642,6 @@ def in_small_shm(size: str, args: dict, calls: list[dict]) -> list[dict]:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(Path(args["results"]).read_text())
-
-
-MiB = 1 << 20
 
 
 @needs_mounts

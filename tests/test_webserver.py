@@ -31,7 +31,10 @@ from dagster._core.storage.tags import SENSOR_NAME_TAG
 
 from orchestrator.store import LocalPexStore
 
+from . import servers
 from .conftest import REPO, Project, free_port
+from .servers import spawn, terminate
+from .system import find, requires
 from .test_dagster import client, dataset_key, m_model, predictions, state, write_deployments
 
 REPOSITORY = {"repositoryLocationName": "modelpex", "repositoryName": "__repository__"}
@@ -67,14 +70,8 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
         "DAGSTER_HOME": str(home),
         "MODELPEX_SENSOR_INTERVAL": "2",
     }
-    log = open(tmp_path / "dagster-dev.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(tmp_path / "dagster-dev.log", "w") as log:
+        process = spawn([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], env=env, stdout=log)
     graphql = GraphQL(port)
     try:
         deadline = time.monotonic() + 120
@@ -89,9 +86,7 @@ def server(project: Project, store: LocalPexStore, tmp_path: Path) -> Iterator[t
             time.sleep(0.5)
         yield graphql, process, port
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+        terminate(process, 0, signal.SIGKILL)
 
 
 # N.B. No telemetry, and no "join the community" dialog over the screenshots.
@@ -137,6 +132,7 @@ def run(graphql: GraphQL, keys: list[list[str]]) -> dict:
     return {"id": run_id, "status": found["status"], "tags": {t["key"]: t["value"] for t in found["tags"]}}
 
 
+@requires("chromium")
 def test_run_launched_through_graphql(server: tuple[GraphQL, subprocess.Popen, int]) -> None:
     graphql, process, port = server
     (repository,) = graphql(LOCATION)["repositoriesOrError"]["nodes"]
@@ -186,8 +182,8 @@ ARTIFACTS = Path(os.environ.get("MODELPEX_TEST_ARTIFACTS", REPO / "test-artifact
 
 
 def chromium() -> str:
-    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
-    assert found, "chromium not found: install Debian's chromium (apt-get install chromium), as .ci/run does"
+    found = find("chromium")
+    assert found, "no chromium: requires('chromium') should have skipped this test"
     return found
 
 
@@ -224,13 +220,13 @@ def browse(port: int) -> None:
     base = f"http://127.0.0.1:{port}"
     graph = page(f"{base}/locations/modelpex/asset-groups/acme/lineage", "m_predictions", ARTIFACTS / "asset-graph.png")
     labels = set(graph.split())
-    assert {"m_state", "m_predictions", "m_v1_0_0", "data"} <= labels, graph[:2000]
+    assert {"acme_m_state", "acme_m_predictions", "m_v1_0_0", "data"} <= labels, graph[:2000]
     assert not {"state", "predictions", "v1_0_0"} & labels, "a label without its model"
 
     url = f"{base}/assets/{'/'.join(path(predictions('acme')))}"
     asset = page(url, "class_balance", ARTIFACTS / "predictions.png")
     for shown in (
-        "m 1.0.0 (follows latest) for acme: predictions",
+        "acme runs m 1.0.0 (follows latest): its predictions.",
         "Row count 50",
         "customer_id int64",  # N.B. The columns, from dagster/column_schema.
         "class_balance",
@@ -280,7 +276,10 @@ def test_changes_redeploy_themselves_without_a_reload(server: tuple[GraphQL, sub
     model_py = project.models / "m" / "src" / "m" / "model.py"
     model_py.write_text(model_py.read_text() + "\n# an edit\n")
     poll("acme's predictions after the edit", lambda: latest(graphql, predictions("acme")) != before)
-    assert latest(graphql, predictions("globex")) != globex, "globex follows latest too"
+    poll(
+        "globex's predictions after the edit (globex follows latest too)",
+        lambda: latest(graphql, predictions("globex")) != globex,
+    )
 
     pyproject = project.models / "m" / "pyproject.toml"
     project.commit_and_tag("m 1.0.0 edited")
@@ -298,9 +297,10 @@ def test_changes_redeploy_themselves_without_a_reload(server: tuple[GraphQL, sub
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, as a supervisor stops a server: it must exit on its own, cleanly, within 30 s."""
-    os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=30) == 0, f"exit code {process.returncode} after SIGTERM"
+    """SIGTERM, as a supervisor stops a server (to its process group): it must exit on its own, with exit status 0,
+    within 30 s."""
+    servers.stop(process, "the server", 30, group=True)
+    assert process.returncode == 0, f"exit code {process.returncode} after SIGTERM"
 
 
 QUEUE_ONLY = """
@@ -332,13 +332,11 @@ def test_real_daemon_redeploys_a_model_edited_back_and_forth(
     }
     log = tmp_path / "daemon.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(
+        process = spawn(
             [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
             cwd=project.root,
             env=env,
             stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
     def wait_for(what: str, ready) -> None:
@@ -359,8 +357,7 @@ def test_real_daemon_redeploys_a_model_edited_back_and_forth(
             assert all(r.tags["modelpex/redeploy"] == "m@1.0.0" for r in _sensor_runs(instance))
         stop(process)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        terminate(process, 0, signal.SIGKILL)
 
 
 def _sensor_runs(instance: DagsterInstance) -> list:
