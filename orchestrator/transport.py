@@ -18,6 +18,8 @@ into a segment after it answered, and the orchestrator never decodes memory some
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import mmap
 import os
 import queue
@@ -43,6 +45,10 @@ __all__ = ["FrameExchange", "Segment", "SegmentPool", "idle_budget"]
 
 PAGE = mmap.PAGESIZE
 DEFAULT_POOL_BYTES = 1 << 30
+# N.B. Linux 5.1+; Python 3.11's fcntl does not name it. Writes through write() and new writable mappings are
+# refused, while the writable mapping this process made before sealing stays usable: only we can change the bytes.
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
 
 
 def _create_fd() -> int:
@@ -54,10 +60,39 @@ def _create_fd() -> int:
         return os.memfd_create("modelpex", os.MFD_CLOEXEC)  # N.B. Not counted against /dev/shm's size.
 
 
-class Segment:
-    """One segment this process created: its writable descriptor, and a writable mapping re-used across calls."""
+def _create_sealed(size: int, what: str) -> tuple[int, mmap.mmap]:
+    """A memfd of ``size`` bytes (rounded to pages), our writable mapping of it, then sealed against everyone else.
 
-    def __init__(self, size: int, what: str) -> None:
+    N.B. Sealed before any other process sees it: its size is fixed and nothing but the mapping made here (which
+    never leaves this process) can write it, through any descriptor or mapping anyone keeps, for its whole life.
+    """
+    fd = os.memfd_create("modelpex-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.fchmod(fd, 0o600)
+        allocate(fd, -(-max(size, 1) // PAGE) * PAGE, what)
+        mapping = map_fd(fd, os.fstat(fd).st_size, writable=True, what=what)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mapping
+
+
+class Segment:
+    """One segment this process created: its descriptor, and our writable mapping, re-used across calls.
+
+    Two kinds that never mix: *sealed* segments (inputs and fitted states) are memfds only this process can write,
+    handed to a model read-only; *output* segments are handed to a model writable and are only ever handed to that
+    process again as outputs, never as anything it reads back, nor to anyone else.
+    """
+
+    def __init__(self, size: int, what: str, *, sealed: bool = False) -> None:
+        self.sealed = sealed
+        self._mapping: mmap.mmap | None = None
+        if sealed:
+            self.fd, self._mapping = _create_sealed(size, what)
+            self.capacity = len(self._mapping)
+            return
         self.fd = _create_fd()
         try:
             allocate(self.fd, max(size, PAGE), what)
@@ -65,7 +100,6 @@ class Segment:
             os.close(self.fd)
             raise
         self.capacity = os.fstat(self.fd).st_size
-        self._mapping: mmap.mmap | None = None
 
     def read_only(self) -> int:
         """A new read-only descriptor of this segment, for a model's input."""
@@ -73,6 +107,9 @@ class Segment:
 
     def mapping(self, size: int) -> mmap.mmap:
         """A writable mapping of at least ``size`` bytes, populated once and kept while it is big enough."""
+        if self.sealed:
+            assert self._mapping is not None and size <= len(self._mapping), "a sealed segment cannot grow"
+            return self._mapping
         if self._mapping is None or len(self._mapping) < size:
             allocate(self.fd, size, "a segment")
             self.capacity = max(self.capacity, os.fstat(self.fd).st_size)
@@ -147,26 +184,33 @@ class SegmentPool:
         self._lock = threading.Lock()
 
     def acquire(self, size: int, what: str) -> Segment:
-        """An idle segment that already holds ``size`` bytes of pages, or a new one of exactly that size."""
-        segment = self._take(size, any_size=False)
+        """An idle sealed segment that already holds ``size`` bytes of pages, or a new one of that size (in pages)."""
+        segment = self._take(size, any_size=False, sealed=True)
         if segment is None:
-            segment = Segment(size, what)
+            segment = Segment(size, what, sealed=True)
             with self._lock:
                 self._owned.add(segment)
         return segment
 
-    def take_idle(self, size: int) -> Segment | None:
-        """The idle segment that fits ``size`` best, else the largest idle one (to be grown), else None."""
-        return self._take(size, any_size=True)
+    def output(self, size: int, what: str) -> Segment:
+        """An output segment: the idle one that fits ``size`` best, else the largest idle one (the model grows it),
+        else a new one of one page. Never a sealed one: what a model could write, it never reads back."""
+        segment = self._take(size, any_size=True, sealed=False)
+        if segment is None:
+            segment = Segment(0, what)
+            with self._lock:
+                self._owned.add(segment)
+        return segment
 
-    def _take(self, size: int, *, any_size: bool) -> Segment | None:
+    def _take(self, size: int, *, any_size: bool, sealed: bool) -> Segment | None:
         self.settle()
         with self._lock:
-            fits = [s for s in self._idle if s.capacity >= size]
+            kind = [s for s in self._idle if s.sealed == sealed]
+            fits = [s for s in kind if s.capacity >= size]
             if fits:
                 segment = min(fits, key=lambda s: s.capacity)
-            elif any_size and self._idle:
-                segment = max(self._idle, key=lambda s: s.capacity)
+            elif any_size and kind:
+                segment = max(kind, key=lambda s: s.capacity)
             else:
                 return None
             self._idle.remove(segment)
@@ -268,11 +312,20 @@ class FrameExchange:
         return frame_ref(slot, size, table)
 
     def put_bytes(self, payload: bytes, what: str) -> int:
-        """Write raw bytes (a fitted state) into a segment the model will get read-only; returns its slot."""
+        """Write raw bytes (a fitted state) into a sealed segment the model will get read-only; returns its slot.
+
+        The bytes are hashed again where the model reads them, in the sealed segment: what was verified is what the
+        model gets, and nothing can change it after this check.
+        """
         segment = self.pool.acquire(len(payload), what)
         try:
             if payload:
-                segment.mapping(len(payload))[: len(payload)] = payload
+                mapping = segment.mapping(len(payload))
+                mapping[: len(payload)] = payload
+                with memoryview(mapping) as view:
+                    sealed = hashlib.sha256(view[: len(payload)]).digest()
+                if sealed != hashlib.sha256(payload).digest():
+                    raise TransportError(f"{what} changed in its segment after it was verified: not handed over")
             fd = segment.read_only()
         except BaseException:
             self.pool.release(segment)
@@ -287,7 +340,7 @@ class FrameExchange:
         needs no room for an output bigger than the real one. An idle segment comes first (the best fit for this
         output's last size), because writing into pages already there is several times faster than into fresh ones.
         """
-        segment = self.pool.take_idle(self.pool.output_sizes.get(name, 0)) or self.pool.acquire(0, f"output {name!r}")
+        segment = self.pool.output(self.pool.output_sizes.get(name, 0), f"output {name!r}")
         slot = self._slot(segment, segment.fd)
         self._reserved[slot] = name
         return slot

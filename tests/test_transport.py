@@ -666,3 +666,119 @@ def test_a_call_that_times_out_leaves_no_segment_behind(sized_model: dict) -> No
     _, timed_out, _ = in_small_shm("256m", sized_model, [warm_up, hang])
     assert timed_out["error"] == "ModelTimeoutError", timed_out
     assert timed_out["used"] < MiB, f"{timed_out['used'] / MiB:.1f} MiB of segments outlived the timed-out call"
+
+
+# --- a model that keeps descriptors: sealed inputs and states (issue 20) ---------------------------------------
+
+KEEPER_MODEL = '''
+import fcntl
+import json
+import mmap
+import os
+
+import pyarrow as pa
+
+KEPT = []  # N.B. What a hostile model keeps from one call to the next: duplicates of every descriptor it had.
+
+
+def _descriptors():
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(("/dev/shm/", "/memfd:", "pipe:")):
+            found.append(int(name))
+    return found
+
+
+def _attempts(fd):
+    """Every way to write through ``fd``; the names of those that worked."""
+    worked = []
+    for way in ("pwrite", "mmap", "reopen", "truncate"):
+        try:
+            if way == "pwrite":
+                os.pwrite(fd, b"EVILEVIL}", 0)
+            elif way == "mmap":
+                with mmap.mmap(fd, 9, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                    m[:9] = b"EVILEVIL}"
+            elif way == "reopen":
+                again = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+                try:
+                    os.pwrite(again, b"EVILEVIL}", 0)
+                finally:
+                    os.close(again)
+            else:
+                os.ftruncate(fd, 0)
+            worked.append(way)
+        except (OSError, ValueError):
+            pass
+    return worked
+
+
+def train(inputs, params):
+    return {"ok": 1}
+
+
+def predict(inputs, state, params):
+    if params.get("keep"):
+        KEPT.extend(os.dup(fd) for fd in _descriptors())
+        return pa.table({"what": ["kept"], "seen": [json.dumps(state)]})
+    current = _descriptors()
+    wrote = {f"kept {fd}": _attempts(fd) for fd in KEPT}
+    wrote |= {f"current {fd}": _attempts(fd) for fd in current if fd not in KEPT}
+    seen = []
+    for fd in current:
+        try:
+            seen.append(os.pread(fd, 64, 0).decode(errors="replace"))
+        except OSError:
+            pass
+    return pa.table({"what": [json.dumps(wrote)], "seen": [json.dumps([state, seen])]})
+'''
+
+
+@pytest.fixture
+def keeper(project, store) -> object:
+    from orchestrator.build import Builder
+    from orchestrator.specs import load_base_env, load_model_spec
+    from orchestrator.versions import ModelSource
+
+    from .conftest import write_model
+
+    folder = write_model(project.models, "keeper", code=KEEPER_MODEL)
+    builder = Builder(store, load_base_env(project.root / "base_env"))
+    return builder.model(ModelSource(load_model_spec(folder), None)).record
+
+
+def test_a_kept_writable_descriptor_cannot_change_a_later_verified_state(
+    project, store, keeper, tmp_path: Path
+) -> None:
+    """Issue 20, attack 2: the model kept a duplicate of every descriptor of one call (its writable output among
+    them) and, in a later call of the same process, writes through each of them and every descriptor it was handed
+    into the state it was given. Control: its own output of the first call takes the write. Target: the sealed state
+    segment, read back after the attack, still holds the verified bytes."""
+    from orchestrator.build import Interpreter
+    from orchestrator.pipes import console_link
+    from orchestrator.runner import Runner
+    from orchestrator.settings import Settings
+
+    env = {"MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "keys" / "signing.key"), **cache_env()}
+    settings = Settings.from_env(env=env, project=project.root, store_url=str(store.root))
+    data = {"data": pa.table({"x": np.arange(1000)})}
+    with Runner(settings, Interpreter.detect(), timeout=120) as runner:
+        first = runner.call(
+            keeper, console_link, action="train_predict", inputs=data, params={"keep": True}, keep_state=True
+        )
+        state = first.state
+        assert state is not None and json.loads(state.payload) == {"ok": 1}
+        for _ in range(3):  # N.B. Every later call's segments come from the same pool the first call's went back to.
+            later = runner.call(keeper, console_link, action="predict", inputs=data, params={}, state_in=state)
+            outcome = later.outputs["predictions"]
+            wrote = json.loads(outcome["what"][0].as_py())
+            decoded, seen = json.loads(outcome["seen"][0].as_py())
+            assert decoded == {"ok": 1}, "the model decoded the verified state"
+            kept_writes = {fd: ways for fd, ways in wrote.items() if fd.startswith("kept") and ways}
+            assert kept_writes, f"control: the model writes its own kept output descriptor ({wrote})"
+            assert any(text.startswith('{"ok"') for text in seen), f"the state's segment was among those read: {seen}"
+            assert not any("EVILEVIL" in text for text in seen), f"a segment the model reads was changed: {wrote}"
