@@ -41,7 +41,7 @@ from modelpex_runtime.transport import (
     write_table,
 )
 
-__all__ = ["FrameExchange", "Segment", "SegmentPool", "idle_budget"]
+__all__ = ["FrameExchange", "Segment", "SegmentPool", "decode_output", "idle_budget"]
 
 PAGE = mmap.PAGESIZE
 DEFAULT_POOL_BYTES = 1 << 30
@@ -267,6 +267,16 @@ class SegmentPool:
             return sum(s.capacity for s in self._owned if s not in self._idle)
 
 
+def decode_output(payload: pa.Buffer, ref: FrameRef, library: str, what: str) -> Any:
+    """An output's bytes as a frame in ``library``, validated in full before anything else reads them.
+
+    N.B. The one way a model's Arrow stream becomes a frame here: an output whose offsets go backwards or whose
+    lengths run past its buffers would make conversions and metadata read out of bounds (a SIGSEGV of the
+    orchestrator, issue 20). A malformed one is a TransportError naming the model, the output and the problem.
+    """
+    return from_arrow(read_table(payload, ref, what, full=True), library, what)
+
+
 class FrameExchange:
     """The segments of one call, in slot order: inputs written, outputs reserved, all released on ``close``.
 
@@ -368,7 +378,7 @@ class FrameExchange:
         if not isinstance(ref, dict):
             raise TransportError(f"{what}: the model answered {ref!r} instead of a frame reference")
         payload = self._payload(ref.get("slot"), ref.get("size"), name, what)
-        return from_arrow(read_table(payload, ref, what), library, what)
+        return decode_output(payload, ref, library, what)
 
     def get_bytes(self, name: str, slot: object, size: object, what: str) -> bytes:
         return self._payload(slot, size, name, what).to_pybytes()

@@ -39,6 +39,7 @@ __all__ = [
     "read_frame",
     "read_table",
     "to_arrow",
+    "validate_full",
     "write_bytes",
     "write_frame",
     "write_table",
@@ -212,7 +213,9 @@ def from_arrow(table: pa.Table, library: str, what: str = "the frame") -> Any:
             raise _cannot_hold(what, library, field, "polars' decimals have at most 38 digits")
     try:
         frame = convert(table)
-    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the column it refused is what helps
+    except BaseException as exc:  # noqa: BLE001 - whatever the library raises, the column it refused is what helps
+        if not isinstance(exc, Exception) and not _is_panic(exc):
+            raise  # N.B. KeyboardInterrupt and the like; a Rust panic in polars (a BaseException) is the data's.
         raise _refused_column(table, library, what, convert) or TransportError(
             f'{what}: {library} cannot hold this table ({_first_line(exc)}): declare frames = "pyarrow"'
         ) from None
@@ -321,9 +324,16 @@ def _refused_column(table: pa.Table, library: str, what: str, convert: Any) -> T
     for index, field in enumerate(table.schema):
         try:
             convert(pa.table([table.column(index)], schema=pa.schema([field])))
-        except Exception as exc:  # noqa: BLE001 - see from_arrow
+        except BaseException as exc:  # noqa: BLE001 - see from_arrow
+            if not isinstance(exc, Exception) and not _is_panic(exc):
+                raise
             return _cannot_hold(what, library, field, _first_line(exc))
     return None
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic that pyo3 raised (polars), which derives from BaseException."""
+    return type(exc).__name__ == "PanicException"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -350,19 +360,97 @@ def write_table(mapping: mmap.mmap, table: pa.Table, size: int) -> None:
         raise TransportError(f"wrote {sink.tell()} bytes where {size} were measured: the table changed while written")
 
 
-def read_table(buffer: pa.Buffer, ref: FrameRef, what: str = "the frame") -> pa.Table:
-    """Decode a segment's payload; anything but a well-formed stream of the announced rows is a TransportError."""
+def read_table(buffer: pa.Buffer, ref: FrameRef, what: str = "the frame", *, full: bool = False) -> pa.Table:
+    """Decode a segment's payload; anything but a well-formed stream of the announced rows is a TransportError.
+
+    ``full`` checks every value that memory safety depends on (`validate_full`): what a model sent is read with it,
+    before anything else looks at the table. A model reads what the orchestrator wrote, which needs only the shallow
+    check.
+    """
     try:
         with pa.ipc.open_stream(buffer) as reader:
             table = reader.read_all()
-        table.validate()
+        validate_full(table) if full else table.validate()
     except (pa.ArrowException, ValueError, OSError) as exc:
-        raise TransportError(
-            f"{what} is not a valid Arrow IPC stream ({exc}): the writer died mid-write or the segment was altered"
-        ) from None
+        raise TransportError(f"{what} is not a valid Arrow IPC stream: {_first_line(exc)}") from None
     if table.num_rows != ref["num_rows"]:
         raise TransportError(f"{what} holds {table.num_rows} rows but {ref['num_rows']} were announced")
     return table
+
+
+# N.B. Variable-length types whose full validation Arrow does value by value (UTF-8 one string at a time): checked
+# here in bulk instead, with the same result. Offsets dtype, and whether the bytes must be UTF-8.
+_BULK = {
+    pa.string().id: ("<i4", True),
+    pa.large_string().id: ("<i8", True),
+    pa.binary().id: ("<i4", False),
+    pa.large_binary().id: ("<i8", False),
+}
+
+
+def validate_full(table: pa.Table) -> None:
+    """What ``table.validate(full=True)`` checks, in bulk where Arrow goes value by value; ArrowInvalid if broken.
+
+    Shallow validation first (every buffer is as long as the lengths say), then per array: offsets that start at or
+    after 0, never go backwards and end within the data; strings whose bytes are all ASCII (else Arrow checks
+    their UTF-8 itself); null counts that match the validity bitmap. Every other type is Arrow's own full
+    validation, which for fixed-width columns costs nothing per value.
+    """
+    table.validate()
+    _validate_names(table.schema)
+    for column in table.columns:
+        for chunk in column.chunks:
+            bulk = _BULK.get(chunk.type.id)
+            if bulk is None:
+                chunk.validate(full=True)
+            else:
+                _validate_offsets(chunk, *bulk)
+
+
+def _validate_names(schema: pa.Schema) -> None:
+    """Field names and metadata are UTF-8 (polars panics on anything else, Arrow does not check them)."""
+    fields = list(schema)
+    metadata = [schema.metadata]
+    while fields:
+        field = fields.pop()
+        metadata.append(field.metadata)
+        try:
+            _ = field.name  # N.B. pyarrow decodes it strictly.
+        except UnicodeDecodeError:
+            raise pa.ArrowInvalid("a field name is not UTF-8") from None
+        kind = field.type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        fields += [kind.field(i) for i in range(kind.num_fields)]
+    for pairs in filter(None, metadata):
+        try:
+            for key, value in pairs.items():
+                key.decode(), value.decode()
+        except UnicodeDecodeError:
+            raise pa.ArrowInvalid("schema metadata is not UTF-8") from None
+
+
+def _validate_offsets(array: pa.Array, dtype: str, utf8: bool) -> None:
+    import numpy as np
+
+    validity, offsets, data = array.buffers()
+    if validity is not None and array.null_count != len(array) - _set_bits(validity, array.offset, len(array)):
+        raise pa.ArrowInvalid(f"{array.type} column declares {array.null_count} nulls but its bitmap says otherwise")
+    width = np.dtype(dtype).itemsize
+    ends = np.frombuffer(offsets, dtype=dtype, count=len(array) + 1, offset=array.offset * width)
+    first, last = int(ends[0]), int(ends[-1])
+    size = 0 if data is None else data.size
+    if first < 0 or last > size or first > last:
+        raise pa.ArrowInvalid(f"{array.type} offsets run from {first} to {last}, outside its {size} data bytes")
+    if len(array) > 1 and bool((ends[1:] < ends[:-1]).any()):
+        raise pa.ArrowInvalid(f"{array.type} offsets go backwards")
+    if utf8 and last > first and int(np.frombuffer(data, np.uint8, last - first, first).max()) >= 0x80:
+        array.validate(full=True)  # N.B. Not all ASCII: Arrow checks the UTF-8 of every value itself.
+
+
+def _set_bits(bitmap: pa.Buffer, offset: int, length: int) -> int:
+    bits = pa.Array.from_buffers(pa.bool_(), length, [None, bitmap], offset=offset)
+    return int(bits.true_count)
 
 
 def frame_ref(slot: int, size: int, table: pa.Table) -> FrameRef:
