@@ -52,9 +52,10 @@ DEFAULT_POOL_BYTES = 1 << 30
 # refused, while the writable mapping this process made before sealing stays usable: only we can change the bytes.
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
-# N.B. An output's pipe: 1 MiB is what an unprivileged process may ask for (fs.pipe-max-size); the model copies the
-# last pipe-full of each output (see `modelpex_runtime.transport._PipeSink`), so bigger is not simply better.
-PIPE_BYTES = 1 << 20
+# N.B. An output's pipe: the first size the kernel grants. 1 MiB is what an unprivileged process may ask for
+# (fs.pipe-max-size); a bigger pipe wakes the reader less often, but the model copies the last pipe-full of each
+# output (see `modelpex_runtime.transport._PipeSink`), so bigger is not simply better.
+PIPE_BYTES = (4 << 20, 1 << 20)
 # N.B. A model that answered and then writes nothing for this long has stopped: its output is refused.
 STALL_SECONDS = 60.0
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # N.B. Linux 5.14+; Python 3.11 does not name it.
@@ -285,10 +286,12 @@ def decode_output(payload: pa.Buffer, ref: FrameRef, library: str, what: str) ->
 def _output_pipe() -> tuple[int, int]:
     """A new pipe for one output: our read end (non-blocking, so that a silent model cannot hang us), its write end."""
     read, write = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    except OSError:
-        pass  # N.B. The default 64 KiB still works, with more wake-ups.
+    for size in PIPE_BYTES:
+        try:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, size)
+            break
+        except OSError:
+            continue  # N.B. The default 64 KiB still works, with more wake-ups.
     os.set_blocking(read, False)
     return read, write
 

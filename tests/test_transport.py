@@ -883,6 +883,7 @@ def _outputs() -> dict[str, pa.Table]:
             }
         ),
         "views": pa.table({"v": pa.array([x * (i % 20) for i, x in enumerate(LETTERS)], pa.string_view())}),
+        "inline": pa.table({"v": pa.array(LETTERS, pa.string_view()), "w": pa.array(LETTERS, pa.binary_view())}),
         "pandas": pa.Table.from_pandas(pd.DataFrame({"when": pd.date_range("2026-01-01", periods=ROWS), "x": ints})),
     }
 
@@ -967,7 +968,10 @@ sys.path[:0] = [{repo!r}, {src!r}]
 from modelpex_runtime.protocol import TransportError
 from orchestrator.metadata import frame_metadata
 from orchestrator.transport import decode_output
+import modelpex_runtime.transport
 import pyarrow as pa
+
+modelpex_runtime.transport._BULK_ROWS = 0  # N.B. The bulk checks, which real outputs take from 4,096 rows, here too.
 
 out = sys.stdout
 while header := sys.stdin.buffer.read(8):

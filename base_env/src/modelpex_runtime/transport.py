@@ -393,6 +393,10 @@ _BULK = {
 }
 
 
+_VIEWS = {pa.string_view().id: True, pa.binary_view().id: False}
+_BULK_ROWS = 4096  # N.B. Below this many values Arrow's own full validation is quicker than numpy's set-up.
+
+
 def validate_full(table: pa.Table) -> None:
     """What ``table.validate(full=True)`` checks, in bulk where Arrow goes value by value; ArrowInvalid if broken.
 
@@ -406,10 +410,12 @@ def validate_full(table: pa.Table) -> None:
     for column in table.columns:
         for chunk in column.chunks:
             bulk = _BULK.get(chunk.type.id)
-            if bulk is None:
-                chunk.validate(full=True)
-            else:
+            if bulk is not None and len(chunk) >= _BULK_ROWS:
                 _validate_offsets(chunk, *bulk)
+            elif chunk.type.id in _VIEWS and len(chunk) >= _BULK_ROWS:
+                _validate_views(chunk, utf8=_VIEWS[chunk.type.id])
+            else:
+                chunk.validate(full=True)
 
 
 def _validate_names(schema: pa.Schema) -> None:
@@ -435,12 +441,29 @@ def _validate_names(schema: pa.Schema) -> None:
             raise pa.ArrowInvalid("schema metadata is not UTF-8") from None
 
 
+def _check_null_count(array: pa.Array, validity: pa.Buffer | None) -> None:
+    if validity is not None and array.null_count != len(array) - _set_bits(validity, array.offset, len(array)):
+        raise pa.ArrowInvalid(f"{array.type} column declares {array.null_count} nulls but its bitmap says otherwise")
+
+
+def _validate_views(array: pa.Array, utf8: bool) -> None:
+    """Views (polars' strings): when every value is inline (12 bytes or fewer, as short strings are), the views
+    alone hold the values, and one pass over them checks lengths and ASCII; anything else is Arrow's own check."""
+    import numpy as np
+
+    validity, views = array.buffers()[:2]
+    _check_null_count(array, validity)
+    raw = np.frombuffer(views, np.uint8, count=16 * len(array), offset=16 * array.offset)
+    longest = int(raw.view("<u4")[::4].max())  # N.B. Unsigned: a negative length is huge. One reduction, not two.
+    if longest > 12 or (utf8 and int(raw.max()) >= 0x80):
+        array.validate(full=True)  # N.B. Values in data buffers, or not all ASCII: Arrow checks every view.
+
+
 def _validate_offsets(array: pa.Array, dtype: str, utf8: bool) -> None:
     import numpy as np
 
     validity, offsets, data = array.buffers()
-    if validity is not None and array.null_count != len(array) - _set_bits(validity, array.offset, len(array)):
-        raise pa.ArrowInvalid(f"{array.type} column declares {array.null_count} nulls but its bitmap says otherwise")
+    _check_null_count(array, validity)
     width = np.dtype(dtype).itemsize
     ends = np.frombuffer(offsets, dtype=dtype, count=len(array) + 1, offset=array.offset * width)
     first, last = int(ends[0]), int(ends[-1])
