@@ -207,15 +207,22 @@ class SegmentPool:
         return segment
 
     def landing(self, size: int) -> Landing:
-        """A free landing buffer of at least ``size`` bytes; free ones too small to be used again are dropped."""
+        """A free landing buffer of at least ``size`` bytes. Free ones too small to be used are dropped, and so are
+        the largest free ones beyond the idle budget (landing buffers are private memory, kept like segments)."""
         with self._lock:
             free = [landing for landing in self._landings if landing.free]
             fits = [landing for landing in free if landing.capacity >= size]
-            if fits:
-                return min(fits, key=lambda landing: landing.capacity)
-            for landing in free:
+            chosen = min(fits, key=lambda landing: landing.capacity) if fits else None
+            dropped = [landing for landing in free if landing is not chosen and landing.capacity < size]
+            kept = sorted((x for x in free if x is not chosen and x not in dropped), key=lambda x: x.capacity)
+            limit = idle_budget()._limit()
+            while kept and sum(x.capacity for x in kept) > limit:
+                dropped.append(kept.pop())
+            for landing in dropped:
                 self._landings.remove(landing)
                 landing.close()
+        if chosen is not None:
+            return chosen
         landing = Landing(size)
         with self._lock:
             self._landings.append(landing)

@@ -534,6 +534,31 @@ def test_pool_reuses_segments_between_calls(pool: SegmentPool) -> None:
         assert exchange._segments[0] is first
 
 
+def _output(pool: SegmentPool, value: int) -> pa.Table:
+    """One call's output of 100,000 times ``value``, through its pipe."""
+    with FrameExchange(pool) as exchange:
+        out = exchange.reserve("frame")
+        ref, send = prepare_frame(pa.table({"a": np.full(100_000, value)}), out)
+        writer = answer(lambda fd: (send(fd), os.close(fd)), exchange.fds[out])
+        table = exchange.get("frame", ref, "pyarrow", "frame")
+        writer.join(60)
+    return table
+
+
+def test_a_landing_buffer_is_read_into_again_only_once_no_frame_views_it(pool: SegmentPool) -> None:
+    """Outputs are views of our landing buffers (no copy): a frame the caller still holds keeps its buffer, and the
+    next output lands elsewhere; once dropped, its buffer is the next one used."""
+    first = _output(pool, 1)
+    address = first["a"].chunks[0].buffers()[1].address
+    second = _output(pool, 2)
+    assert set(first["a"].to_pylist()) == {1}, "an output still held is never written over"
+    assert second["a"].chunks[0].buffers()[1].address != address
+    del first
+    third = _output(pool, 3)
+    assert third["a"].chunks[0].buffers()[1].address == address, "a landing buffer nobody views is used again"
+    assert set(second["a"].to_pylist()) == {2} and set(third["a"].to_pylist()) == {3}
+
+
 def test_a_model_process_holds_a_segment_only_while_a_frame_views_it(pool: SegmentPool) -> None:
     """A mapping kept after the call would hold the space of a segment the orchestrator has closed."""
     before = shm_held()
