@@ -85,10 +85,13 @@ class Segment:
     def __init__(self, size: int, what: str) -> None:
         self.fd, self._mapping = _create_sealed(size, what)
         self.capacity = len(self._mapping)
+        self._read_only = -1
 
     def read_only(self) -> int:
-        """A new read-only descriptor of this segment, for a model."""
-        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        """Our read-only descriptor of this segment, for a model (which receives a duplicate); opened once."""
+        if self._read_only < 0:
+            self._read_only = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._read_only
 
     def mapping(self, size: int) -> mmap.mmap:
         """Our writable mapping, populated once; a sealed segment never grows, the pool picks one big enough."""
@@ -99,9 +102,10 @@ class Segment:
     def close(self) -> None:
         """Drop our mapping and descriptor; the kernel frees the segment once the model's are gone too."""
         self._mapping = None  # N.B. Dropped, not closed: the kernel unmaps it when nothing refers to it.
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        for fd in (self.fd, self._read_only):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._read_only = -1
 
 
 class Landing:
@@ -369,7 +373,6 @@ class FrameExchange:
         except BaseException:
             self.pool.release(segment)
             raise
-        self._opened.append(fd)
         return self._slot(segment, fd), size
 
     def put(self, name: str, frame: Any) -> FrameRef:
@@ -398,7 +401,6 @@ class FrameExchange:
         except BaseException:
             self.pool.release(segment)
             raise
-        self._opened.append(fd)
         return self._slot(segment, fd)
 
     def reserve(self, name: str) -> int:
