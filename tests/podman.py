@@ -61,7 +61,12 @@ def env() -> dict[str, str]:
 def podman(*args: str, timeout: float = 120, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess:
     """``podman ARGS`` with the settings of `env`; a failure raises, naming the command and its output."""
     done = subprocess.run(
-        ["podman", *args], env=env(), capture_output=True, text=True, timeout=timeout, **kwargs  # type: ignore[arg-type]
+        ["podman", *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,  # type: ignore[arg-type]
     )
     if check and done.returncode != 0:
         raise RuntimeError(f"podman {' '.join(args)} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}")
