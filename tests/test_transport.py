@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -32,13 +33,13 @@ from hypothesis import strategies as st
 from modelpex_runtime.protocol import ShmSpaceError, TransportError
 from modelpex_runtime.transport import (
     check_space,
-    map_fd,
+    prepare_frame,
     read_frame,
     to_arrow,
     write_frame,
 )
 
-from orchestrator.transport import FrameExchange, SegmentPool, idle_budget
+from orchestrator.transport import SEALS, FrameExchange, SegmentPool, idle_budget
 
 from .conftest import assert_pool_holds_only_idle, cache_env, shm_held
 
@@ -50,6 +51,13 @@ needs_mounts = pytest.mark.skipif(
 )
 
 
+def answer(send: object, fd: int) -> threading.Thread:
+    """The model side's writing of an output, while the orchestrator side reads it (as after a model's answer)."""
+    writer = threading.Thread(target=send, args=(os.dup(fd),), daemon=True)
+    writer.start()
+    return writer
+
+
 def round_trip(frame: object, library: str, pool: SegmentPool) -> tuple[object, object]:
     """Orchestrator -> model side -> orchestrator, the model reading and writing ``library``: what the model saw,
     and what came back."""
@@ -57,7 +65,11 @@ def round_trip(frame: object, library: str, pool: SegmentPool) -> tuple[object, 
         ref = exchange.put("frame", frame)
         out = exchange.reserve("frame")
         seen = read_frame(ref, exchange.fds[ref["slot"]], library)
-        return seen, exchange.get("frame", write_frame(seen, exchange.fds[out], out), library, "frame")
+        back, send = prepare_frame(seen, out)
+        writer = answer(lambda fd: (send(fd), os.close(fd)), exchange.fds[out])
+        got = exchange.get("frame", back, library, "frame")
+        writer.join(60)
+        return seen, got
 
 
 @pytest.fixture
@@ -279,16 +291,20 @@ def test_model_side_reads_are_views_of_the_segment(library: str, pool: SegmentPo
         del frame
 
 
-def test_outputs_are_copied_before_they_are_parsed(pool: SegmentPool) -> None:
-    """A model process lives on after it answers: what it writes into its segment later must not reach us."""
+def test_an_output_cannot_be_changed_once_it_is_read(pool: SegmentPool) -> None:
+    """A model process lives on after it answers: what it writes later, through a descriptor it kept, must not reach
+    us. Control: the kept descriptor still takes writes."""
     with FrameExchange(pool) as exchange:
         out = exchange.reserve("frame")
-        ref = write_frame(pa.table({"a": np.full(1000, 7, dtype="int64")}), exchange.fds[out], out)
-        table = exchange.get("frame", ref, "pyarrow", "frame")
-        mapping = map_fd(exchange.fds[out], ref["size"], writable=True)
-        mapping[:] = b"\xff" * ref["size"]  # N.B. The model scribbles over its output after answering.
-        assert set(table["a"].to_pylist()) == {7}
-        table.validate(full=True)
+        kept = os.dup(exchange.fds[out])
+        try:
+            ref = write_frame(pa.table({"a": np.full(1000, 7, dtype="int64")}), kept, out)
+            table = exchange.get("frame", ref, "pyarrow", "frame")
+            assert os.write(kept, b"\xff" * ref["size"]) == ref["size"], "control: the model still writes its pipe"
+            assert set(table["a"].to_pylist()) == {7}
+            table.validate(full=True)
+        finally:
+            os.close(kept)
 
 
 # --- descriptors, not names; modes and bad payloads ----------------------------------------------------------
@@ -300,15 +316,25 @@ def test_segments_have_no_name_and_inputs_are_read_only(pool: SegmentPool) -> No
         ref = exchange.put("a", pa.table({"x": [1]}))
         out = exchange.reserve("b")
         assert set(os.listdir(SHM)) == before, "no segment can be opened by name"
-        read_only, writable = exchange.fds[ref["slot"]], exchange.fds[out]
+        read_only, output = exchange.fds[ref["slot"]], exchange.fds[out]
         assert fcntl.fcntl(read_only, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-        assert fcntl.fcntl(writable, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert fcntl.fcntl(read_only, fcntl.F_GET_SEALS) == SEALS, "sealed against writes, shrinking and growing"
         with pytest.raises(OSError):
             os.write(read_only, b"x")
         with pytest.raises(PermissionError):
             mmap.mmap(read_only, ref["size"], prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        again = os.open(f"/proc/self/fd/{read_only}", os.O_RDWR)  # N.B. Same user: the mode allows it, seals do not.
+        try:
+            with pytest.raises(PermissionError):
+                os.pwrite(again, b"x", 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(again, ref["size"], prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            with pytest.raises(PermissionError):
+                os.ftruncate(again, 0)
+        finally:
+            os.close(again)
         assert os.fstat(read_only).st_mode & 0o777 == 0o600
-        assert os.fstat(read_only).st_ino != os.fstat(writable).st_ino
+        assert stat.S_ISFIFO(os.fstat(output).st_mode), "an output is a pipe of its own"
 
 
 def test_garbage_and_truncated_payloads_are_refused(pool: SegmentPool) -> None:
@@ -327,7 +353,7 @@ def test_garbage_and_truncated_payloads_are_refused(pool: SegmentPool) -> None:
         with pytest.raises(TransportError, match="which this call did not reserve"):
             exchange.get("frame", ref, "pyarrow", "frame")
         out = exchange.reserve("frame")
-        with pytest.raises(TransportError, match="announced 99999999 bytes but its segment holds"):
+        with pytest.raises(TransportError, match="ended its output after 0 of the 99999999 bytes it announced"):
             exchange.get("frame", {**ref, "slot": out, "size": 99999999}, "pyarrow", "frame")
 
 
@@ -377,14 +403,14 @@ def test_pandas_needs_its_metadata_only_where_arrow_types_fall_short(
 MODEL_SIDE = """
 import json, os, sys, time
 sys.path.insert(0, {src!r})
-from modelpex_runtime.transport import allocate, read_frame, write_frame
+from modelpex_runtime.transport import read_frame, write_frame
 call = json.loads(sys.argv[1])
 frame = read_frame(call["ref"], 3, "pandas")
 mode = call["mode"]
 if mode == "raise":
     raise ValueError("model failed after reading its input")
 if mode == "hang-mid-write":
-    allocate(4, 50_000_000, "out")  # grown, half written: then it stops
+    os.write(4, bytes(1000))  # part written: then it stops
     print("writing", flush=True)
     time.sleep(600)
 print(json.dumps(write_frame(frame, 4, call["out"])), flush=True)
@@ -411,12 +437,14 @@ def call_model(mode: str, pool: SegmentPool) -> None:
             process.send_signal(signal.SIGKILL)  # N.B. Killed mid-write, as a timeout would.
         stdout, stderr = process.communicate(timeout=60)
         if mode == "ok":
+            assert process.returncode == 0, stderr.decode()[-2000:]
             assert exchange.get("out", json.loads(stdout), "pandas", "out")["a"].sum() == 499500
             return
         if mode == "raise":
             assert b"ValueError: model failed after reading its input" in stderr
         announced = {**ref, "slot": out, "size": 50_000_000 if mode == "hang-mid-write" else mmap.PAGESIZE}
-        with pytest.raises(TransportError, match="'out' is not a valid Arrow IPC stream"):
+        left = 1000 if mode == "hang-mid-write" else 0
+        with pytest.raises(TransportError, match=f"'out': the model ended its output after {left} of the"):
             exchange.get("out", announced, "pandas", "'out'")  # N.B. What a model that died or raised left there.
 
 
@@ -597,8 +625,27 @@ from orchestrator.store import LocalPexStore
 
 
 def used():
+    # /dev/shm's use, plus the memfds this process and its children hold or map (they are on no file system).
+    import psutil
+
+    me = psutil.Process()
+    held = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            for fd in os.listdir(f"/proc/{process.pid}/fd"):
+                path = f"/proc/{process.pid}/fd/{fd}"
+                if os.readlink(path).startswith("/memfd:modelpex"):
+                    info = os.stat(path)
+                    held[info.st_ino] = info.st_size
+            with open(f"/proc/{process.pid}/maps") as maps:
+                for line in maps:
+                    if "memfd:modelpex" in line:
+                        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                        held.setdefault(int(line.split()[4]), end - start)
+        except OSError:
+            continue
     stat = os.statvfs("/dev/shm")
-    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    return sum(held.values()) + (stat.f_blocks - stat.f_bfree) * stat.f_frsize
 
 
 args = json.loads(sys.argv[1])
@@ -658,27 +705,21 @@ def in_small_shm(size: str, args: dict, calls: list[dict]) -> list[dict]:
 
 
 @needs_mounts
-def test_a_call_needs_only_the_shared_memory_its_output_takes(sized_model: dict) -> None:
-    """Issue 9: an 84 MB /dev/shm refused a call that needed 48 + 28 MB, as the output was reserved at 48 MB.
-
-    N.B. Inputs are sealed memfds now (issue 20), which /dev/shm's size does not count: only the output is measured
-    against it, so the refused call's output alone overflows it.
-    """
-    fits, too_big = {"in_mib": 48, "out_mib": 28}, {"in_mib": 48, "out_mib": 90}
-    first, warm, refused, again, closed = in_small_shm("84m", sized_model, [fits, fits, too_big, fits])
-    assert first.get("error") is None and first["rows"] == 28 << 17, first
-    assert warm.get("error") is None, "a warm process's second call fits too"
-    assert refused["error"] == "ShmSpaceError", refused
-    message = refused["message"]
-    assert "output 'predictions'" in message and "MB of shared memory" in message and "--shm-size" in message
-    assert "\n" not in message, "one line: the thing, the problem, the fix"
-    assert again.get("error") is None, "a refused call leaves room for the next"
+def test_a_call_needs_no_room_in_dev_shm(sized_model: dict) -> None:
+    """Issue 9 asked that a call need only the shared memory its frames take; now it needs none of /dev/shm at all
+    (inputs are memfds, outputs pipes): a 1 MiB /dev/shm runs a call of 48 MiB in and 40 MiB out, warm too, and
+    nothing is held once the runner closes."""
+    call = {"in_mib": 48, "out_mib": 40}
+    first, warm, closed = in_small_shm("1m", sized_model, [call, call])
+    assert first.get("error") is None and first["rows"] == 40 << 17, first
+    assert warm.get("error") is None and warm["rows"] == 40 << 17, warm
     assert closed["used"] == 0, "nothing is left once the runner closes"
 
 
 @needs_mounts
 def test_a_call_that_times_out_leaves_no_segment_behind(sized_model: dict) -> None:
-    """The timeout path frees its segments at once, not when the runner closes: measured on a tmpfs of our own."""
+    """The timeout path frees its segments at once, not when the runner closes: what the driver and its children
+    hold."""
     warm_up, hang = {"in_mib": 1, "out_mib": 1}, {"in_mib": 48, "out_mib": 1, "hang": True, "timeout": 3}
     _, timed_out, _ = in_small_shm("256m", sized_model, [warm_up, hang])
     assert timed_out["error"] == "ModelTimeoutError", timed_out
@@ -710,12 +751,14 @@ def _descriptors():
     return found
 
 
-def _attempts(fd):
+def _attempts(fd, ways=("write", "pwrite", "mmap", "reopen", "truncate")):
     """Every way to write through ``fd``; the names of those that worked."""
     worked = []
-    for way in ("pwrite", "mmap", "reopen", "truncate"):
+    for way in ways:
         try:
-            if way == "pwrite":
+            if way == "write":
+                os.write(fd, b"EVILEVIL}")
+            elif way == "pwrite":
                 os.pwrite(fd, b"EVILEVIL}", 0)
             elif way == "mmap":
                 with mmap.mmap(fd, 9, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
@@ -734,17 +777,27 @@ def _attempts(fd):
     return worked
 
 
+def _is_pipe(fd):
+    return os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+
+
 def train(inputs, params):
     return {"ok": 1}
 
 
 def predict(inputs, state, params):
-    if params.get("keep"):
-        KEPT.extend(os.dup(fd) for fd in _descriptors())
-        return pa.table({"what": ["kept"], "seen": [json.dumps(state)]})
     current = _descriptors()
-    wrote = {f"kept {fd}": _attempts(fd) for fd in KEPT}
-    wrote |= {f"current {fd}": _attempts(fd) for fd in current if fd not in KEPT}
+    if params.get("scribble"):  # N.B. The control: its own output takes what it writes.
+        for fd in current:
+            if _is_pipe(fd):
+                _attempts(fd, ways=("write",))
+        return pa.table({"what": ["scribbled"], "seen": [""]})
+    if params.get("keep"):
+        KEPT.extend(os.dup(fd) for fd in current)
+        return pa.table({"what": ["kept"], "seen": [json.dumps(state)]})
+    wrote = {f"kept {fd} {'pipe' if _is_pipe(fd) else 'segment'}": _attempts(fd) for fd in KEPT}
+    # N.B. Not this call's own output pipe: writing it is the control above, and would only spoil this answer.
+    wrote |= {f"current {fd}": _attempts(fd) for fd in current if fd not in KEPT and not _is_pipe(fd)}
     seen = []
     for fd in current:
         try:
@@ -772,10 +825,12 @@ def test_a_kept_writable_descriptor_cannot_change_a_later_verified_state(
     project, store, keeper, tmp_path: Path
 ) -> None:
     """Issue 20, attack 2: the model kept a duplicate of every descriptor of one call (its writable output among
-    them) and, in a later call of the same process, writes through each of them and every descriptor it was handed
-    into the state it was given. Control: its own output of the first call takes the write. Target: the sealed state
-    segment, read back after the attack, still holds the verified bytes."""
+    them) and, in later calls of the same process, writes through each of them, and through every descriptor it was
+    handed, into the state it was given. Control: what a model writes into its own output is what the orchestrator
+    reads (and refuses, being garbage). Target: the sealed state segment, read back after the attack, still holds the
+    verified bytes."""
     from orchestrator.build import Interpreter
+    from orchestrator.errors import ModelpexError
     from orchestrator.pipes import console_link
     from orchestrator.runner import Runner
     from orchestrator.settings import Settings
@@ -784,6 +839,8 @@ def test_a_kept_writable_descriptor_cannot_change_a_later_verified_state(
     settings = Settings.from_env(env=env, project=project.root, store_url=str(store.root))
     data = {"data": pa.table({"x": np.arange(1000)})}
     with Runner(settings, Interpreter.detect(), timeout=120) as runner:
+        with pytest.raises(ModelpexError, match="output 'predictions' of keeper@1.0.0 is not a valid Arrow IPC stream"):
+            runner.call(keeper, console_link, action="train_predict", inputs=data, params={"scribble": True})
         first = runner.call(
             keeper, console_link, action="train_predict", inputs=data, params={"keep": True}, keep_state=True
         )
@@ -795,8 +852,9 @@ def test_a_kept_writable_descriptor_cannot_change_a_later_verified_state(
             wrote = json.loads(outcome["what"][0].as_py())
             decoded, seen = json.loads(outcome["seen"][0].as_py())
             assert decoded == {"ok": 1}, "the model decoded the verified state"
-            kept_writes = {fd: ways for fd, ways in wrote.items() if fd.startswith("kept") and ways}
-            assert kept_writes, f"control: the model writes its own kept output descriptor ({wrote})"
+            assert len(wrote) > 3, f"the model tried every descriptor it kept and was handed: {wrote}"
+            # N.B. Into a kept pipe a write may go (nobody reads it any more); into no segment, by no means at all.
+            assert not any(ways for name, ways in wrote.items() if ways != ["write"] or "pipe" not in name), wrote
             assert any(text.startswith('{"ok"') for text in seen), f"the state's segment was among those read: {seen}"
             assert not any("EVILEVIL" in text for text in seen), f"a segment the model reads was changed: {wrote}"
 

@@ -16,6 +16,7 @@ that does so declares ``reuse = false`` and gets a process per call.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -136,9 +137,22 @@ def _slot(fds: list[int], slot: int, what: str) -> int:
     return fds[slot]
 
 
-def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) -> ModelResult:
-    """Run one call of the model in this process; everything the orchestrator needs comes back in the result."""
-    from modelpex_runtime.transport import read_bytes, read_frame, write_bytes, write_frame
+def execute(
+    model: Model,
+    call: ModelCall,
+    fds: list[int],
+    log: logging.Logger,
+    outgoing: list[Callable[[], None]] | None = None,
+) -> ModelResult:
+    """Run one call of the model in this process; everything the orchestrator needs comes back in the result.
+
+    Outputs and the state go into their pipes after the result is sent (``outgoing``, in the order the result lists
+    them, the state last): the orchestrator reads each pipe once it knows its size. Without ``outgoing``, at once.
+    """
+    from modelpex_runtime.transport import prepare_frame, read_bytes, read_frame, write_bytes
+
+    sends: list[Callable[[], None]] = []
+    state_send: list[Callable[[], None]] = []
 
     if call.get("protocol") != PROTOCOL_VERSION:
         raise CallError(
@@ -167,7 +181,8 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
         lap("train")
         if call["state_out"] is not None:
             fmt, payload = model.encode(state)
-            write_bytes(_slot(fds, call["state_out"], "state_out"), payload, f"the fitted state of {model.label}")
+            fd, what = _slot(fds, call["state_out"], "state_out"), f"the fitted state of {model.label}"
+            state_send.append(functools.partial(write_bytes, fd, payload, what))
             state_ref = StateRef(slot=call["state_out"], format=fmt, size=len(payload))
             lap("state")
     else:
@@ -184,8 +199,14 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
         for name, frame in produced.items():
             slot = call["outputs"][name]
             what = f"output {name!r} of {model.label}"
-            outputs[name] = write_frame(frame, _slot(fds, slot, what), slot, what)
+            outputs[name], send = prepare_frame(frame, slot, what)
+            sends.append(functools.partial(send, _slot(fds, slot, what)))
         lap("write")
+    if outgoing is None:
+        for send in sends + state_send:
+            send()
+    else:
+        outgoing += sends + state_send
     rows_in = {name: int(ref["num_rows"]) for name, ref in call["inputs"].items()}
     return ModelResult(
         protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds, metrics=metrics
@@ -227,13 +248,15 @@ def _pipes(channel: Channel, call_id: int, bootstrap: Mapping[str, str]) -> Iter
         pipes.close()
 
 
-def _answer(channel: Channel, model: Model, message: Mapping[str, Any], fds: list[int]) -> dict[str, Any]:
+def _answer(
+    channel: Channel, model: Model, message: Mapping[str, Any], fds: list[int], outgoing: list[Callable[[], None]]
+) -> dict[str, Any]:
     call_id = message.get("id")
     if message.get("kind") != "call" or not isinstance(message.get("call"), dict):
         raise CallError(f"expected a call on the channel, got {message.get('kind')!r}")
     with _pipes(channel, call_id, message.get("pipes") or {}) as pipes:
         try:
-            result = execute(model, message["call"], fds, pipes.log)
+            result = execute(model, message["call"], fds, pipes.log, outgoing)
         except Exception as exc:  # noqa: BLE001 - the model's own error, reported with its traceback
             return {"kind": "failed", "id": call_id, "failure": _failure(exc)}
     return {"kind": "done", "id": call_id, "result": result}
@@ -254,6 +277,18 @@ def _end_children() -> None:
         pass
 
 
+def _send_outputs(outgoing: list[Callable[[], None]]) -> None:
+    """Stream the call's outputs into their pipes; an orchestrator that stopped reading (it refused the call) ends
+    it."""
+    try:
+        for send in outgoing:
+            send()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except Exception as exc:  # noqa: BLE001 - the call is answered: the orchestrator sees a short output
+        sys.stderr.write(f"modelpex: could not send an output: {exc}\n")
+
+
 def serve(channel: Channel, model: Model, sandboxed: bool = False) -> int:
     """Answer calls until the orchestrator closes the channel; no process the model started outlives a call."""
     while True:
@@ -261,14 +296,17 @@ def serve(channel: Channel, model: Model, sandboxed: bool = False) -> int:
             message, fds = channel.receive()
         except ChannelClosed:
             return 0
+        outgoing: list[Callable[[], None]] = []
         try:
-            reply = _answer(channel, model, message, fds)
+            reply = _answer(channel, model, message, fds, outgoing)
+            channel.send(reply)
+            _send_outputs(outgoing)
         finally:
+            del outgoing  # N.B. The frames sent: nothing of the call is kept.
             for fd in fds:
                 os.close(fd)
             if sandboxed:
                 _end_children()
-        channel.send(reply)
 
 
 def main() -> int:

@@ -1,19 +1,20 @@
 """Protocol: the messages that cross the process boundary between the orchestrator and a model process.
 
 Standard library only, so both sides import it. The orchestrator starts a model process once and sends it one
-`ModelCall` per call over a Unix socket (`modelpex_runtime.channel`), with the call's shared-memory segments
-attached as file descriptors: inputs read-only, outputs writable. A frame or a state is named by its *slot*, its
-position in the descriptors that came with the call, never by a path or a segment name, so a model process can
-reach no segment it was not handed. The model answers with a `ModelResult` or a `ModelFailure`, and streams Dagster
-Pipes messages for the call in between. ``PROTOCOL_VERSION`` changes when a message changes shape, independently of
-the package version, so a base and an orchestrator that do not speak the same protocol refuse each other.
+`ModelCall` per call over a Unix socket (`modelpex_runtime.channel`), with the call's descriptors attached: inputs
+and states in sealed segments it can only read, outputs as pipes it writes into. A frame or a state is named by its
+*slot*, its position in the descriptors that came with the call, never by a path or a segment name, so a model
+process can reach no segment it was not handed. The model answers with a `ModelResult` or a `ModelFailure`, and
+streams Dagster Pipes messages for the call in between. ``PROTOCOL_VERSION`` changes when a message changes shape,
+independently of the package version, so a base and an orchestrator that do not speak the same protocol refuse each
+other.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-PROTOCOL_VERSION = 3  # 3: ModelResult carries the metrics train reported
+PROTOCOL_VERSION = 4  # 4: outputs and the state go into pipes after the result (3: metrics)
 FRAME_LIBRARIES = ("pandas", "polars", "pyarrow")
 # N.B. How a fitted state is persisted: plain data as JSON, frames as Arrow IPC, scikit-learn objects with skops
 # (only the types skops trusts plus those the model declares), pickle only for a model that opts in.
@@ -72,10 +73,10 @@ class ModelCall(TypedDict):
     protocol: int
     action: Literal["train", "predict", "train_predict"]
     inputs: dict[str, FrameRef]
-    outputs: dict[str, int]  # output name -> slot of a writable segment
+    outputs: dict[str, int]  # output name -> slot of the write end of a pipe for it
     params: dict[str, Any]
     state_in: StateRef | None  # a read-only segment holding the fitted state, for predict
-    state_out: int | None  # slot of a writable segment for the state ``train`` returns
+    state_out: int | None  # slot of a pipe's write end for the state ``train`` returns
 
 
 class ModelResult(TypedDict):
@@ -101,6 +102,7 @@ class ModelFailure(TypedDict):
 # orchestrator -> model: {"kind": "call", "id": int, "call": ModelCall, "pipes": {env name: encoded params}}
 # model -> orchestrator: {"kind": "ready", "seconds": {...}} once, after the model's modules are imported;
 #                        {"kind": "pipes", "id": int, "message": a Dagster Pipes message} during a call;
-#                        {"kind": "done", "id": int, "result": ModelResult} or
+#                        {"kind": "done", "id": int, "result": ModelResult}, then each output's bytes into its
+#                        pipe, in the result's order, the state last; or
 #                        {"kind": "failed", "id": int, "failure": ModelFailure} to end it.
 # A failure before the first call (the model's modules do not import) is {"kind": "failed", "id": 0, ...}.

@@ -16,11 +16,13 @@ allocated in one kernel call rather than one fault at a time.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import functools
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -35,6 +37,7 @@ __all__ = [
     "from_arrow",
     "ipc_size",
     "map_fd",
+    "prepare_frame",
     "read_bytes",
     "read_frame",
     "read_table",
@@ -47,6 +50,8 @@ __all__ = [
 
 SHM_DIR = "/dev/shm"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# N.B. Below this, a buffer is copied into the pipe with write(): a vmsplice of a few bytes costs more than a copy.
+_SPLICE_MIN = 1 << 16
 # N.B. Below this many rows, pandas conversions on one thread: starting a thread pool cost more than the work.
 _THREADED_ROWS = 1_000_000
 _INT64_IDS = (pa.int64().id, pa.uint64().id)
@@ -471,13 +476,29 @@ def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") ->
     return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref, what), library, what)
 
 
-def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
-    """Write a frame into a writable segment, growing it to the exact size needed."""
+def prepare_frame(frame: Any, slot: int, what: str = "the frame") -> tuple[FrameRef, Callable[[int], None]]:
+    """A frame's reference (its exact size) and the function that streams it into its output pipe.
+
+    N.B. Two steps because the model answers first and writes after: the orchestrator reads an output pipe once it
+    knows the output's size, and a frame bigger than the pipe can only be written while it reads.
+    """
     table = to_arrow(frame, what)
     size = ipc_size(table)
-    allocate(fd, size, what)
-    write_table(map_fd(fd, size, writable=True, what=what), table, size)
-    return frame_ref(slot, size, table)
+
+    def send(fd: int) -> None:
+        with _PipeSink(fd, size) as sink:
+            _stream(sink, table)
+        if sink.written != size:
+            raise TransportError(f"wrote {sink.written} bytes of {what} where {size} were measured")
+
+    return frame_ref(slot, size, table), send
+
+
+def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
+    """Write a frame into its output pipe at once (a reader must be reading it, beyond the pipe's capacity)."""
+    ref, send = prepare_frame(frame, slot, what)
+    send(fd)
+    return ref
 
 
 def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
@@ -486,7 +507,97 @@ def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
 
 
 def write_bytes(fd: int, payload: bytes, what: str = "the state") -> None:
-    """Write ``payload`` at the start of a writable segment, growing it as needed."""
-    if payload:
-        allocate(fd, len(payload), what)
-        map_fd(fd, len(payload), writable=True, what=what)[: len(payload)] = payload
+    """Write ``payload`` into its output pipe."""
+    with _PipeSink(fd, len(payload)) as sink:
+        sink.write(payload)
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+@functools.cache
+def _vmsplice() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = libc.vmsplice
+    function.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_size_t, ctypes.c_uint]
+    function.restype = ctypes.c_ssize_t
+    return function
+
+
+class _PipeSink:
+    """A file for Arrow's IPC writer that moves a stream of known ``size`` into a pipe, copying as little as it can.
+
+    Big buffers (the column data) are handed to the pipe with ``vmsplice``: the pipe refers to our pages and the
+    reader's ``read`` is the only copy. The small pieces (headers, padding) are copied with ``write``, and so are the
+    stream's last bytes, as many as the pipe holds: once that ``write`` returns, the reader has taken every page we
+    handed over, so nothing of ours is still referred to when the caller frees or reuses its frames.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.written = fd, 0
+        try:
+            capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            capacity = size  # N.B. Not a pipe (a file, in tests): plain writes.
+        self.copy_from = max(0, size - capacity)
+        self._small = bytearray()
+        # N.B. Every buffer handed over, kept until the end: the IPC writer also passes buffers it made for the call
+        # (zero-based offsets of a slice), which would otherwise be freed, and their memory reused, unread.
+        self._held: list[pa.Buffer] = []
+
+    def __enter__(self) -> _PipeSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._flush()
+        self._held.clear()
+
+    def write(self, data: Any) -> int:
+        buffer = pa.py_buffer(data)
+        size, start = buffer.size, self.written
+        spliced = min(size, max(0, self.copy_from - start)) if size >= _SPLICE_MIN else 0
+        if spliced:
+            self._flush()
+            self._held.append(buffer)
+            self._splice(buffer.address, spliced)
+        if spliced < size:
+            self._small += memoryview(buffer)[spliced:]
+            if len(self._small) >= _SPLICE_MIN:
+                self._flush()
+        self.written = start + size
+        return size
+
+    def _flush(self) -> None:
+        view, self._small = memoryview(self._small), bytearray()
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def _splice(self, address: int, size: int) -> None:
+        vmsplice = _vmsplice()
+        while size:
+            chunk = _IOVec(address, size)
+            done = vmsplice(self.fd, ctypes.byref(chunk), 1, 0)
+            if done < 0:
+                number = ctypes.get_errno()
+                if number == errno.EINTR:
+                    continue
+                if number in (errno.EINVAL, errno.ENOSYS, errno.EBADF):  # N.B. Not a pipe: copy instead.
+                    self._small += (ctypes.c_char * size).from_address(address).raw
+                    return self._flush()
+                raise OSError(number, os.strerror(number))
+            address, size = address + done, size - done
+        return None
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.written
+
+    def close(self) -> None:
+        self._flush()
+
+    @property
+    def closed(self) -> bool:
+        return False
