@@ -18,7 +18,6 @@ Process start-up is not in the round trips: the worker's start-up is reported on
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import subprocess
@@ -29,8 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "base_env" / "src")]
 
+from benchmarks.results import write  # noqa: E402
+
 SIZES = [10**k for k in range(8)]
-QUICK_SIZES = [10**k for k in range(6)]
+QUICK_SIZES = [10**k for k in range(5)]
 SLOW_LIMIT = 10**6  # dict and pydantic above this take minutes per run with pickle: skipped, as the table says
 OURS = ("pandas", "polars", "pyarrow")
 SEED = ("pandas", "polars", "dict", "pydantic")
@@ -232,13 +233,13 @@ def plot(rows: dict[str, dict[int, float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ipc.json")
-    parser.add_argument("--quick", action="store_true", help="sizes up to 10^5 (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="sizes up to 10^4, fewer repeats (seconds)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         return worker(args.worker)
     sizes = QUICK_SIZES if args.quick else SIZES
-    repeats = 5 if args.quick else 9
+    repeats = 3 if args.quick else 9
     rows: dict[str, dict[int, float]] = {}
     for kind in SEED:
         print(f"seed method (pickle through a pipe): {kind}", file=sys.stderr)
@@ -266,7 +267,6 @@ def main() -> None:
     worst_small = {lib: max(rows[f"modelpex shm {lib}"][n] for n in small) for lib in OURS}
     print(f"at {big:,} rows ({nbytes[big] / 1e6:.0f} MB): " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
     print("worst round trip at <= 1,000 rows: " + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in worst_small.items()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     figures = {
         "sizes": sizes,
         "bytes": nbytes,
@@ -277,7 +277,7 @@ def main() -> None:
         "skipped_above": SLOW_LIMIT,
         "quick": args.quick,
     }
-    args.json.write_text(json.dumps(figures, indent=2))
+    write(args.json, figures)
     plot(rows, args.json.with_suffix(".png"))
     print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
 

@@ -159,10 +159,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\nthe test session still holds {held / 1e6:.1f} MB of shared memory", file=sys.stderr)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "benchmarks: runs a benchmark (quick); -m 'not benchmarks' leaves them out")
-
-
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
