@@ -49,5 +49,5 @@ def write(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
 
     figures = {**payload, **provenance()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(figures, indent=2) + "\n", durable=False)
+    write_atomic(path, json.dumps(figures, indent=2) + "\n", 0o644, durable=False)
     return figures
