@@ -28,8 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "base_env" / "src")]
 
-from benchmarks.results import write  # noqa: E402
-
 SIZES = [10**k for k in range(8)]
 QUICK_SIZES = [10**k for k in range(5)]
 SLOW_LIMIT = 10**6  # dict and pydantic above this take minutes per run with pickle: skipped, as the table says
@@ -238,6 +236,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker is not None:
         return worker(args.worker)
+    # N.B. Here, not at the top: the worker (this file too) must not pay for git in its measured start-up.
+    from benchmarks.results import write
+
     sizes = QUICK_SIZES if args.quick else SIZES
     repeats = 3 if args.quick else 9
     rows: dict[str, dict[int, float]] = {}

@@ -18,8 +18,6 @@ from typing import Any
 __all__ = ["provenance", "write"]
 
 REPO = Path(__file__).resolve().parents[1]
-# N.B. Taken at import, which every benchmark does before its first measurement: the load it started under.
-_LOAD_AT_START = os.getloadavg()
 
 
 def _git(*args: str) -> str:
@@ -28,16 +26,24 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
+# N.B. Taken at import, which every benchmark does before its first measurement: the code it runs (a commit made or
+# an edit saved while it runs changes nothing it measures) and the load it started under.
+_COMMIT_AT_START = {
+    "id": _git("rev-parse", "HEAD"),
+    "dirty": _git("status", "--porcelain", "--untracked-files=no") != "",
+}
+_LOAD_AT_START = os.getloadavg()
+
+
 def _load(averages: tuple[float, float, float]) -> dict[str, float]:
     return dict(zip(("1min", "5min", "15min"), (round(value, 2) for value in averages), strict=True))
 
 
 def provenance() -> dict[str, Any]:
-    """The ``commit`` measured (its id, and ``dirty`` when the work tree differed from it) and the machine's ``load``
-    (load averages at the benchmark's start and end, and the cores they share)."""
-    dirty = _git("status", "--porcelain", "--untracked-files=no") != ""
+    """The ``commit`` measured (its id, and ``dirty`` when the work tree differed from it as the benchmark started) and
+    the machine's ``load`` (load averages at the benchmark's start and end, and the cores they share)."""
     return {
-        "commit": {"id": _git("rev-parse", "HEAD"), "dirty": dirty},
+        "commit": _COMMIT_AT_START,
         "load": {"start": _load(_LOAD_AT_START), "end": _load(os.getloadavg()), "cores": os.cpu_count()},
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
