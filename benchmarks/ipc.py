@@ -22,7 +22,6 @@ the targets of issue 17 as a table. The JSON records the commit measured and the
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "base_env" / "src")]
 
 SIZES = [10**k for k in range(8)]
-QUICK_SIZES = [10**k for k in range(6)]
+QUICK_SIZES = [10**k for k in range(5)]
 SLOW_LIMIT = 10**6  # dict and pydantic above this take minutes per run with pickle: skipped, as the table says
 OURS = ("pandas", "polars", "pyarrow")
 SEED = ("pandas", "polars", "dict", "pydantic")
@@ -317,20 +316,6 @@ def targets_text(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def provenance() -> dict:
-    """The commit measured (and whether the tree had changes) and the machine at the start."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "cores": os.cpu_count(),
-        "load_average": {"start": os.getloadavg()},
-    }
-
-
 def table_text(rows: dict[str, dict[int, float]], sizes: list[int]) -> str:
     head = f"{'':24}" + "".join(f"{n:>13,}" for n in sizes)
     lines = [head]
@@ -364,14 +349,16 @@ def plot(rows: dict[str, dict[int, float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ipc.json")
-    parser.add_argument("--quick", action="store_true", help="sizes up to 10^5 (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="sizes up to 10^4, fewer repeats (seconds)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         return worker(args.worker)
+    # N.B. Here, not at the top: the worker (this file too) must not pay for git in its measured start-up.
+    from benchmarks.results import write
+
     sizes = QUICK_SIZES if args.quick else SIZES
-    repeats = 5 if args.quick else 9
-    machine = provenance()
+    repeats = 3 if args.quick else 9
     rows: dict[str, dict[int, float]] = {}
     for kind in SEED:
         print(f"seed method (pickle through a pipe): {kind}", file=sys.stderr)
@@ -388,7 +375,6 @@ def main() -> None:
     finally:
         worker_.close()
     rows["memcpy x2 (floor)"], nbytes = memcpy_floor(sizes, repeats)
-    machine["load_average"]["end"] = os.getloadavg()
     print(table_text(rows, sizes))
     skipped = [n for n in sizes if n > SLOW_LIMIT]
     if skipped:
@@ -407,12 +393,7 @@ def main() -> None:
     print(breakdown_text(parts))
     found = targets(rows, sizes)
     print(targets_text(found))
-    load = machine["load_average"]
-    print(f"commit {machine['commit'][:12]}{' (with changes)' if machine['dirty'] else ''}, {machine['cores']} cores, "
-          f"load average {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     figures = {
-        **machine,
         "sizes": sizes,
         "bytes": nbytes,
         "rows": rows,
@@ -424,7 +405,10 @@ def main() -> None:
         "skipped_above": SLOW_LIMIT,
         "quick": args.quick,
     }
-    args.json.write_text(json.dumps(figures, indent=2))
+    written = write(args.json, figures)
+    commit, load = written["commit"], written["load"]
+    print(f"commit {commit['id'][:12]}{' (with changes)' if commit['dirty'] else ''}, {load['cores']} cores, "
+          f"load average {load['start']['1min']:.2f} at the start, {load['end']['1min']:.2f} at the end")  # fmt: skip
     plot(rows, args.json.with_suffix(".png"))
     print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-PROTOCOL_VERSION = 4  # 4: outputs and the state go into pipes after the result (3: metrics)
+# 3: ModelResult carries metrics; 4: the process is a fork server; 5: outputs and state go into pipes after the result
+PROTOCOL_VERSION = 5
 FRAME_LIBRARIES = ("pandas", "polars", "pyarrow")
 # N.B. How a fitted state is persisted: plain data as JSON, frames as Arrow IPC, scikit-learn objects with skops
 # (only the types skops trusts plus those the model declares), pickle only for a model that opts in.
@@ -24,7 +25,7 @@ STATE_FORMATS = ("json", "arrow", "skops", "pickle")
 CHANNEL_FD_ENV = "MODELPEX_CHANNEL_FD"
 LIFELINE_FD_ENV = "MODELPEX_LIFELINE_FD"
 MODEL_ENV = "MODELPEX_MODEL"
-SANDBOXED_ENV = "MODELPEX_SANDBOXED"  # set when the process has a PID namespace of its own
+READABLE_ENV = "MODELPEX_READABLE"  # folders a child must still read under its private /tmp (PEX_ROOT), os.pathsep
 # N.B. The messages-params marker the orchestrator's Pipes reader hands out: messages travel over the channel.
 PIPES_CHANNEL_PARAMS = {"modelpex": "channel"}
 
@@ -99,8 +100,17 @@ class ModelFailure(TypedDict):
 
 
 # --- channel messages: {"kind": ...} -----------------------------------------------------------------------------
+# The process the orchestrator starts is a fork server (`modelpex_runtime.forkserver`), on its control channel:
+# server -> orchestrator: {"kind": "ready", "seconds": {...}, "private": bool, "preloaded": [module], "threads": int}
+#                         once, after the base libraries the model names are imported (or "failed", id 0);
+# orchestrator -> server: {"kind": "fork", "id": int} with 3 descriptors (the child's channel, stdout, stderr),
+#                         answered {"kind": "forked", "id": int, "pid": int};
+#                         {"kind": "end", "id": int, "pid": int, "grace": float}: the child is killed (after up to
+#                         grace seconds to exit by itself), answered {"kind": "ended", "id": int, "returncode": int}.
+# On a child's own channel:
 # orchestrator -> model: {"kind": "call", "id": int, "call": ModelCall, "pipes": {env name: encoded params}}
-# model -> orchestrator: {"kind": "ready", "seconds": {...}} once, after the model's modules are imported;
+# model -> orchestrator: {"kind": "ready", "seconds": {...}, "pid": int, "private": bool} once, after the model's
+#                        modules are imported;
 #                        {"kind": "pipes", "id": int, "message": a Dagster Pipes message} during a call;
 #                        {"kind": "done", "id": int, "result": ModelResult}, then each output's bytes into its
 #                        pipe, in the result's order, the state last; or
