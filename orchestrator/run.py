@@ -47,6 +47,7 @@ from modelpex_runtime.protocol import (
     ShmSpaceError,
     StateRef,
     TransportError,
+    check_model_message,
 )
 
 from orchestrator.cache import SYSTEM_PATH, Prepared
@@ -299,12 +300,13 @@ class ModelProcess:
             self.channel.sock.settimeout(remaining)
             try:
                 message, fds = self.channel.receive()
+                for fd in fds:  # N.B. Nothing a model sends us is a descriptor we asked for.
+                    os.close(fd)
+                check_model_message(message)
             except ChannelClosed:
                 raise self._crashed(doing) from None
             except CallError as exc:
                 raise ModelCrashError(f"model {self.label} broke the protocol while {doing}: {exc}") from None
-            for fd in fds:  # N.B. Nothing a model sends us is a descriptor we asked for.
-                os.close(fd)
             kind, ours = message.get("kind"), message.get("id") == call_id
             if kind == "failed" and ours:
                 raise self._failed(message.get("failure") or {})

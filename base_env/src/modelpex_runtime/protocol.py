@@ -26,6 +26,10 @@ MODEL_ENV = "MODELPEX_MODEL"
 SANDBOXED_ENV = "MODELPEX_SANDBOXED"  # set when the process has a PID namespace of its own
 # N.B. The messages-params marker the orchestrator's Pipes reader hands out: messages travel over the channel.
 PIPES_CHANNEL_PARAMS = {"modelpex": "channel"}
+# Bounds both sides hold to: a channel message's JSON, and a line of log (longer ones are cut). The orchestrator
+# reads every message whole before parsing it, so its memory per model is bounded by the first.
+MAX_MESSAGE_BYTES = 4 << 20
+LOG_LINE_BYTES = 64 << 10
 
 
 class ModelpexError(Exception):
@@ -104,3 +108,44 @@ class ModelFailure(TypedDict):
 #                        {"kind": "done", "id": int, "result": ModelResult} or
 #                        {"kind": "failed", "id": int, "failure": ModelFailure} to end it.
 # A failure before the first call (the model's modules do not import) is {"kind": "failed", "id": 0, ...}.
+
+# What each kind a model process sends must carry besides "kind": field -> the JSON type it must have.
+MODEL_MESSAGES: dict[str, dict[str, type]] = {
+    "ready": {},
+    "pipes": {"id": int, "message": dict},
+    "done": {"id": int, "result": dict},
+    "failed": {"id": int, "failure": dict},
+}
+_FAILURE_FIELDS = ("type", "message", "traceback")
+
+
+def check_model_message(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` if it is one a model process may send (see above); a `CallError` naming what is wrong otherwise.
+
+    N.B. The orchestrator calls this on every message before acting on it: a model's code can write anything to
+    its channel, and a wrong type must end as one line about the model, never as a traceback in the orchestrator.
+    """
+    kind = message.get("kind")
+    fields = MODEL_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise CallError(f"unknown message kind {_shown(kind)}: expected one of {', '.join(MODEL_MESSAGES)}")
+    for name, expected in fields.items():
+        value = message.get(name)
+        # N.B. bool is an int in Python, never an id in JSON.
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise CallError(f"a {kind!r} message needs {name} as a JSON {_JSON_TYPES[expected]}, got {_shown(value)}")
+    if kind == "failed":
+        for name in _FAILURE_FIELDS:
+            value = message["failure"].get(name)
+            if not isinstance(value, str):
+                raise CallError(f"a 'failed' message needs failure.{name} as a JSON string, got {_shown(value)}")
+    return message
+
+
+_JSON_TYPES = {int: "integer", dict: "object", str: "string"}
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A short printable rendering of what a model sent, for an error line: repr escapes control characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
