@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -30,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from modelpex_runtime.channel import Channel, ChannelClosed
 from modelpex_runtime.metrics import checked_metrics
@@ -52,6 +51,7 @@ from modelpex_runtime.protocol import (
 
 from orchestrator.cache import SYSTEM_PATH, Prepared
 from orchestrator.errors import ModelpexError
+from orchestrator.modellog import ModelOutput, clean, clean_lines
 from orchestrator.sandbox import Identity, Sandbox
 from orchestrator.transport import FrameExchange, SegmentPool
 
@@ -93,6 +93,12 @@ class ModelRaisedError(ModelRunError):
     """The model's own code raised: the message carries its exception type, message and traceback."""
 
     def __init__(self, label: str, failure: ModelFailure) -> None:
+        # N.B. Every field is the model's own text: cleaned of escape sequences and cut before anyone prints it.
+        failure = ModelFailure(
+            type=clean(str(failure.get("type")))[:200],
+            message=clean_lines(str(failure.get("message")), 16 << 10),
+            traceback=clean_lines(str(failure.get("traceback")), 64 << 10, keep="tail"),
+        )
         self.failure = failure
         super().__init__(
             f"model {label} raised {failure.get('type')}: {failure.get('message')}\n\n"
@@ -156,18 +162,6 @@ def model_env(workdir: Path, python: Path, allow: Sequence[str], extra: Mapping[
     env.update(PATH=f"{python.parent}:{SYSTEM_PATH}", HOME=str(workdir), TMPDIR=str(workdir))
     env.update(extra)
     return env
-
-
-def _pump(stream: IO[bytes], sink: IO[str], tail: deque[str]) -> None:
-    """Forward a child's output line by line (Dagster captures it) and keep the last lines for errors."""
-    try:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            tail.append(line.rstrip("\n"))
-            sink.write(line)
-            sink.flush()
-    except (OSError, ValueError):
-        pass  # N.B. Our end was closed while a straggler held the other: nothing more to forward.
 
 
 def _members(*, pgid: int | None = None, uid: int | None = None) -> list[int]:
@@ -261,12 +255,9 @@ class ModelProcess:
         finally:
             child.close()
             os.close(lifeline_read)
-        self._pumps = [
-            threading.Thread(target=_pump, args=(self.process.stdout, sys.stdout, deque(maxlen=1)), daemon=True),
-            threading.Thread(target=_pump, args=(self.process.stderr, sys.stderr, self.tail), daemon=True),
-        ]
-        for pump in self._pumps:
-            pump.start()
+        # N.B. Read in bounded pieces, cleaned and tagged as the model's, into the log of the call it answers.
+        self.output = ModelOutput(self.label, self.process.stdout, self.process.stderr)  # type: ignore[arg-type]
+        self.tail = self.output.tail
         try:
             self._next(0, None, time.monotonic() + timeout, "starting")
         except TimeoutError:
@@ -330,7 +321,7 @@ class ModelProcess:
             link.handle(message)
         except Exception as exc:  # noqa: BLE001 - Dagster's handler raises its own kinds for bad messages
             raise ModelCrashError(
-                f"model {self.label} sent a Pipes message that was refused while {doing}: {exc}"
+                f"model {self.label} sent a Pipes message that was refused while {doing}: {clean(str(exc))[:500]}"
             ) from None
 
     def call(
@@ -370,11 +361,12 @@ class ModelProcess:
             )
             sent = time.perf_counter()
             try:
-                reply = self._exchange(call_id, call, exchange, link, timeout)
-                answered = time.perf_counter()
-                frames, state, seconds, bytes_out, metrics = self._read(
-                    exchange, reply.get("result"), call, want, output_library
-                )
+                with self.output.routed(getattr(link, "log", None)):
+                    reply = self._exchange(call_id, call, exchange, link, timeout)
+                    answered = time.perf_counter()
+                    frames, state, seconds, bytes_out, metrics = self._read(
+                        exchange, reply.get("result"), call, want, output_library
+                    )
             finally:
                 self.kill_stragglers()
             done = time.perf_counter()
@@ -478,10 +470,11 @@ class ModelProcess:
             except subprocess.TimeoutExpired:
                 pass
             self.kill_stragglers()
-            for pump in self._pumps:
-                pump.join(timeout=0.5)
+            output = getattr(self, "output", None)
+            if output is not None:
+                output.close()
             for stream in (process.stdout, process.stderr):
-                if stream is not None and not any(p.is_alive() for p in self._pumps):
+                if stream is not None:
                     stream.close()
         self.pool.close()
         self._stack.close()

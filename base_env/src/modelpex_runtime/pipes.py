@@ -44,8 +44,9 @@ def _cut_log(message: Mapping[str, Any]) -> Mapping[str, Any]:
     raw = text.encode("utf-8", "replace")
     if len(raw) <= LOG_LINE_BYTES:
         return message
-    head = raw[:LOG_LINE_BYTES].decode("utf-8", "ignore")
-    return {**message, "params": {**params, "message": f"{head} [cut: {len(raw) - LOG_LINE_BYTES} more bytes]"}}
+    keep = LOG_LINE_BYTES - 64  # N.B. Room for the note, so the orchestrator does not cut it off again.
+    head = raw[:keep].decode("utf-8", "ignore")
+    return {**message, "params": {**params, "message": f"{head} [cut: {len(raw) - keep} more bytes]"}}
 
 
 class ChannelMessageWriter(PipesMessageWriter[_CallChannel]):
