@@ -503,10 +503,13 @@ class ModelOutput:
 
     def close(self) -> None:
         """After the process ended: read what is left (briefly), stop the readers, write the last notes."""
+        if self._wake < 0:
+            return
         self._drain(0.5)
         os.write(self._wake, b"x")
         for pump in self._pumps:
             pump.join(timeout=1)
         os.close(self._wake)
         os.close(self._wake_read)
+        self._wake = self._wake_read = -1
         self._log.close()

@@ -209,15 +209,14 @@ class ModelpexResource(ConfigurableResource):
         **kwargs: Any,
     ) -> RunOutcome:
         """One call of a model version in its model process: a Pipes session on ``context`` about ``asset_key``;
-        metadata the model reports through Pipes is added to ``reported``; the model's lines name the client, the
-        first part of every client's asset key (`orchestrator.assets.state_key`)."""
+        metadata the model reports through Pipes is added to ``reported``; the model's lines name the client."""
         if self._runner is None:
             sandbox = self.runner.sandbox
             say = context.log.info if sandbox.switching and sandbox.bwrap else context.log.warning
             say(f"modelpex isolation: {sandbox.describe()}")
         return self.runner.call(
             record,
-            lambda: dagster_link(context, asset_key, record.key, reported, client=asset_key.path[0]),
+            lambda: dagster_link(context, asset_key, record.key, reported, client=kwargs.get("client") or None),
             action=action,
             **kwargs,
         )

@@ -1,19 +1,21 @@
 """Protocol: the messages that cross the process boundary between the orchestrator and a model process.
 
 Standard library only, so both sides import it. The orchestrator starts a model process once and sends it one
-`ModelCall` per call over a Unix socket (`modelpex_runtime.channel`), with the call's shared-memory segments
-attached as file descriptors: inputs read-only, outputs writable. A frame or a state is named by its *slot*, its
-position in the descriptors that came with the call, never by a path or a segment name, so a model process can
-reach no segment it was not handed. The model answers with a `ModelResult` or a `ModelFailure`, and streams Dagster
-Pipes messages for the call in between. ``PROTOCOL_VERSION`` changes when a message changes shape, independently of
-the package version, so a base and an orchestrator that do not speak the same protocol refuse each other.
+`ModelCall` per call over a Unix socket (`modelpex_runtime.channel`), with the call's descriptors attached: inputs
+and states in sealed segments it can only read, outputs as pipes it writes into. A frame or a state is named by its
+*slot*, its position in the descriptors that came with the call, never by a path or a segment name, so a model
+process can reach no segment it was not handed. The model answers with a `ModelResult` or a `ModelFailure`, and
+streams Dagster Pipes messages for the call in between. ``PROTOCOL_VERSION`` changes when a message changes shape,
+independently of the package version, so a base and an orchestrator that do not speak the same protocol refuse each
+other.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-PROTOCOL_VERSION = 3  # 3: ModelResult carries the metrics train reported
+# 3: ModelResult carries metrics; 4: the process is a fork server; 5: outputs and state go into pipes after the result
+PROTOCOL_VERSION = 5
 FRAME_LIBRARIES = ("pandas", "polars", "pyarrow")
 # N.B. How a fitted state is persisted: plain data as JSON, frames as Arrow IPC, scikit-learn objects with skops
 # (only the types skops trusts plus those the model declares), pickle only for a model that opts in.
@@ -23,7 +25,7 @@ STATE_FORMATS = ("json", "arrow", "skops", "pickle")
 CHANNEL_FD_ENV = "MODELPEX_CHANNEL_FD"
 LIFELINE_FD_ENV = "MODELPEX_LIFELINE_FD"
 MODEL_ENV = "MODELPEX_MODEL"
-SANDBOXED_ENV = "MODELPEX_SANDBOXED"  # set when the process has a PID namespace of its own
+READABLE_ENV = "MODELPEX_READABLE"  # folders a child must still read under its private /tmp (PEX_ROOT), os.pathsep
 # N.B. The messages-params marker the orchestrator's Pipes reader hands out: messages travel over the channel.
 PIPES_CHANNEL_PARAMS = {"modelpex": "channel"}
 # Bounds both sides hold to: a channel message's JSON, and a line of log (longer ones are cut). The orchestrator
@@ -76,10 +78,10 @@ class ModelCall(TypedDict):
     protocol: int
     action: Literal["train", "predict", "train_predict"]
     inputs: dict[str, FrameRef]
-    outputs: dict[str, int]  # output name -> slot of a writable segment
+    outputs: dict[str, int]  # output name -> slot of the write end of a pipe for it
     params: dict[str, Any]
     state_in: StateRef | None  # a read-only segment holding the fitted state, for predict
-    state_out: int | None  # slot of a writable segment for the state ``train`` returns
+    state_out: int | None  # slot of a pipe's write end for the state ``train`` returns
 
 
 class ModelResult(TypedDict):
@@ -102,19 +104,44 @@ class ModelFailure(TypedDict):
 
 
 # --- channel messages: {"kind": ...} -----------------------------------------------------------------------------
+# The process the orchestrator starts is a fork server (`modelpex_runtime.forkserver`), on its control channel:
+# server -> orchestrator: {"kind": "ready", "seconds": {...}, "private": bool, "preloaded": [module], "threads": int}
+#                         once, after the base libraries the model names are imported (or "failed", id 0);
+# orchestrator -> server: {"kind": "fork", "id": int} with 3 descriptors (the child's channel, stdout, stderr),
+#                         answered {"kind": "forked", "id": int, "pid": int};
+#                         {"kind": "end", "id": int, "pid": int, "grace": float}: the child is killed (after up to
+#                         grace seconds to exit by itself), answered {"kind": "ended", "id": int, "returncode": int}.
+# On a child's own channel:
 # orchestrator -> model: {"kind": "call", "id": int, "call": ModelCall, "pipes": {env name: encoded params}}
-# model -> orchestrator: {"kind": "ready", "seconds": {...}} once, after the model's modules are imported;
+# model -> orchestrator: {"kind": "ready", "seconds": {...}, "pid": int, "private": bool} once, after the model's
+#                        modules are imported;
 #                        {"kind": "pipes", "id": int, "message": a Dagster Pipes message} during a call;
-#                        {"kind": "done", "id": int, "result": ModelResult} or
+#                        {"kind": "done", "id": int, "result": ModelResult}, then each output's bytes into its
+#                        pipe, in the result's order, the state last; or
 #                        {"kind": "failed", "id": int, "failure": ModelFailure} to end it.
 # A failure before the first call (the model's modules do not import) is {"kind": "failed", "id": 0, ...}.
 
-# What each kind a model process sends must carry besides "kind": field -> the JSON type it must have.
+# What each kind a model process (a fork server's child) and a fork server send must carry besides "kind":
+# field -> the JSON type it must have. Fields of `_OPTIONAL` may be absent or null, and otherwise of their type.
 MODEL_MESSAGES: dict[str, dict[str, type]] = {
     "ready": {},
     "pipes": {"id": int, "message": dict},
     "done": {"id": int, "result": dict},
     "failed": {"id": int, "failure": dict},
+}
+SERVER_MESSAGES: dict[str, dict[str, type]] = {
+    "ready": {},
+    "forked": {"id": int, "pid": int},
+    "ended": {"id": int},
+    "failed": {"id": int, "failure": dict},
+}
+_OPTIONAL: dict[str, type] = {
+    "pid": int,
+    "private": bool,
+    "preloaded": list,
+    "threads": int,
+    "returncode": int,
+    "seconds": dict,
 }
 _FAILURE_FIELDS = ("type", "message", "traceback")
 
@@ -125,15 +152,24 @@ def check_model_message(message: dict[str, Any]) -> dict[str, Any]:
     N.B. The orchestrator calls this on every message before acting on it: a model's code can write anything to
     its channel, and a wrong type must end as one line about the model, never as a traceback in the orchestrator.
     """
+    return _checked(message, MODEL_MESSAGES)
+
+
+def check_server_message(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` if it is one a fork server may send (see above); a `CallError` naming what is wrong otherwise."""
+    return _checked(message, SERVER_MESSAGES)
+
+
+def _checked(message: dict[str, Any], kinds: dict[str, dict[str, type]]) -> dict[str, Any]:
     kind = message.get("kind")
-    fields = MODEL_MESSAGES.get(kind) if isinstance(kind, str) else None
+    fields = kinds.get(kind) if isinstance(kind, str) else None
     if fields is None:
-        raise CallError(f"unknown message kind {_shown(kind)}: expected one of {', '.join(MODEL_MESSAGES)}")
+        raise CallError(f"unknown message kind {_shown(kind)}: expected one of {', '.join(kinds)}")
     for name, expected in fields.items():
-        value = message.get(name)
-        # N.B. bool is an int in Python, never an id in JSON.
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise CallError(f"a {kind!r} message needs {name} as a JSON {_JSON_TYPES[expected]}, got {_shown(value)}")
+        _check_field(kind, name, message.get(name), expected)
+    for name, expected in _OPTIONAL.items():
+        if name not in fields and message.get(name) is not None:
+            _check_field(kind, name, message[name], expected)
     if kind == "failed":
         for name in _FAILURE_FIELDS:
             value = message["failure"].get(name)
@@ -142,7 +178,13 @@ def check_model_message(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-_JSON_TYPES = {int: "integer", dict: "object", str: "string"}
+def _check_field(kind: str, name: str, value: object, expected: type) -> None:
+    # N.B. bool is an int in Python, never an id or a count in JSON.
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise CallError(f"a {kind!r} message needs {name} as a JSON {_JSON_TYPES[expected]}, got {_shown(value)}")
+
+
+_JSON_TYPES = {int: "integer", dict: "object", str: "string", bool: "boolean", list: "array"}
 
 
 def _shown(value: object, limit: int = 60) -> str:
