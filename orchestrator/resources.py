@@ -209,13 +209,16 @@ class ModelpexResource(ConfigurableResource):
         **kwargs: Any,
     ) -> RunOutcome:
         """One call of a model version in its model process: a Pipes session on ``context`` about ``asset_key``;
-        metadata the model reports through Pipes is added to ``reported``."""
+        metadata the model reports through Pipes is added to ``reported``; the model's lines name the client."""
         if self._runner is None:
             sandbox = self.runner.sandbox
             say = context.log.info if sandbox.switching and sandbox.bwrap else context.log.warning
             say(f"modelpex isolation: {sandbox.describe()}")
         return self.runner.call(
-            record, lambda: dagster_link(context, asset_key, record.key, reported), action=action, **kwargs
+            record,
+            lambda: dagster_link(context, asset_key, record.key, reported, client=kwargs.get("client") or None),
+            action=action,
+            **kwargs,
         )
 
 

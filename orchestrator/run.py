@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -52,10 +51,13 @@ from modelpex_runtime.protocol import (
     ShmSpaceError,
     StateRef,
     TransportError,
+    check_model_message,
+    check_server_message,
 )
 
 from orchestrator.cache import SYSTEM_PATH, Prepared
 from orchestrator.errors import ModelpexError
+from orchestrator.modellog import ModelOutput, clean, clean_lines
 from orchestrator.sandbox import Identity, Sandbox
 from orchestrator.transport import FrameExchange, SegmentPool
 
@@ -98,6 +100,12 @@ class ModelRaisedError(ModelRunError):
     """The model's own code raised: the message carries its exception type, message and traceback."""
 
     def __init__(self, label: str, failure: ModelFailure) -> None:
+        # N.B. Every field is the model's own text: cleaned of escape sequences and cut before anyone prints it.
+        failure = ModelFailure(
+            type=clean(str(failure.get("type")))[:200],
+            message=clean_lines(str(failure.get("message")), 16 << 10),
+            traceback=clean_lines(str(failure.get("traceback")), 64 << 10, keep="tail"),
+        )
         self.failure = failure
         super().__init__(
             f"model {label} raised {failure.get('type')}: {failure.get('message')}\n\n"
@@ -161,18 +169,6 @@ def model_env(workdir: Path, python: Path, allow: Sequence[str], extra: Mapping[
     env.update(PATH=f"{python.parent}:{SYSTEM_PATH}", HOME=str(workdir), TMPDIR=str(workdir))
     env.update(extra)
     return env
-
-
-def _pump(stream: IO[bytes], sink: IO[str], tail: deque[str]) -> None:
-    """Forward a child's output line by line (Dagster captures it) and keep the last lines for errors."""
-    try:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            tail.append(line.rstrip("\n"))
-            sink.write(line)
-            sink.flush()
-    except (OSError, ValueError):
-        pass  # N.B. Our end was closed while a straggler held the other: nothing more to forward.
 
 
 def _members(*, pgid: int | None = None, uid: int | None = None) -> list[int]:
@@ -271,7 +267,9 @@ class ForkServer:
         finally:
             child.close()
             os.close(lifeline_read)
-        self._pumps = _pumps(self.process.stdout, self.process.stderr, self.tail)
+        # N.B. Read in bounded pieces, cleaned and tagged as the model's (`orchestrator.modellog`).
+        self.output = ModelOutput(self.label, self.process.stdout, self.process.stderr)  # type: ignore[arg-type]
+        self.tail = self.output.tail
         try:
             ready = self._reply("ready", 0, time.monotonic() + timeout, "starting")
         except TimeoutError:
@@ -292,12 +290,13 @@ class ForkServer:
             self.channel.sock.settimeout(remaining)
             try:
                 message, fds = self.channel.receive()
+                for fd in fds:
+                    os.close(fd)
+                check_server_message(message)
             except ChannelClosed:
                 raise _crashed(self.label, self.process, self.tail, doing) from None
             except CallError as exc:
                 raise ModelCrashError(f"model {self.label} broke the protocol while {doing}: {exc}") from None
-            for fd in fds:
-                os.close(fd)
             if message.get("kind") == "failed" and request == 0:
                 raise _failed(self.label, message.get("failure") or {})
             if message.get("kind") == kind and message.get("id", 0) == request:
@@ -396,25 +395,16 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 pass
             self.kill_stragglers()
-            _close_pumps(self._pumps, (process.stdout, process.stderr))
+            _close_output(getattr(self, "output", None), (process.stdout, process.stderr))
         self._stack.close()
 
 
-def _pumps(stdout: IO[bytes] | None, stderr: IO[bytes] | None, tail: deque[str]) -> list[threading.Thread]:
-    pumps = [
-        threading.Thread(target=_pump, args=(stdout, sys.stdout, deque(maxlen=1)), daemon=True),
-        threading.Thread(target=_pump, args=(stderr, sys.stderr, tail), daemon=True),
-    ]
-    for pump in pumps:
-        pump.start()
-    return pumps
-
-
-def _close_pumps(pumps: list[threading.Thread], streams: Sequence[IO[bytes] | None]) -> None:
-    for pump in pumps:
-        pump.join(timeout=0.5)
+def _close_output(output: ModelOutput | None, streams: Sequence[IO[bytes] | None]) -> None:
+    """Read what the process left in its pipes, stop reading, close them."""
+    if output is not None:
+        output.close()
     for stream in streams:
-        if stream is not None and not any(p.is_alive() for p in pumps):
+        if stream is not None:
             stream.close()
 
 
@@ -458,7 +448,8 @@ class ModelProcess:
         self.pool = SegmentPool()
         self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._streams = (os.fdopen(stdout, "rb"), os.fdopen(stderr, "rb"))
-        self._pumps = _pumps(*self._streams, self.tail)
+        self.output = ModelOutput(self.label, *self._streams)
+        self.tail = self.output.tail
         self._calls = 0
         self._closed = False
         self.start_seconds = 0.0
@@ -495,12 +486,13 @@ class ModelProcess:
             self.channel.sock.settimeout(remaining)
             try:
                 message, fds = self.channel.receive()
+                for fd in fds:  # N.B. Nothing a model sends us is a descriptor we asked for.
+                    os.close(fd)
+                check_model_message(message)
             except ChannelClosed:
                 raise self._crashed(doing) from None
             except CallError as exc:
                 raise ModelCrashError(f"model {self.label} broke the protocol while {doing}: {exc}") from None
-            for fd in fds:  # N.B. Nothing a model sends us is a descriptor we asked for.
-                os.close(fd)
             kind, ours = message.get("kind"), message.get("id") == call_id
             if kind == "failed" and ours:
                 raise self._failed(message.get("failure") or {})
@@ -520,7 +512,7 @@ class ModelProcess:
             link.handle(message)
         except Exception as exc:  # noqa: BLE001 - Dagster's handler raises its own kinds for bad messages
             raise ModelCrashError(
-                f"model {self.label} sent a Pipes message that was refused while {doing}: {exc}"
+                f"model {self.label} sent a Pipes message that was refused while {doing}: {clean(str(exc))[:500]}"
             ) from None
 
     def call(
@@ -560,11 +552,12 @@ class ModelProcess:
             )
             sent = time.perf_counter()
             try:
-                reply = self._exchange(call_id, call, exchange, link, timeout)
-                answered = time.perf_counter()
-                frames, state, seconds, bytes_out, metrics = self._read(
-                    exchange, reply.get("result"), call, want, output_library
-                )
+                with self.output.routed(getattr(link, "log", None)):
+                    reply = self._exchange(call_id, call, exchange, link, timeout)
+                    answered = time.perf_counter()
+                    frames, state, seconds, bytes_out, metrics = self._read(
+                        exchange, reply.get("result"), call, want, output_library
+                    )
             finally:
                 self.kill_stragglers()
             done = time.perf_counter()
@@ -648,7 +641,7 @@ class ModelProcess:
         """Close our ends (the server is ending it, or has): the channel, the pumps, the segments."""
         self._closed = True
         self.channel.close()
-        _close_pumps(self._pumps, self._streams)
+        _close_output(self.output, self._streams)
         self.pool.close()
 
     def close(self) -> None:

@@ -208,7 +208,7 @@ def test_example_models_run_from_the_cli(cli: Cli, project: Project, tmp_path: P
         if name == "churn":  # N.B. Its metrics, returned with the state (Trained).
             assert "metrics: holdout_accuracy = " in result.stdout, result.stdout
         if name == "credit_risk":  # N.B. Its cut points, reported through Pipes.
-            assert "reported: cut_0.5 = " in result.stderr, result.stderr
+            assert "reported by the model: cut_0.5 = " in result.stderr, result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny file system needs root (CI runs as root)")

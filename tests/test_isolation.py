@@ -552,7 +552,7 @@ def test_the_cli_runs_a_model_in_a_sandboxed_warm_process(cli_env: dict[str, str
         env=cli_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "info: training hostile 1.0.0" in done.stderr
+    assert "[model hostile@1.0.0, log] training hostile 1.0.0" in done.stderr
 
 
 def test_terminating_a_dagster_run_cleans_up_like_ctrl_c(

@@ -14,12 +14,11 @@ import struct
 import threading
 from typing import Any
 
-from modelpex_runtime.protocol import CallError
+from modelpex_runtime.protocol import MAX_MESSAGE_BYTES, CallError
 
 __all__ = ["Channel", "ChannelClosed"]
 
 _HEADER = struct.Struct(">I")
-MAX_MESSAGE_BYTES = 64 << 20
 MAX_FDS = 64
 
 
@@ -42,7 +41,13 @@ class Channel:
         return self.sock.fileno()
 
     def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one message; a `CallError` before anything is sent if it exceeds what the other side accepts."""
         payload = json.dumps(message, separators=(",", ":")).encode()
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise CallError(
+                f"a {message.get('kind')!r} message of {len(payload)} bytes exceeds the channel's limit of "
+                f"{MAX_MESSAGE_BYTES} bytes: report less (metadata, log lines) in one message"
+            )
         header = _HEADER.pack(len(payload))
         with self._sending:
             if fds:
@@ -57,12 +62,15 @@ class Channel:
         (length,) = _HEADER.unpack(header)
         if length > MAX_MESSAGE_BYTES:
             _close_all(fds)
-            raise CallError(f"channel message of {length} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+            raise CallError(f"a channel message of {length} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")
         try:
-            message = json.loads(self._exactly(length))
-        except (ValueError, ChannelClosed):
+            message = json.loads(self._exactly(length).decode("utf-8"))  # N.B. Not json's guess of an encoding.
+        except ChannelClosed:
             _close_all(fds)
             raise
+        except (ValueError, RecursionError) as exc:  # N.B. Not UTF-8, not JSON, or nested too deep to parse.
+            _close_all(fds)
+            raise CallError(f"a channel message of {length} bytes is not valid JSON ({_first_line(exc)})") from None
         if not isinstance(message, dict):
             _close_all(fds)
             raise CallError("channel message is not a JSON object")
@@ -95,6 +103,11 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
 
 
 def _close_all(fds: list[int]) -> None:

@@ -21,6 +21,7 @@ from dagster_pipes import (
 )
 
 from modelpex_runtime.channel import Channel
+from modelpex_runtime.protocol import LOG_LINE_BYTES
 
 __all__ = ["ChannelMessageWriter", "open_call_pipes"]
 
@@ -30,7 +31,22 @@ class _CallChannel(PipesMessageWriterChannel):
         self.channel, self.call_id = channel, call_id
 
     def write_message(self, message: Mapping[str, Any]) -> None:
-        self.channel.send({"kind": "pipes", "id": self.call_id, "message": message})
+        self.channel.send({"kind": "pipes", "id": self.call_id, "message": _cut_log(message)})
+
+
+def _cut_log(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A log message longer than a log line, cut, saying by how much: the orchestrator would cut it anyway, and a
+    very long one would not fit a channel message at all."""
+    params = message.get("params")
+    text = params.get("message") if message.get("method") == "log" and isinstance(params, Mapping) else None
+    if not isinstance(text, str) or len(text) <= LOG_LINE_BYTES // 4:
+        return message  # N.B. At most 4 bytes a character: short enough without encoding it.
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= LOG_LINE_BYTES:
+        return message
+    keep = LOG_LINE_BYTES - 64  # N.B. Room for the note, so the orchestrator does not cut it off again.
+    head = raw[:keep].decode("utf-8", "ignore")
+    return {**message, "params": {**params, "message": f"{head} [cut: {len(raw) - keep} more bytes]"}}
 
 
 class ChannelMessageWriter(PipesMessageWriter[_CallChannel]):

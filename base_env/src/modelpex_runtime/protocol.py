@@ -28,6 +28,10 @@ MODEL_ENV = "MODELPEX_MODEL"
 READABLE_ENV = "MODELPEX_READABLE"  # folders a child must still read under its private /tmp (PEX_ROOT), os.pathsep
 # N.B. The messages-params marker the orchestrator's Pipes reader hands out: messages travel over the channel.
 PIPES_CHANNEL_PARAMS = {"modelpex": "channel"}
+# Bounds both sides hold to: a channel message's JSON, and a line of log (longer ones are cut). The orchestrator
+# reads every message whole before parsing it, so its memory per model is bounded by the first.
+MAX_MESSAGE_BYTES = 4 << 20
+LOG_LINE_BYTES = 64 << 10
 
 
 class ModelpexError(Exception):
@@ -116,3 +120,74 @@ class ModelFailure(TypedDict):
 #                        pipe, in the result's order, the state last; or
 #                        {"kind": "failed", "id": int, "failure": ModelFailure} to end it.
 # A failure before the first call (the model's modules do not import) is {"kind": "failed", "id": 0, ...}.
+
+# What each kind a model process (a fork server's child) and a fork server send must carry besides "kind":
+# field -> the JSON type it must have. Fields of `_OPTIONAL` may be absent or null, and otherwise of their type.
+MODEL_MESSAGES: dict[str, dict[str, type]] = {
+    "ready": {},
+    "pipes": {"id": int, "message": dict},
+    "done": {"id": int, "result": dict},
+    "failed": {"id": int, "failure": dict},
+}
+SERVER_MESSAGES: dict[str, dict[str, type]] = {
+    "ready": {},
+    "forked": {"id": int, "pid": int},
+    "ended": {"id": int},
+    "failed": {"id": int, "failure": dict},
+}
+_OPTIONAL: dict[str, type] = {
+    "pid": int,
+    "private": bool,
+    "preloaded": list,
+    "threads": int,
+    "returncode": int,
+    "seconds": dict,
+}
+_FAILURE_FIELDS = ("type", "message", "traceback")
+
+
+def check_model_message(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` if it is one a model process may send (see above); a `CallError` naming what is wrong otherwise.
+
+    N.B. The orchestrator calls this on every message before acting on it: a model's code can write anything to
+    its channel, and a wrong type must end as one line about the model, never as a traceback in the orchestrator.
+    """
+    return _checked(message, MODEL_MESSAGES)
+
+
+def check_server_message(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` if it is one a fork server may send (see above); a `CallError` naming what is wrong otherwise."""
+    return _checked(message, SERVER_MESSAGES)
+
+
+def _checked(message: dict[str, Any], kinds: dict[str, dict[str, type]]) -> dict[str, Any]:
+    kind = message.get("kind")
+    fields = kinds.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise CallError(f"unknown message kind {_shown(kind)}: expected one of {', '.join(kinds)}")
+    for name, expected in fields.items():
+        _check_field(kind, name, message.get(name), expected)
+    for name, expected in _OPTIONAL.items():
+        if name not in fields and message.get(name) is not None:
+            _check_field(kind, name, message[name], expected)
+    if kind == "failed":
+        for name in _FAILURE_FIELDS:
+            value = message["failure"].get(name)
+            if not isinstance(value, str):
+                raise CallError(f"a 'failed' message needs failure.{name} as a JSON string, got {_shown(value)}")
+    return message
+
+
+def _check_field(kind: str, name: str, value: object, expected: type) -> None:
+    # N.B. bool is an int in Python, never an id or a count in JSON.
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise CallError(f"a {kind!r} message needs {name} as a JSON {_JSON_TYPES[expected]}, got {_shown(value)}")
+
+
+_JSON_TYPES = {int: "integer", dict: "object", str: "string", bool: "boolean", list: "array"}
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A short printable rendering of what a model sent, for an error line: repr escapes control characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
