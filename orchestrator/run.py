@@ -190,6 +190,13 @@ def _members(*, pgid: int | None = None, uid: int | None = None) -> list[int]:
     return found
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # N.B. Gone.
+
+
 def _kill(pids: Sequence[int]) -> None:
     for pid in pids:
         try:
@@ -228,6 +235,7 @@ class ModelProcess:
 
     def _start(self, env_allow: Sequence[str], extra: Mapping[str, str], timeout: float) -> None:
         started = time.perf_counter()
+        self.sandbox.end_orphans_once()
         self.identity: Identity = self._stack.enter_context(self.sandbox.identity())
         workdir = self._stack.enter_context(self.sandbox.workdir(self.identity))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -452,8 +460,12 @@ class ModelProcess:
         if self.sandbox.bwrap:
             return
         own_uid = self.identity.lock is not None
-        pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
-        _kill([pid for pid in pids if pid != self.process.pid])
+        for _ in range(1000):  # N.B. Until none is left: a fork chain's next generation is not in one snapshot.
+            pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
+            pids = [pid for pid in pids if pid != self.process.pid and not _zombie(pid)]
+            if not pids:
+                return
+            _kill(pids)
 
     @property
     def alive(self) -> bool:
@@ -475,6 +487,7 @@ class ModelProcess:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+            self.sandbox.end_processes(self.identity)  # N.B. With a uid of its own: everything of that uid.
             self.kill_stragglers()
             for pump in self._pumps:
                 pump.join(timeout=0.5)

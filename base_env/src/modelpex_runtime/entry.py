@@ -240,18 +240,28 @@ def _answer(channel: Channel, model: Model, message: Mapping[str, Any], fds: lis
 
 
 def _end_children() -> None:
-    """In a PID namespace of our own, every other process is a child the model left: end and reap them all."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in (1, os.getpid()):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+    """In a PID namespace of our own, every other process is a child the model left: end and reap them all, until
+    none is left (``kill(-1)`` spares only us and the namespace's init; a fork chain's next generation too)."""
+    for _ in range(100_000):
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
+        except ChildProcessError:
             pass
-    except ChildProcessError:
-        pass
+        if not [e for e in os.listdir("/proc") if e.isdigit() and int(e) not in (1, os.getpid()) and not _dead(e)]:
+            return
+
+
+def _dead(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def serve(channel: Channel, model: Model, sandboxed: bool = False) -> int:
