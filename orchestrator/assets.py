@@ -412,6 +412,7 @@ class ModelStep:
             action="train",
             inputs=self._inputs(),
             params=self.d.params,
+            client_limits=self.d.client_limits,
             keep_state=True,
             reported=reported,
         )
@@ -447,6 +448,7 @@ class ModelStep:
             action="predict",
             inputs=self._inputs(),
             params=self.d.params,
+            client_limits=self.d.client_limits,
             state_in=state,
             reported=reported,
         )

@@ -18,6 +18,7 @@ This module imports no Dagster: the CLI runs models without paying for it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.containment import LIMITS_ENV
 from modelpex_runtime.metrics import checked_metrics
 from modelpex_runtime.protocol import (
     CHANNEL_FD_ENV,
@@ -51,6 +53,17 @@ from modelpex_runtime.protocol import (
 
 from orchestrator.cache import SYSTEM_PATH, Prepared
 from orchestrator.errors import ModelpexError
+from orchestrator.limits import (
+    ClientLimits,
+    Limits,
+    delegated_cgroup,
+    describe_value,
+    limit_hit,
+    limit_line,
+    mechanisms,
+    parse_limits,
+    resolve,
+)
 from orchestrator.sandbox import Identity, Sandbox
 from orchestrator.transport import FrameExchange, SegmentPool
 
@@ -66,6 +79,7 @@ __all__ = [
     "RunOutcome",
 ]
 
+log = logging.getLogger("modelpex")
 Action = Literal["train", "predict", "train_predict"]
 # N.B. Locale, time zone and thread-count knobs only: nothing that can carry a credential.
 DEFAULT_ENV_ALLOW = (
@@ -105,6 +119,10 @@ class ModelCrashError(ModelRunError):
 
 class ModelTimeoutError(ModelRunError):
     """The model process ran past its timeout and was killed."""
+
+
+class ModelLimitError(ModelRunError):
+    """The model hit one of its limits (memory, processes, CPU time, a file's or a folder's size)."""
 
 
 @dataclass(frozen=True)
@@ -216,9 +234,13 @@ class ModelProcess:
         env_allow: Sequence[str] = DEFAULT_ENV_ALLOW,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 600.0,
+        limits: Limits | None = None,
+        limits_where: str = "",
     ) -> None:
         self.prepared = prepared
         self.sandbox = sandbox
+        self.limits = limits
+        self.limits_where = limits_where
         self.pool = SegmentPool()
         self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._stack = ExitStack()
@@ -252,10 +274,15 @@ class ModelProcess:
         )
         if self.sandbox.bwrap:
             env[SANDBOXED_ENV] = "1"
+        if self.limits is not None:
+            env[LIMITS_ENV] = json.dumps({**self.limits.for_runtime(), "own_uid": self.identity.lock is not None})
         try:
             self.process = subprocess.Popen(
                 self.sandbox.command(
-                    [str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"], workdir, [self.prepared.pex_root]
+                    [str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"],
+                    workdir,
+                    [self.prepared.pex_root],
+                    self.limits,
                 ),
                 pass_fds=(child.fileno(), lifeline_read),
                 cwd=workdir,
@@ -282,11 +309,24 @@ class ModelProcess:
             ) from None
         self.start_seconds = time.perf_counter() - started
 
-    def _crashed(self, doing: str) -> ModelCrashError:
+    def _limit(self, kind: str, message: str, signal: int | None = None) -> ModelLimitError | None:
+        """The one-line error of a limit the model hit, if its failure shows one."""
+        name = limit_hit(kind, message, signal) if self.limits is not None else None
+        if name is None or self.limits is None:
+            return None
+        mechanism = mechanisms(own_uid=self.identity.lock is not None, bwrap=bool(self.sandbox.bwrap))[name]
+        return ModelLimitError(limit_line(self.label, name, self.limits, mechanism, f"{name} in {self.limits_where}"))
+
+    def _crashed(self, doing: str) -> ModelRunError:
         try:
             returncode = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             returncode = None
+        signalled = -returncode if returncode is not None and returncode < 0 else None
+        if self.sandbox.bwrap and returncode is not None and returncode > 128:
+            signalled = returncode - 128  # N.B. bubblewrap exits with 128 + the signal that ended its command.
+        if (hit := self._limit("", "", signalled)) is not None:
+            return hit
         how = (
             "closed its channel"
             if returncode is None
@@ -326,6 +366,8 @@ class ModelProcess:
         output to what the model wrote): that is the transport's, and its one line says how to make room."""
         if failure.get("type") == _SHM_SPACE:
             return ShmSpaceError(str(failure.get("message")))
+        if (hit := self._limit(str(failure.get("type")), str(failure.get("message")))) is not None:
+            return hit
         return ModelRaisedError(self.label, failure)
 
     def _forward(self, link: PipesLink, message: object, doing: str) -> None:
@@ -498,6 +540,35 @@ class ModelProcess:
         self._stack.close()
 
 
+_announced: set[str] = set()
+
+
+def announce_limits(label: str, limits: Limits, sandbox: Sandbox, where: str) -> None:
+    """Each limit of a model process and what enforces it, in the log once per process and distinct limits."""
+    own_uid = sandbox.switching and bool(sandbox.uids)
+    how = mechanisms(own_uid=own_uid, bwrap=bool(sandbox.bwrap))
+    line = f"modelpex limits of {label}: " + "; ".join(
+        f"{name} {describe_value(name, getattr(limits, name))} ({how[name]})" for name in how
+    )
+    line += "; oom_score_adj 1000 (the kernel ends a model process before the orchestrator); cgroup v2: " + (
+        delegated_cgroup() or "none"
+    )
+    if line not in _announced:
+        _announced.add(line)
+        log.info(line + f"; raise them in {where}")
+
+
+def model_limits(prepared: Prepared, client: ClientLimits | None) -> tuple[Limits, str]:
+    """The limits of ``prepared``'s process for a client: the defaults, the model's, the client's; and where to
+    raise them."""
+    name = prepared.entry.get("name", prepared.label)
+    where = f"[tool.modelpex.limits] of {name}'s pyproject.toml"
+    model = parse_limits(prepared.entry.get("limits"), where)
+    if client is not None and client.values:
+        where = f"{client.where} (this client) or {where}"
+    return resolve(model, client.values if client else None), where
+
+
 def _rows(frame: Any) -> int:
     return frame.num_rows if hasattr(frame, "num_rows") else len(frame)
 
@@ -524,14 +595,25 @@ class ModelProcesses:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _process(self, prepared: Prepared, timeout: float) -> ModelProcess:
+    def _process(self, prepared: Prepared, timeout: float, client: ClientLimits | None) -> tuple[str, ModelProcess]:
+        limits, where = model_limits(prepared, client)
+        key = f"{prepared.record.sha256}:{limits}"  # N.B. A client with limits of its own gets a process of its own.
         with self._lock:
-            process = self._running.pop(prepared.record.sha256, None)
+            process = self._running.pop(key, None)
         if process is not None and process.alive:
-            return process
+            return key, process
         if process is not None:
             process.close()
-        return ModelProcess(prepared, self.sandbox, env_allow=self.env_allow, env=self.env, startup_timeout=timeout)
+        announce_limits(prepared.label, limits, self.sandbox, where)
+        return key, ModelProcess(
+            prepared,
+            self.sandbox,
+            env_allow=self.env_allow,
+            env=self.env,
+            startup_timeout=timeout,
+            limits=limits,
+            limits_where=where,
+        )
 
     def call(
         self,
@@ -539,10 +621,11 @@ class ModelProcesses:
         link: Callable[[], AbstractContextManager[PipesLink]],
         *,
         timeout: float,
+        client_limits: ClientLimits | None = None,
         **kwargs: Any,
     ) -> RunOutcome:
         """Run one call on the version's process; a process that crashed or timed out is replaced next time."""
-        process = self._process(prepared, timeout)
+        key, process = self._process(prepared, timeout, client_limits)
         healthy = False
         try:
             with link() as pipes:
@@ -555,7 +638,7 @@ class ModelProcesses:
         finally:
             if healthy and prepared.reuse and process.alive:
                 with self._lock:
-                    self._running[prepared.record.sha256] = process
+                    self._running[key] = process
             else:
                 process.close()
 

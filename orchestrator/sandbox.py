@@ -39,6 +39,7 @@ from typing import Literal
 from orchestrator.errors import SandboxError
 from orchestrator.files import owned_dir
 from orchestrator.leases import lease_dir, try_lock
+from orchestrator.limits import Limits
 
 __all__ = ["RUN_PREFIX", "RUNS", "Identity", "Sandbox", "can_switch_users", "end_uid", "guarantees", "live_uids"]
 
@@ -266,13 +267,16 @@ class Sandbox:
                 os.chown(folder, identity.uid, identity.gid)
             yield folder
 
-    def command(self, argv: list[str], workdir: Path, readable: Sequence[Path] = ()) -> list[str]:
+    def command(
+        self, argv: list[str], workdir: Path, readable: Sequence[Path] = (), limits: Limits | None = None
+    ) -> list[str]:
         """``argv`` as the sandbox runs it: inside bubblewrap's namespaces when there is one, where ``readable``
-        stays visible (read-only) even under the private /tmp, /var/tmp or /run."""
+        stays visible (read-only) even under the private /tmp, /var/tmp or /run; with ``limits``, the private
+        folder, /tmp, /var/tmp and /dev/shm are tmpfs of their sizes."""
         if not self.bwrap:
             return argv
         binds = [arg for path in readable for arg in ("--ro-bind", str(path), str(path))]
-        return [self.bwrap, *_bwrap_args(workdir, binds), "--", *argv]
+        return [self.bwrap, *_bwrap_args(workdir, binds, limits), "--", *argv]
 
     def popen_kwargs(self, identity: Identity) -> dict[str, object]:
         """What `subprocess.Popen` needs to start a process as ``identity``, in a session of its own."""
@@ -354,19 +358,27 @@ def live_uids() -> set[int]:
     return uids
 
 
-def _bwrap_args(workdir: Path, binds: Sequence[str] = ()) -> list[str]:
-    """Every namespace; the file system read-only but for the private folder and fresh temporary mounts."""
+def _bwrap_args(workdir: Path, binds: Sequence[str] = (), limits: Limits | None = None) -> list[str]:
+    """Every namespace; the file system read-only but for the private folder and fresh temporary mounts, each a
+    tmpfs of its limit's size when there are limits (``--size`` applies to the ``--tmpfs`` after it)."""
+
+    def sized(size: int | None) -> list[str]:
+        return ["--size", str(size)] if size else []
+
+    tmp, shm, folder = (limits.tmp, limits.shm, limits.folder) if limits else (None, None, None)
+    own = [*sized(folder), "--tmpfs", str(workdir)] if folder else ["--bind", str(workdir), str(workdir)]
     return [
         "--unshare-all",
         "--die-with-parent",
         "--ro-bind", "/", "/",
         "--dev", "/dev",
+        *(([*sized(shm), "--tmpfs", "/dev/shm"]) if shm else []),
         "--proc", "/proc",
-        "--tmpfs", "/tmp",
-        "--tmpfs", "/var/tmp",
+        *sized(tmp), "--tmpfs", "/tmp",
+        *sized(tmp), "--tmpfs", "/var/tmp",
         "--tmpfs", "/run",
         *binds,
-        "--bind", str(workdir), str(workdir),
+        *own,
         "--chdir", str(workdir),
     ]  # fmt: skip
 

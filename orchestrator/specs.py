@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelpex_runtime.protocol import STATE_FORMATS
 from packaging.requirements import InvalidRequirement, Requirement
@@ -24,6 +25,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from orchestrator.errors import ModelpexWarning, SpecError
+from orchestrator.limits import parse_limits
 
 __all__ = [
     "BASE_DISTRIBUTION",
@@ -174,6 +176,7 @@ class ModelSpec:
     trusted_types: tuple[str, ...] = ()  # types skops may load beyond its defaults
     reuse: bool = True  # False: a process per call, for a model that keeps data in module globals
     predictions: PredictionContract = PredictionContract()  # the checks its predictions must pass
+    limits: tuple[tuple[str, Any], ...] = ()  # [tool.modelpex.limits] as written (orchestrator.limits)
 
     @property
     def source_dir(self) -> Path:
@@ -199,6 +202,7 @@ class ModelSpec:
                 "state": self.state,
                 "trusted_types": list(self.trusted_types),
                 "reuse": self.reuse,
+                **({"limits": dict(self.limits)} if self.limits else {}),
             },
             sort_keys=True,
         )
@@ -276,6 +280,8 @@ def load_model_spec(folder: Path) -> ModelSpec:
     if not isinstance(reuse, bool):
         raise SpecError(f"{path}: [tool.modelpex] reuse = {reuse!r} must be true or false")
     contract = prediction_contract(table.get("predictions", {}), tuple(inputs), path)
+    limits = table.get("limits", {})
+    parse_limits(limits, f"{path}: [tool.modelpex.limits]")
     spec = ModelSpec(
         name,
         version,
@@ -289,6 +295,7 @@ def load_model_spec(folder: Path) -> ModelSpec:
         tuple(trusted),
         reuse,
         contract,
+        tuple(sorted(limits.items())),
     )
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")

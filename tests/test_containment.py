@@ -227,3 +227,142 @@ def test_strays_of_a_killed_orchestrator_end_at_the_next_command(
         cli.kill()
         for pid in strays(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- limits ---------------------------------------------------------------------------------------------------
+
+HOG = """
+import os, time
+import pyarrow as pa
+
+
+def train(inputs, params):
+    hog = params.get("hog")
+    if hog == "memory":
+        blob = bytearray(1536 * 2**20)  # N.B. 1.5 GiB, over a 256 MiB limit
+        blob[::4096] = b"x" * len(blob[::4096])
+    elif hog == "processes":
+        children = []
+        for _ in range(200):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            children.append(pid)
+    elif hog == "cpu":
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pass
+    elif hog == "disk":
+        chunk = b"x" * 2**20
+        with open("hog.bin", "wb") as out:
+            for _ in range(400):  # N.B. 400 MiB at most
+                out.write(chunk)
+                out.flush()
+    return {"mean": 1.0}
+
+
+def predict(inputs, state, params):
+    return pa.table({"x": inputs["data"]["x"]})
+"""
+LIMITS = """
+[tool.modelpex.limits]
+memory = "256MiB"
+processes = 32
+cpu = "2s"
+file_size = "128MiB"
+folder = "64MiB"
+output = "64MiB"
+"""
+
+
+@needs_user_switch
+@pytest.mark.parametrize("hog", ["memory", "processes", "cpu", "disk"])
+def test_a_hog_fails_in_one_line_while_a_model_beside_it_runs_unchanged(bench: Bench, hog: str) -> None:
+    """The hog's call fails with one line naming the model, the limit, its value and where to raise it; a second
+    model's call, run at the same time in another runner, answers exactly what it answers alone."""
+    import threading
+
+    from orchestrator.run import ModelLimitError
+
+    bench.add("hog", HOG, LIMITS)
+    bench.record("hog")
+    alone = bench.call("strays", action="train_predict", keep_state=False).outputs["predictions"]
+    beside: dict[str, object] = {}
+    neighbour = Runner(bench.settings, bench.builder.interpreter, timeout=120)
+
+    def run_beside() -> None:
+        time.sleep(0.5)
+        link = console_link
+        beside["out"] = neighbour.call(
+            bench.record("strays"), link, action="train_predict", inputs={"data": bench.data}, params={}
+        ).outputs["predictions"]
+
+    thread = threading.Thread(target=run_beside)
+    thread.start()
+    try:
+        with pytest.raises(ModelLimitError) as caught:
+            bench.call("hog", params={"hog": hog})
+    finally:
+        thread.join(timeout=300)
+        neighbour.close()
+    message = str(caught.value)
+    assert "\n" not in message
+    disk = "folder" if bench.runner.sandbox.bwrap else "file_size"
+    expected = {
+        "memory": "memory limit of 256 MiB (RLIMIT_DATA)",
+        "processes": "processes limit of 32 (RLIMIT_NPROC of its own uid)",
+        "cpu": "cpu limit of 2 s (RLIMIT_CPU",
+        "disk": f"{disk} limit of {'64' if disk == 'folder' else '128'} MiB",
+    }[hog]
+    assert message.startswith(f"model hog@1.0.0 hit its {expected}"), message
+    assert message.endswith("raise " + message.split(": raise ", 1)[1]) and "[tool.modelpex.limits] of hog's" in message
+    assert beside["out"].equals(alone), "the model beside the hog answered differently"
+
+
+@needs_user_switch
+def test_a_clients_limit_wins_and_is_named(bench: Bench) -> None:
+    from orchestrator.limits import ClientLimits, parse_limits
+    from orchestrator.run import ModelLimitError
+
+    bench.add("hog", HOG, LIMITS)
+    where = "deployments.yaml clients.acme.models.hog.limits"
+    client = ClientLimits(parse_limits({"memory": "2GiB", "cpu": 30}, where), where)
+    outcome = bench.call("hog", params={"hog": "memory"}, client_limits=client)
+    assert outcome.state is None, "1.5 GiB fits under the client's 2 GiB"
+    client = ClientLimits(parse_limits({"memory": "128 MiB"}, where), where)
+    with pytest.raises(
+        ModelLimitError,
+        match=r"hit its memory limit of 128 MiB .*raise memory in deployments.yaml "
+        r"clients.acme.models.hog.limits \(this client\) or \[tool.modelpex.limits\] of hog's",
+    ):
+        bench.call("hog", params={"hog": "memory"}, client_limits=client)
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({"memory": "4 gigs"}, r"limits\].memory = '4 gigs' must be a size such as \"4GiB\""),
+        ({"memroy": "4GiB"}, r"unknown limits \['memroy'\]; known are memory, processes"),
+        ({"processes": 2}, r"processes = 2 must be a whole number of processes, at least 8"),
+        ({"cpu": "forever"}, r"cpu = 'forever' must be CPU seconds"),
+        ("4GiB", r"must be a table of limits"),
+    ],
+)
+def test_limits_are_validated_in_one_line(table: object, error: str) -> None:
+    from orchestrator.errors import SpecError
+    from orchestrator.limits import parse_limits
+
+    with pytest.raises(SpecError, match=error):
+        parse_limits(table, "[tool.modelpex.limits]")
+    from orchestrator.limits import parse_size
+
+    assert parse_size("4GiB", "m") == 4 * 2**30 and parse_size("512 MB", "m") == 512 * 10**6
+
+
+def test_a_bad_limit_in_pyproject_or_deployments_is_one_line(project: Project) -> None:
+    from orchestrator.errors import SpecError
+
+    folder = write_model(project.models, "hog", code=HOG, tool=_tool("hog", '\n[tool.modelpex.limits]\nmemory = "x"\n'))
+    with pytest.raises(SpecError, match=r"pyproject.toml: \[tool.modelpex.limits\].memory = 'x' must be a size"):
+        load_model_spec(folder)

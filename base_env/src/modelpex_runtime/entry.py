@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.containment import apply_limits, arm_call, limits_from_env
 from modelpex_runtime.metrics import split_trained
 from modelpex_runtime.protocol import (
     CHANNEL_FD_ENV,
@@ -272,6 +273,7 @@ def serve(channel: Channel, model: Model, sandboxed: bool = False) -> int:
         except ChannelClosed:
             return 0
         try:
+            arm_call()
             reply = _answer(channel, model, message, fds)
         finally:
             for fd in fds:
@@ -286,6 +288,7 @@ def main() -> int:
         sys.stderr.write("modelpex: a model pex is started by the orchestrator: use `modelpex run MODEL ...`\n")
         return 2
     _arm_lifeline(int(os.environ.pop(LIFELINE_FD_ENV)))
+    apply_limits(limits_from_env())  # N.B. Before any of the model's code runs, so nothing it starts escapes them.
     _not_dumpable()
     channel = Channel.from_fd(int(os.environ.pop(CHANNEL_FD_ENV)))
     started = time.perf_counter()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from modelpex_runtime.containment import output_limit
 from modelpex_runtime.protocol import FRAME_LIBRARIES, PROTOCOL_VERSION, FrameRef, ShmSpaceError, TransportError
 
 __all__ = [
@@ -78,6 +79,13 @@ def allocate(fd: int, size: int, what: str) -> None:
     current = os.fstat(fd).st_size
     if size <= current:
         return
+    limit = output_limit()
+    if limit and size > limit:
+        raise ShmSpaceError(
+            f"{what} needs {size / 2**20:.1f} MiB of shared memory, over its output limit of {limit / 2**20:.1f} "
+            "MiB: raise output in [tool.modelpex.limits] of the model's pyproject.toml, or in the client's limits "
+            "in deployments.yaml"
+        )
     check_space(size - current, what, fd)
     try:
         os.posix_fallocate(fd, 0, size)
