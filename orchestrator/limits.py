@@ -68,7 +68,7 @@ class Limits:
     folder: int  # bytes of its private folder (a sized tmpfs, with bubblewrap)
     tmp: int  # bytes of its private /tmp and /var/tmp (each a sized tmpfs, with bubblewrap)
     shm: int  # bytes of its private /dev/shm (a sized tmpfs, with bubblewrap)
-    output: int  # bytes of shared memory one output may grow to
+    output: int  # bytes one output may be (announced before it is read)
 
     @classmethod
     def defaults(cls) -> Limits:
@@ -181,19 +181,19 @@ class ClientLimits:
     where: str
 
 
-def mechanisms(*, own_uid: bool, bwrap: bool) -> dict[str, str]:
-    """What enforces each limit in this mode (the log at the first model start, README's isolation table)."""
-    sized = "a sized tmpfs (bubblewrap --size)"
-    unsized = "not enforced without bubblewrap (RLIMIT_FSIZE bounds each file)"
+def mechanisms(*, own_uid: bool, sized: bool) -> dict[str, str]:
+    """What enforces each limit in this mode (the log at the first model start, README's isolation table);
+    ``sized``: the private places are tmpfs of their sizes (bubblewrap's, or the fork server child's own)."""
+    unsized = "not enforced without private places (RLIMIT_FSIZE bounds each file)"
     return {
         "memory": "RLIMIT_DATA",
         "processes": "RLIMIT_NPROC of its own uid" if own_uid else "not enforced: no uid of its own",
         "cpu": "RLIMIT_CPU, re-armed before each call",
         "file_size": "RLIMIT_FSIZE",
-        "folder": sized if bwrap else unsized,
-        "tmp": sized if bwrap else unsized,
-        "shm": sized if bwrap else unsized,
-        "output": "the runtime's check as an output grows, and RLIMIT_FSIZE",
+        "folder": "a sized tmpfs" if sized else unsized,
+        "tmp": "a sized tmpfs" if sized else unsized,
+        "shm": "a sized tmpfs" if sized else unsized,
+        "output": "checked by the orchestrator when the model announces the output",
     }
 
 
@@ -222,7 +222,7 @@ def limit_hit(kind: str, message: str, signal: int | None = None) -> str | None:
 def limit_line(label: str, name: str, limits: Limits, mechanism: str, where: str) -> str:
     """The one line a call that hit a limit fails with."""
     value = describe_value(name, getattr(limits, name))
-    return f"model {label} hit its {name} limit of {value} ({mechanism}): raise {where}"
+    return f"model {label} hit its {name} limit of {value} ({mechanism}): raise {name} in {where}"
 
 
 def delegated_cgroup() -> str | None:

@@ -35,7 +35,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import ArtifactRecord
 
 from .broker import RedisServer
-from .conftest import REPO, S3_BUCKET, Project, SessionBase, make_project, postgres_server, shm_held
+from .conftest import REPO, S3_BUCKET, Project, SessionBase, make_project, postgres_database, shm_held
 from .seaweed import SeaweedServer, unique_prefix
 from .servers import spawn, terminate
 from .system import require
@@ -275,14 +275,17 @@ def _publish(project: Project, store_url: str, base_path: Path, base: ArtifactRe
 
 @pytest.fixture(scope="module")
 def cluster(
-    s3_server: SeaweedServer, session_base: SessionBase, tmp_path_factory: pytest.TempPathFactory
+    s3_server: SeaweedServer,
+    postgres_cluster: dict[str, str],
+    session_base: SessionBase,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
     require("redis-server", "initdb")
     folder = tmp_path_factory.mktemp("celery")
     with ExitStack() as stack, pytest.MonkeyPatch.context() as monkeypatch:
         for name, value in s3_server.env().items():
             monkeypatch.setenv(name, value)  # N.B. The test reads the store too.
-        postgres = stack.enter_context(postgres_server())
+        postgres = postgres_database(postgres_cluster)  # N.B. The session's server, a database of its own.
         broker = RedisServer.start(folder)
         stack.callback(broker.stop)
         project = make_project(folder / "project")
@@ -418,7 +421,7 @@ def executor_config(env: dict[str, str]) -> dict:
     """The configuration the code location's executor runs with under these settings.
 
     N.B. Dagster has no public reader of a configured executor's values: its config schema resolves them."""
-    executor = run_executor(Settings.from_env(env=env, project=str(REPO)))
+    executor = run_executor(Settings.from_env(env={"MODELPEX_STORE": "s3://bucket/prefix", **env}, project=str(REPO)))
     resolved = executor.config_schema.resolve_config({})
     assert resolved.success, resolved.errors
     return {"name": executor.name, **resolved.value["config"]}
@@ -455,9 +458,18 @@ def test_executor_settings_errors_are_one_line_naming_the_variable(env: dict[str
     assert "\n" not in message and all(fragment in message for fragment in fragments), message
 
 
+def test_celery_with_a_local_store_is_refused_in_one_line() -> None:
+    """Workers on other hosts cannot see a folder on this one: the code location refuses to load, saying so."""
+    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://h:6379/0"}
+    with pytest.raises(ModelpexError) as raised:
+        run_executor(Settings.from_env(env=env, project=str(REPO)))
+    message = str(raised.value)
+    assert "\n" not in message and "is a folder on this host" in message and "s3://" in message, message
+
+
 def test_without_dagster_celery_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "dagster_celery", None)
-    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://h:6379/0"}
+    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://h:6379/0", "MODELPEX_STORE": "s3://b/p"}
     settings = Settings.from_env(env=env, project=str(REPO))
     with pytest.raises(
         ModelpexError, match=r"MODELPEX_EXECUTOR=celery needs dagster-celery .*pip install -e '\.\[cluster\]'"

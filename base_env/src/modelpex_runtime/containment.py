@@ -1,13 +1,13 @@
 """Containment: the limits a model process applies to itself before it imports the model.
 
-The orchestrator decides the limits (``orchestrator.limits``) and hands them over in ``MODELPEX_LIMITS`` (JSON);
-`apply_limits` runs in the model process before any of the model's code (a fork server's child calls it after the
-fork), so nothing the model starts escapes them:
+The orchestrator decides the limits (``orchestrator.limits``) and sends them with the request that forks a client's
+child; the child calls `apply_limits` after the fork and before it imports the model, so nothing the model starts
+escapes them:
 
 - memory: ``RLIMIT_DATA`` (private writable memory: the heap and anonymous maps; the shared-memory segments frames
   travel in are not counted, their own limits are ``output`` and the private /dev/shm);
 - processes: ``RLIMIT_NPROC``, only with a uid of its own (it counts every process of the real uid);
-- size of any file written: ``RLIMIT_FSIZE`` (at least ``output``: an output segment is a file it grows);
+- size of any file written: ``RLIMIT_FSIZE``;
 - CPU time per call: ``RLIMIT_CPU``, re-armed before every call (`arm_call`) to what the process has used plus the
   limit; the kernel sends SIGXCPU when it is reached, which ends the process;
 - ``oom_score_adj`` 1000: when the machine runs out of memory, the kernel picks a model process first, never the
@@ -18,27 +18,13 @@ Standard library only, like the rest of the runtime.
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LIMITS_ENV", "apply_limits", "arm_call", "limits_from_env", "output_limit"]
+__all__ = ["apply_limits", "arm_call"]
 
-LIMITS_ENV = "MODELPEX_LIMITS"
 _applied: dict[str, Any] = {}
-
-
-def limits_from_env() -> dict[str, Any]:
-    """The limits the orchestrator set (and removed from the environment, so the model's children do not see it)."""
-    raw = os.environ.pop(LIMITS_ENV, "")
-    return json.loads(raw) if raw else {}
-
-
-def output_limit() -> int:
-    """Bytes one output segment may grow to (0: no limit applied)."""
-    return int(_applied.get("output") or 0)
 
 
 def _set(kind: int, value: int) -> None:
@@ -76,7 +62,7 @@ def apply_limits(limits: Mapping[str, Any]) -> None:
     if limits.get("processes") and limits.get("own_uid"):
         _set(resource.RLIMIT_NPROC, int(limits["processes"]))
     if limits.get("file_size"):
-        _set(resource.RLIMIT_FSIZE, max(int(limits["file_size"]), int(limits.get("output") or 0)))
+        _set(resource.RLIMIT_FSIZE, int(limits["file_size"]))
     arm_call()
     try:
         with open("/proc/self/oom_score_adj", "w") as adj:
