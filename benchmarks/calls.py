@@ -322,5 +322,90 @@ def plot(figures: dict, path: Path) -> None:
     save(fig, path)
 
 
+# --- what the limits cost (issue 16): ``python benchmarks/calls.py --limits [--json PATH] [--quick]`` ---------------
+
+LIMITS_TARGET_S = 0.005
+
+
+def _limited_process(runner: Runner, prepared, limits, kwargs: dict, calls: int) -> dict:
+    """A fork server's child with ``limits`` (None: none applied): its start (fork, limits, the model's import), its
+    warm calls' overhead, and the server's end (with a uid of its own, the uid's processes ended)."""
+    from orchestrator.run import ForkServer
+
+    server = ForkServer(prepared, runner.sandbox, limits=limits)
+    overheads = []
+    try:
+        started = time.perf_counter()
+        process = server.fork(600, limits, "the benchmark")
+        start = time.perf_counter() - started
+        for _ in range(calls):
+            with console_link() as link:
+                overheads.append(overhead(process.call(link, timeout=600, **kwargs)))
+    finally:
+        ended = time.perf_counter()
+        server.close()
+    return {"start_s": start, "call_s": statistics.median(overheads), "close_s": time.perf_counter() - ended}
+
+
+def limits_cost(runner: Runner, record, inputs: dict, state, repeats: int) -> dict:
+    """Each figure with and without limits, alternating so that the machine's load falls on both alike."""
+    from orchestrator.limits import Limits
+
+    prepared = runner.prepare(record)
+    kwargs = {"action": "predict", "inputs": inputs, "params": {}, "state_in": state}
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    for _ in range(repeats):
+        for name, limits in (("without", None), ("with", Limits.defaults())):
+            runs[name].append(_limited_process(runner, prepared, limits, kwargs, 6))
+    figures = {
+        name: {key: statistics.median(run[key] for run in each) for key in ("start_s", "call_s", "close_s")}
+        for name, each in runs.items()
+    }
+    figures["cost_per_call_s"] = figures["with"]["call_s"] - figures["without"]["call_s"]
+    figures["cost_per_process_start_s"] = figures["with"]["start_s"] - figures["without"]["start_s"]
+    return figures
+
+
+def limits_main() -> None:
+    parser = argparse.ArgumentParser(description="what the limits cost a call, with and without them")
+    parser.add_argument("--limits", action="store_true")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "calls-limits.json")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    settings = Settings.from_env(project=str(REPO))
+    builder = settings.builder()
+    with tempfile.TemporaryDirectory(prefix="modelpex-bench-") as tmp:
+        record = builder.model(resolve_source(REPO, settings.models_dir, ModelRef("churn"), Path(tmp))).record
+    with Runner(settings, builder.interpreter, timeout=600) as runner:
+        inputs = {"customers": customers(2000)}
+        state = runner.call(record, console_link, action="train", inputs=inputs, params={}, keep_state=True).state
+        figures = {
+            "model": record.label,
+            "sandbox": runner.sandbox.describe(),
+            "load_average": os.getloadavg(),
+            **limits_cost(runner, record, inputs, state, 2 if args.quick else 7),
+        }
+    figures["target_s"] = LIMITS_TARGET_S
+    figures["met"] = figures["cost_per_call_s"] <= LIMITS_TARGET_S
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2))
+    plot_limits(figures, args.json.with_suffix(".png"))
+    print(json.dumps(figures, indent=2))
+
+
+def plot_limits(figures: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for axis, key, title in zip(
+        axes, ("call_s", "start_s", "close_s"), ("warm call overhead", "process start", "process end"), strict=True
+    ):
+        values = [figures["without"][key] * 1000, figures["with"][key] * 1000]
+        axis.bar(["without limits", "with limits"], values, color=["#888", "#4c72b0"])
+        axis.set_ylabel("milliseconds")
+        axis.set_title(title)
+    fig.suptitle(f"what the limits cost: {figures['cost_per_call_s'] * 1000:+.2f} ms per call (target < 5 ms)")
+    save(fig, path)
+
+
 if __name__ == "__main__":
-    main()
+    limits_main() if "--limits" in sys.argv else main()

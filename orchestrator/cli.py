@@ -203,7 +203,7 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     from orchestrator.deployments import pinned_versions
     from orchestrator.leases import sweep
     from orchestrator.removal import sweep_each
-    from orchestrator.sandbox import RUN_PREFIX, RUNS
+    from orchestrator.sandbox import RUN_PREFIX, RUNS, Sandbox
     from orchestrator.states import StateKeeper
     from orchestrator.store import BUILD_PREFIX
 
@@ -247,6 +247,11 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     def folders(parent: Path, prefix: str) -> Callable[[], None]:
         return lambda: leftovers.extend(sweep(parent, prefix, settings.gc_grace, dry_run=args.dry_run, report=report))
 
+    def model_processes() -> None:
+        sandbox = Sandbox.create(settings.cache_dir, settings.isolation, settings.model_user, "none")
+        for uid in [] if args.dry_run else sandbox.end_orphans():
+            out.print(f"ended the processes a dead run left under model uid {uid}")
+
     def stray_states() -> None:
         strays = [stray for stray in store.stray_states() if stray.modified < time.time() - settings.gc_grace]
         for stray in [] if args.dry_run else strays:
@@ -256,6 +261,7 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     # N.B. Each sweep on its own: one that fails is one line, and the others still run.
     sweep_each(  # N.B. `report` counts the failures, of a sweep as of one of its folders.
         [
+            ("end what dead runs' models left running", model_processes),
             ("remove unreferenced artifacts", artifacts),
             ("remove unindexed files", unindexed),
             ("remove unused fitted states", fitted_states),

@@ -19,6 +19,7 @@ from dagster._utils.schedules import is_valid_cron_string
 
 from orchestrator.catalog import LATEST, Catalog
 from orchestrator.errors import SpecError
+from orchestrator.limits import ClientLimits, parse_limits
 from orchestrator.specs import validate_name
 
 __all__ = [
@@ -62,6 +63,13 @@ class ModelDeployment:
     params: Mapping[str, Any]
     inputs: Mapping[str, str]  # model input name -> the client's dataset name
     schedules: Mapping[str, str]  # ``train`` / ``predict`` -> cron
+    limits: Mapping[str, Any] = field(default_factory=dict)  # this client's limits (orchestrator.limits), parsed
+
+    @property
+    def client_limits(self) -> ClientLimits | None:
+        """This client's limits, which win over the model's, and where they are written."""
+        where = f"deployments.yaml clients.{self.client}.models.{self.model}.limits"
+        return ClientLimits(self.limits, where) if self.limits else None
 
     @property
     def where(self) -> str:
@@ -146,9 +154,11 @@ def _model(
     where: str,
 ) -> ModelDeployment:
     table = _table(raw, where)
-    unknown = sorted(set(table) - {"version", "params", "inputs", "schedules"})
+    unknown = sorted(set(table) - {"version", "params", "inputs", "schedules", "limits"})
     if unknown:
-        raise DeploymentError(f"{where}: unknown keys {unknown}; allowed are version, params, inputs, schedules")
+        raise DeploymentError(
+            f"{where}: unknown keys {unknown}; allowed are version, params, inputs, schedules, limits"
+        )
     if name not in catalog.specs:
         raise DeploymentError(
             f"{where}: no model {name!r} in model_packages/ (known: {', '.join(sorted(catalog.specs))})"
@@ -178,7 +188,15 @@ def _model(
         dict(_table(table.get("params"), f"{where}.params")),
         inputs,
         {a: _cron(schedules[a], f"{where}.schedules.{a}") for a in ACTIONS if a in schedules},
+        _limits(table.get("limits"), f"{where}.limits"),
     )
+
+
+def _limits(table: Any, where: str) -> dict[str, Any]:
+    try:
+        return parse_limits(table, where)
+    except SpecError as exc:
+        raise DeploymentError(f"deployments.yaml {exc}") from None
 
 
 def _client(name: str, raw: Any, root: Path, catalog: Catalog) -> ClientDeployment:

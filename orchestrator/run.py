@@ -23,6 +23,7 @@ This module imports no Dagster: the CLI runs models without paying for it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -57,6 +58,17 @@ from modelpex_runtime.protocol import (
 
 from orchestrator.cache import SYSTEM_PATH, Prepared
 from orchestrator.errors import ModelpexError
+from orchestrator.limits import (
+    ClientLimits,
+    Limits,
+    delegated_cgroup,
+    describe_value,
+    limit_hit,
+    limit_line,
+    mechanisms,
+    parse_limits,
+    resolve,
+)
 from orchestrator.modellog import ModelOutput, clean, clean_lines
 from orchestrator.sandbox import Identity, Sandbox
 from orchestrator.transport import FrameExchange, SegmentPool
@@ -74,6 +86,7 @@ __all__ = [
     "RunOutcome",
 ]
 
+log = logging.getLogger("modelpex")
 Action = Literal["train", "predict", "train_predict"]
 # N.B. Locale, time zone and thread-count knobs only: nothing that can carry a credential.
 DEFAULT_ENV_ALLOW = (
@@ -119,6 +132,10 @@ class ModelCrashError(ModelRunError):
 
 class ModelTimeoutError(ModelRunError):
     """The model process ran past its timeout and was killed."""
+
+
+class ModelLimitError(ModelRunError):
+    """The model hit one of its limits (memory, processes, CPU time, a file's or a folder's size)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +209,13 @@ def _members(*, pgid: int | None = None, uid: int | None = None) -> list[int]:
     return found
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # N.B. Gone.
+
+
 def _kill(pids: Sequence[int]) -> None:
     for pid in pids:
         try:
@@ -215,9 +239,11 @@ class ForkServer:
         env_allow: Sequence[str] = DEFAULT_ENV_ALLOW,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 600.0,
+        limits: Limits | None = None,
     ) -> None:
         self.prepared = prepared
         self.sandbox = sandbox
+        self.limits = limits  # N.B. The model's: they size the sandbox's tmpfs; each child applies its client's.
         self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.children: dict[int, ModelProcess] = {}
         self._stack = ExitStack()
@@ -236,6 +262,7 @@ class ForkServer:
 
     def _start(self, env_allow: Sequence[str], extra: Mapping[str, str], timeout: float) -> None:
         started = time.perf_counter()
+        self.sandbox.end_orphans_once()
         self.identity: Identity = self._stack.enter_context(self.sandbox.identity())
         self.workdir = workdir = self._stack.enter_context(self.sandbox.workdir(self.identity))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -254,7 +281,10 @@ class ForkServer:
         try:
             self.process = subprocess.Popen(
                 self.sandbox.command(
-                    [str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"], workdir, [self.prepared.pex_root]
+                    [str(self.prepared.python), "-I", "-u", "-m", "modelpex_runtime"],
+                    workdir,
+                    [self.prepared.pex_root],
+                    self.limits,
                 ),
                 pass_fds=(child.fileno(), lifeline_read),
                 cwd=workdir,
@@ -302,8 +332,9 @@ class ForkServer:
             if message.get("kind") == kind and message.get("id", 0) == request:
                 return message
 
-    def fork(self, timeout: float) -> ModelProcess:
-        """A fresh child for one client: forked from the server as it was before any client, the model imported."""
+    def fork(self, timeout: float, limits: Limits | None = None, limits_where: str = "") -> ModelProcess:
+        """A fresh child for one client: forked from the server as it was before any client, the model imported;
+        with ``limits``, which it applies to itself before it imports the model."""
         started = time.perf_counter()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_read, out_write = os.pipe()
@@ -312,7 +343,12 @@ class ForkServer:
             self._requests += 1
             request = self._requests
             try:
-                self.channel.send({"kind": "fork", "id": request}, [child.fileno(), out_write, err_write])
+                request_limits = (
+                    {**limits.for_runtime(), "own_uid": self.identity.lock is not None} if limits is not None else {}
+                )
+                self.channel.send(
+                    {"kind": "fork", "id": request, "limits": request_limits}, [child.fileno(), out_write, err_write]
+                )
             except OSError:
                 for fd in (out_read, err_read):
                     os.close(fd)
@@ -331,6 +367,7 @@ class ForkServer:
                 raise
         self.forks += 1
         process = ModelProcess(self, Channel(parent), pid, out_read, err_read)
+        process.limits, process.limits_where = limits, limits_where
         self.children[pid] = process
         try:
             process.await_ready(time.monotonic() + timeout)
@@ -366,9 +403,13 @@ class ForkServer:
         if self.sandbox.bwrap:
             return
         own_uid = self.identity.lock is not None
-        pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
         spared = {self.process.pid, *self.children}
-        _kill([pid for pid in pids if pid not in spared])
+        for _ in range(1000):  # N.B. Until none is left: a fork chain's next generation is not in one snapshot.
+            pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
+            pids = [pid for pid in pids if pid not in spared and not _zombie(pid)]
+            if not pids:
+                return
+            _kill(pids)
 
     @property
     def alive(self) -> bool:
@@ -394,6 +435,7 @@ class ForkServer:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+            self.sandbox.end_processes(self.identity)  # N.B. With a uid of its own: everything of that uid.
             self.kill_stragglers()
             _close_output(getattr(self, "output", None), (process.stdout, process.stderr))
         self._stack.close()
@@ -454,6 +496,8 @@ class ModelProcess:
         self._closed = False
         self.start_seconds = 0.0
         self.private = False
+        self.limits: Limits | None = None
+        self.limits_where = ""
 
     @property
     def label(self) -> str:
@@ -472,10 +516,32 @@ class ModelProcess:
             ) from None
         self.private = ready.get("private") is True
 
-    def _crashed(self, doing: str) -> ModelCrashError:
+    def _check_output_sizes(self, outputs: Mapping[str, Any]) -> None:
+        """An output announced larger than the ``output`` limit is refused before a byte of it is read."""
+        if self.limits is None:
+            return
+        for name, ref in outputs.items():
+            size = ref.get("size") if isinstance(ref, dict) else None
+            if isinstance(size, int) and size > self.limits.output:
+                line = limit_line(self.label, "output", self.limits, self._how("output"), self.limits_where)
+                raise ModelLimitError(f"{line} (output {name!r} is {size / 2**20:.1f} MiB)")
+
+    def _limit(self, kind: str, message: str, signal: int | None = None) -> ModelLimitError | None:
+        """The one-line error of a limit the model hit, if its failure shows one."""
+        name = limit_hit(kind, message, signal) if self.limits is not None else None
+        if name is None or self.limits is None:
+            return None
+        return ModelLimitError(limit_line(self.label, name, self.limits, self._how(name), self.limits_where))
+
+    def _how(self, name: str) -> str:
+        """What enforces limit ``name`` for this process."""
+        return mechanisms(own_uid=self.identity.lock is not None, sized=self.private or bool(self.sandbox.bwrap))[name]
+
+    def _crashed(self, doing: str) -> ModelRunError:
         code = self.server.end(self.pid, grace=2.0)
         self._closed = True
-        return _crashed(self.label, None, self.tail, doing, code)
+        hit = self._limit("", "", -code if code is not None and code < 0 else None)
+        return hit or _crashed(self.label, None, self.tail, doing, code)
 
     def _next(self, call_id: int, link: PipesLink | None, deadline: float, doing: str) -> dict[str, Any]:
         """The next message that ends a call (or the start-up), forwarding the call's Pipes messages on the way."""
@@ -502,7 +568,8 @@ class ModelProcess:
                 return message
 
     def _failed(self, failure: ModelFailure) -> ModelpexError:
-        return _failed(self.label, failure)
+        hit = self._limit(str(failure.get("type")), str(failure.get("message")))
+        return hit or _failed(self.label, failure)
 
     def _forward(self, link: PipesLink, message: object, doing: str) -> None:
         """One Pipes message to the call's session; one it refuses is the model breaking the protocol."""
@@ -608,6 +675,7 @@ class ModelProcess:
             missing = sorted(set(want) - set(result["outputs"]))
             if missing:
                 raise ValueError(f"outputs {missing} were asked for and not written")
+            self._check_output_sizes(result["outputs"])
             frames = {
                 name: exchange.get(name, ref, library, f"output {name!r} of {self.label}")
                 for name, ref in result["outputs"].items()
@@ -654,6 +722,38 @@ class ModelProcess:
         self.release()
 
 
+_announced: set[str] = set()
+
+
+def announce_limits(process: ModelProcess) -> None:
+    """Each limit of a model process and what enforces it, in the log once per distinct set of limits."""
+    limits, where, label = process.limits, process.limits_where, process.label
+    if limits is None:
+        return
+    own_uid = process.identity.lock is not None
+    how = mechanisms(own_uid=own_uid, sized=process.private or bool(process.sandbox.bwrap))
+    line = f"modelpex limits of {label}: " + "; ".join(
+        f"{name} {describe_value(name, getattr(limits, name))} ({how[name]})" for name in how
+    )
+    line += "; oom_score_adj 1000 (the kernel ends a model process before the orchestrator); cgroup v2: " + (
+        delegated_cgroup() or "none"
+    )
+    if line not in _announced:
+        _announced.add(line)
+        log.info(line + f"; raise them in {where}")
+
+
+def model_limits(prepared: Prepared, client: ClientLimits | None) -> tuple[Limits, str]:
+    """The limits of ``prepared``'s process for a client: the defaults, the model's, the client's; and where to
+    raise them."""
+    name = prepared.entry.get("name", prepared.label)
+    where = f"[tool.modelpex.limits] of {name}'s pyproject.toml"
+    model = parse_limits(prepared.entry.get("limits"), where)
+    if client is not None and client.values:
+        where = f"{client.where} (this client) or {where}"
+    return resolve(model, client.values if client else None), where
+
+
 def _rows(frame: Any) -> int:
     return frame.num_rows if hasattr(frame, "num_rows") else len(frame)
 
@@ -687,7 +787,10 @@ class ModelProcesses:
         self.close()
 
     def _start_server(self, prepared: Prepared, timeout: float) -> ForkServer:
-        return ForkServer(prepared, self.sandbox, env_allow=self.env_allow, env=self.env, startup_timeout=timeout)
+        limits = model_limits(prepared, None)[0]
+        return ForkServer(
+            prepared, self.sandbox, env_allow=self.env_allow, env=self.env, startup_timeout=timeout, limits=limits
+        )
 
     def _server(self, prepared: Prepared, client: str, timeout: float) -> ForkServer:
         """The version's server, or the client's own where children cannot have private places."""
@@ -705,14 +808,17 @@ class ModelProcesses:
             self._servers[digest if server.private else (digest, client)] = server
         return server
 
-    def _process(self, prepared: Prepared, client: str, timeout: float) -> ModelProcess:
+    def _process(self, prepared: Prepared, client: str, timeout: float, limits: ClientLimits | None) -> ModelProcess:
         with self._lock:
             process = self._children.pop((prepared.record.sha256, client), None)
         if process is not None and process.alive:
             return process
         if process is not None:
             process.close()
-        return self._server(prepared, client, timeout).fork(timeout)
+        server = self._server(prepared, client, timeout)
+        process = server.fork(timeout, *model_limits(prepared, limits))
+        announce_limits(process)
+        return process
 
     def call(
         self,
@@ -721,13 +827,14 @@ class ModelProcesses:
         *,
         timeout: float,
         client: str = "",
+        client_limits: ClientLimits | None = None,
         **kwargs: Any,
     ) -> RunOutcome:
         """Run one call on the client's child of the version's server; a child that crashed or timed out takes its
         server down with it (a fresh one next time)."""
         if not prepared.reuse:
-            return self._cold(prepared, link, timeout, **kwargs)
-        process = self._process(prepared, client, timeout)
+            return self._cold(prepared, link, timeout, client_limits, **kwargs)
+        process = self._process(prepared, client, timeout, client_limits)
         healthy = False
         try:
             with link() as pipes:
@@ -745,12 +852,18 @@ class ModelProcesses:
                 self._drop(process.server)
 
     def _cold(
-        self, prepared: Prepared, link: Callable[[], AbstractContextManager[PipesLink]], timeout: float, **kwargs: Any
+        self,
+        prepared: Prepared,
+        link: Callable[[], AbstractContextManager[PipesLink]],
+        timeout: float,
+        limits: ClientLimits | None,
+        **kwargs: Any,
     ) -> RunOutcome:
         """A process of its own for one call, for a model that must not share even the server."""
         server = self._start_server(prepared, timeout)
         try:
-            process = server.fork(timeout)
+            process = server.fork(timeout, *model_limits(prepared, limits))
+            announce_limits(process)
             with link() as pipes:
                 return process.call(pipes, timeout=timeout, **kwargs)
         finally:

@@ -25,9 +25,11 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,8 +39,9 @@ from typing import Literal
 from orchestrator.errors import SandboxError
 from orchestrator.files import owned_dir
 from orchestrator.leases import lease_dir, try_lock
+from orchestrator.limits import Limits
 
-__all__ = ["RUN_PREFIX", "RUNS", "Identity", "Sandbox", "can_switch_users", "guarantees"]
+__all__ = ["RUN_PREFIX", "RUNS", "Identity", "Sandbox", "can_switch_users", "end_uid", "guarantees", "live_uids"]
 
 log = logging.getLogger("modelpex")
 
@@ -215,12 +218,46 @@ class Sandbox:
             fd = try_lock(self._uid_locks / str(uid))
             if fd is None:
                 continue
+            if not end_uid(uid, self.user.pw_gid):
+                os.close(fd)  # N.B. Something of a dead run still runs as this uid: never hand it out.
+                log.warning(f"uid {uid} still has processes that survive SIGKILL; it is skipped")
+                continue
             try:
                 yield Identity(uid, self.user.pw_gid, fd)
             finally:
                 os.close(fd)
             return
         raise SandboxError(f"every uid of {self.user.pw_name}'s range in {SUBUID_FILE} is in use: widen the range")
+
+    def end_orphans(self) -> list[int]:
+        """End the processes of every model uid whose lease is gone (its orchestrator was killed with -9 while a
+        child that escaped the lifeline ran on); the uids they ran as. Nothing happens without uids of our own."""
+        if not self.switching or not self.uids or self.user is None:
+            return []
+        ended = []
+        for uid in sorted(uid for uid in live_uids() if uid in self.uids):
+            fd = try_lock(self._uid_locks / str(uid))
+            if fd is None:
+                continue  # N.B. Leased: a live orchestrator's model, perhaps in another container.
+            try:
+                if not end_uid(uid, self.user.pw_gid):
+                    log.warning(f"uid {uid} still has processes that survive SIGKILL")
+                ended.append(uid)
+            finally:
+                os.close(fd)
+        return ended
+
+    def end_orphans_once(self) -> None:
+        """`end_orphans` at the first model start of this sandbox (so of each command or Dagster run)."""
+        if not getattr(self, "_orphans_ended", False):
+            self._orphans_ended = True
+            if ended := self.end_orphans():
+                log.warning(f"ended processes a dead run left under model uids {', '.join(map(str, ended))}")
+
+    def end_processes(self, identity: Identity) -> None:
+        """Every process of ``identity``'s uid, when the uid is its own (a leased one): its model has ended."""
+        if self.switching and identity.lock is not None and not end_uid(identity.uid, identity.gid):
+            log.warning(f"uid {identity.uid} still has processes that survive SIGKILL")
 
     @contextmanager
     def workdir(self, identity: Identity) -> Iterator[Path]:
@@ -230,13 +267,16 @@ class Sandbox:
                 os.chown(folder, identity.uid, identity.gid)
             yield folder
 
-    def command(self, argv: list[str], workdir: Path, readable: Sequence[Path] = ()) -> list[str]:
+    def command(
+        self, argv: list[str], workdir: Path, readable: Sequence[Path] = (), limits: Limits | None = None
+    ) -> list[str]:
         """``argv`` as the sandbox runs it: inside bubblewrap's namespaces when there is one, where ``readable``
-        stays visible (read-only) even under the private /tmp, /var/tmp or /run."""
+        stays visible (read-only) even under the private /tmp, /var/tmp or /run; with ``limits``, the private
+        folder, /tmp, /var/tmp and /dev/shm are tmpfs of their sizes."""
         if not self.bwrap:
             return argv
         binds = [arg for path in readable for arg in ("--ro-bind", str(path), str(path))]
-        return [self.bwrap, *_bwrap_args(workdir, binds), "--", *argv]
+        return [self.bwrap, *_bwrap_args(workdir, binds, limits), "--", *argv]
 
     def popen_kwargs(self, identity: Identity) -> dict[str, object]:
         """What `subprocess.Popen` needs to start a process as ``identity``, in a session of its own."""
@@ -246,19 +286,99 @@ class Sandbox:
         return kwargs
 
 
-def _bwrap_args(workdir: Path, binds: Sequence[str] = ()) -> list[str]:
-    """Every namespace; the file system read-only but for the private folder and fresh temporary mounts."""
+def _live_of(uid: int, me: int) -> bool:
+    """Whether a process other than ``me`` runs (is not a zombie) with real uid ``uid``; raw reads, no imports: it
+    runs in a forked child of a threaded process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            fd = os.open(f"/proc/{entry}/status", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            status = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        state = status.partition(b"\nState:")[2].split(None, 1)[:1]
+        real = status.partition(b"\nUid:")[2].split(None, 1)[:1]
+        if real == [str(uid).encode()] and state not in ([b"Z"], [b"X"]):
+            return True
+    return False
+
+
+def end_uid(uid: int, gid: int, timeout: float = 10.0) -> bool:
+    """End every process of ``uid`` as process supervisors do: a helper running as that uid sends SIGKILL to every
+    process it may signal (``kill(-1)``, which spares only itself), again and again until none remains alive, which
+    also catches a fork chain's next generation and a child that escaped with setsid. False if some survive.
+
+    N.B. ``kill(-1)`` reaches processes in every PID namespace below ours (bubblewrap's) and counts zombies as
+    signalled, hence the check for one that still runs. A forked child of this (threaded) process runs only system
+    calls and reads, nothing that takes a lock another thread could hold."""
+    if uid in (0, os.getuid(), os.geteuid()):
+        raise SandboxError(f"refusing to end every process of uid {uid}: it is root's or this process's own")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the helper
+        code = 2
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            me, deadline, code = os.getpid(), time.monotonic() + timeout, 1
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except ProcessLookupError:
+                    code = 0
+                    break
+                if not _live_of(uid, me):
+                    code = 0
+                    break
+                os.sched_yield()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def live_uids() -> set[int]:
+    """Real uids of the processes now running (zombies aside), from /proc."""
+    uids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if fields.get("State", "").split()[:1] not in (["Z"], ["X"]) and "Uid" in fields:
+                uids.add(int(fields["Uid"].split()[0]))
+    return uids
+
+
+def _bwrap_args(workdir: Path, binds: Sequence[str] = (), limits: Limits | None = None) -> list[str]:
+    """Every namespace; the file system read-only but for the private folder and fresh temporary mounts, each a
+    tmpfs of its limit's size when there are limits (``--size`` applies to the ``--tmpfs`` after it)."""
+
+    def sized(size: int | None) -> list[str]:
+        return ["--size", str(size)] if size else []
+
+    tmp, shm, folder = (limits.tmp, limits.shm, limits.folder) if limits else (None, None, None)
+    own = [*sized(folder), "--tmpfs", str(workdir)] if folder else ["--bind", str(workdir), str(workdir)]
     return [
         "--unshare-all",
         "--die-with-parent",
         "--ro-bind", "/", "/",
         "--dev", "/dev",
+        *(([*sized(shm), "--tmpfs", "/dev/shm"]) if shm else []),
         "--proc", "/proc",
-        "--tmpfs", "/tmp",
-        "--tmpfs", "/var/tmp",
+        *sized(tmp), "--tmpfs", "/tmp",
+        *sized(tmp), "--tmpfs", "/var/tmp",
         "--tmpfs", "/run",
         *binds,
-        "--bind", str(workdir), str(workdir),
+        *own,
         "--chdir", str(workdir),
     ]  # fmt: skip
 

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelpex_runtime.protocol import STATE_FORMATS
 from packaging.requirements import InvalidRequirement, Requirement
@@ -25,6 +26,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from orchestrator.errors import ModelpexWarning, SpecError
+from orchestrator.limits import parse_limits
 
 __all__ = [
     "BASE_DISTRIBUTION",
@@ -59,7 +61,7 @@ _TYPE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 _CHECK_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
 SEVERITIES = ("error", "warn")
 # Every key `[tool.modelpex]` and its tables may hold: anything else is a typo that would otherwise change nothing.
-MODEL_KEYS = ("train", "predict", "frames", "inputs", "state", "trusted_types", "reuse", "predictions")
+MODEL_KEYS = ("train", "predict", "frames", "inputs", "state", "trusted_types", "reuse", "predictions", "limits")
 PREDICTION_KEYS = ("columns", "rows", "checks")
 CHECK_KEYS = ("min", "max", "values", "severity")
 ROWS_INPUT, ROWS_ANY = "input", "any"
@@ -181,6 +183,7 @@ class ModelSpec:
     reuse: bool = True  # False: a process per call, for a model that keeps data in module globals
     predictions: PredictionContract = PredictionContract()  # the checks its predictions must pass
     description: str = ""  # [project] description, shown beside the version's asset
+    limits: tuple[tuple[str, Any], ...] = ()  # [tool.modelpex.limits] as written (orchestrator.limits)
 
     @property
     def source_dir(self) -> Path:
@@ -206,6 +209,7 @@ class ModelSpec:
                 "state": self.state,
                 "trusted_types": list(self.trusted_types),
                 "reuse": self.reuse,
+                **({"limits": dict(self.limits)} if self.limits else {}),
             },
             sort_keys=True,
         )
@@ -284,6 +288,8 @@ def load_model_spec(folder: Path) -> ModelSpec:
     if not isinstance(reuse, bool):
         raise SpecError(f"{path}: [tool.modelpex] reuse = {reuse!r} must be true or false")
     contract = prediction_contract(table.get("predictions", {}), tuple(inputs), path)
+    limits = table.get("limits", {})
+    parse_limits(limits, f"{path}: [tool.modelpex.limits]")
     spec = ModelSpec(
         name,
         version,
@@ -298,6 +304,7 @@ def load_model_spec(folder: Path) -> ModelSpec:
         reuse,
         contract,
         str(project.get("description") or ""),
+        tuple(sorted(limits.items())),
     )
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")

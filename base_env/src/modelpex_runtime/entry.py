@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.containment import arm_call
 from modelpex_runtime.metrics import split_trained
 from modelpex_runtime.protocol import (
     CHANNEL_FD_ENV,
@@ -283,6 +284,7 @@ def serve(channel: Channel, model: Model) -> int:
             return 0
         outgoing: list[Callable[[], None]] = []
         try:
+            arm_call()
             reply = _answer(channel, model, message, fds, outgoing)
             channel.send(reply)
             _send_outputs(outgoing)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpex_runtime.channel import Channel, ChannelClosed
+from modelpex_runtime.containment import apply_limits
 from modelpex_runtime.protocol import CallError
 
 __all__ = [
@@ -177,9 +178,12 @@ def preload(entry: dict[str, Any]) -> list[str]:
 # --- a child's own places and powers -----------------------------------------------------------------------------
 
 
-def private_places(workdir: str, keep: Iterable[str]) -> None:
-    """Fresh tmpfs over /tmp, /var/tmp, /dev/shm and ``workdir``, in a mount namespace of our own; folders under
-    them that we must still read (``keep``: the interpreter, PEX_ROOT, a cache under /tmp) are bound back in."""
+def private_places(workdir: str, keep: Iterable[str], limits: dict[str, Any] | None = None) -> None:
+    """Fresh tmpfs over /tmp, /var/tmp, /dev/shm and ``workdir``, in a mount namespace of our own, each of its
+    limit's size (``tmp``, ``shm``, ``folder``); folders under them that we must still read (``keep``: the
+    interpreter, PEX_ROOT, a cache under /tmp) are bound back in."""
+    limits = limits or {}
+    sizes = {"/tmp": limits.get("tmp"), "/var/tmp": limits.get("tmp"), "/dev/shm": limits.get("shm")}
     _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
     places = [p for p in (*PRIVATE_PLACES, workdir) if os.path.isdir(p)]
@@ -187,6 +191,9 @@ def private_places(workdir: str, keep: Iterable[str]) -> None:
         kept = _kept_under(place, keep, workdir)
         trees = [(path, _clone_tree(path)) for path in kept]
         mode = b"mode=0700" if place == workdir else b"mode=1777"
+        size = limits.get("folder") if place == workdir else sizes.get(place)
+        if size:
+            mode += b",size=%d" % int(size)
         _check(
             _libc.mount(b"tmpfs", place.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, mode), f"mounting a private {place}"
         )
@@ -337,7 +344,8 @@ def serve_forks(
         if kind == "fork" and len(fds) == 3:
             pid = os.fork()
             if pid == 0:
-                _become_child(control, fds, private, child_main, workdir, keep, close_in_child)
+                limits = message.get("limits") if isinstance(message.get("limits"), dict) else {}
+                _become_child(control, fds, private, child_main, workdir, keep, close_in_child, limits)
             children.add(pid)
             for fd in fds:
                 os.close(fd)
@@ -361,8 +369,10 @@ def _become_child(
     workdir: str,
     keep: Sequence[str],
     close_in_child: Sequence[int],
+    limits: dict[str, Any],
 ) -> None:
-    """The child's start, then its life: never returns into the server's loop."""
+    """The child's start, then its life: never returns into the server's loop; its limits are applied before it
+    imports the model (`modelpex_runtime.containment`)."""
     code = 1
     try:
         control.close()
@@ -376,8 +386,9 @@ def _become_child(
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         started = time.perf_counter()
         if private:
-            private_places(workdir, keep)
+            private_places(workdir, keep, limits)
             drop_powers()
+        apply_limits(limits)
         _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
         code = child_main(Channel.from_fd(channel_fd), private, started)
     except BaseException as exc:  # noqa: BLE001 - whatever happens, this process must never return to the server loop
