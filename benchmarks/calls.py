@@ -344,8 +344,8 @@ def plot(figures: dict, path: Path) -> None:
     )
     right.set_ylabel("seconds")
     right.set_title(
-        f"redeploy, {redeploy['clients']} clients: per-client warm {redeploy['speedup']:.1f}x, "
-        f"shared {redeploy['shared_speedup']:.1f}x faster than cold"
+        f"redeploy, {redeploy['clients']} clients (train + predict each)\nwarm child per client "
+        f"{redeploy['speedup']:.1f}x, one shared process {redeploy['shared_speedup']:.1f}x faster than cold"
     )
     save(fig, path)
 

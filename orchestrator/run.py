@@ -45,6 +45,7 @@ from modelpex_runtime.protocol import (
     MODEL_ENV,
     PROTOCOL_VERSION,
     READABLE_ENV,
+    SANDBOXED_ENV,
     STATE_FORMATS,
     CallError,
     ModelCall,
@@ -255,6 +256,8 @@ class ForkServer:
                 READABLE_ENV: str(self.prepared.pex_root),
             }
         )
+        if self.sandbox.bwrap:
+            env[SANDBOXED_ENV] = "1"
         try:
             self.process = subprocess.Popen(
                 self.sandbox.command(
@@ -377,10 +380,8 @@ class ForkServer:
         return process is not None and process.poll() is None
 
     def close(self) -> None:
-        """End the server, its children and everything they started, then release its folder and uid."""
-        for child in list(self.children.values()):
-            child.release()
-        self.children.clear()
+        """End the server, its children and everything they started, then release their segments, the folder and
+        the uid."""
         lifeline = getattr(self, "_lifeline", None)
         if lifeline is not None:
             os.close(lifeline)  # N.B. The kernel now sends SIGKILL to the model's whole process group.
@@ -397,6 +398,9 @@ class ForkServer:
                 pass
             self.kill_stragglers()
             _close_pumps(self._pumps, (process.stdout, process.stderr))
+        for child in list(self.children.values()):
+            child.release()  # N.B. Once they are dead: their pumps end at once, their segments are no one's.
+        self.children.clear()
         self._stack.close()
 
 
