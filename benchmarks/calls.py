@@ -6,12 +6,13 @@ All with the churn model (scikit-learn on pandas) as the project's store has it,
 allows (the JSON records which):
 
 - overhead per call (launch to result, minus the model's own train/predict time) for a cold process (a process
-  per call), a warm process's first call, and its later calls;
-- a redeploy of one model for 20 clients (train, then predict, per client), one process per call against one warm
-  process;
+  per call), a client's first call (a fresh child of the warm fork server), and its later calls;
+- a redeploy of one model for 20 clients (train, then predict, per client) in the three designs side by side: a
+  cold process per call, a warm child per client (the fork server, today's design), and one warm process shared
+  by every client (the design before it, which let one client's data reach another);
 - ``modelpex run`` of a 100-row frame end to end, against the model process's own wall time (start-up to answer);
 - inside a Dagster run (20 clients, in process), the orchestrator's own time per call, from each materialisation's
-  ``step_overhead``;
+  ``step_overhead`` and ``process_start``;
 - what was taken off every call: hashing the 186 MB base (now a stat of the verified copy) and importing Dagster
   in the CLI (it no longer does).
 """
@@ -40,7 +41,7 @@ from benchmarks.plot import pyplot, save  # noqa: E402
 from benchmarks.results import write  # noqa: E402
 from orchestrator.datasets import customers  # noqa: E402
 from orchestrator.pipes import console_link as loud_link  # noqa: E402
-from orchestrator.run import ModelProcess  # noqa: E402
+from orchestrator.run import ForkServer  # noqa: E402
 from orchestrator.runner import Runner  # noqa: E402
 from orchestrator.settings import Settings  # noqa: E402
 from orchestrator.specs import ModelRef  # noqa: E402
@@ -49,7 +50,7 @@ from orchestrator.versions import resolve_source  # noqa: E402
 
 # N.B. The model's log lines are dropped: a benchmark times calls, not a terminal.
 console_link = functools.partial(loud_link, log=lambda message: None)
-TARGETS = {"later_warm_overhead_s": 0.05, "redeploy_speedup": 5.0, "dagster_orchestrator_s": 0.3, "cli_extra_s": 1.0}
+TARGETS = {"later_warm_overhead_s": 0.02, "redeploy_speedup": 10.0, "dagster_orchestrator_s": 0.3, "cli_extra_s": 1.0}
 
 
 def overhead(outcome) -> float:
@@ -57,6 +58,8 @@ def overhead(outcome) -> float:
 
 
 def per_call(runner: Runner, record, inputs: dict, state, repeats: int) -> dict:
+    """Overhead of one call: a cold process; a client's first call on a warm server (its child forked, the model
+    imported); that client's later calls."""
     prepared = runner.prepare(record)
     cold = dataclasses.replace(prepared, entry={**prepared.entry, "reuse": False})
     kwargs = {"action": "predict", "inputs": inputs, "params": {}, "state_in": state}
@@ -65,16 +68,15 @@ def per_call(runner: Runner, record, inputs: dict, state, repeats: int) -> dict:
         started = time.perf_counter()
         outcome = runner.processes.call(cold, console_link, timeout=600, **kwargs)
         cold_overheads.append(time.perf_counter() - started - sum(outcome.model_seconds.values()))
+    runner.processes.call(prepared, console_link, timeout=600, client="warm-up", **kwargs)  # N.B. The server.
     first, later = [], []
-    for _ in range(max(1, repeats // 2)):
-        process = ModelProcess(prepared, runner.sandbox)
-        try:
-            for index in range(6):
-                with console_link() as link:
-                    outcome = process.call(link, timeout=600, **kwargs)
-                (first if index == 0 else later).append(overhead(outcome))
-        finally:
-            process.close()
+    for index in range(max(2, repeats)):
+        for call in range(6):
+            started = time.perf_counter()
+            outcome = runner.processes.call(prepared, console_link, timeout=600, client=f"client-{index}", **kwargs)
+            took = time.perf_counter() - started - sum(outcome.model_seconds.values())
+            (first if call == 0 else later).append(took)
+    runner.processes.close()
     return {
         "cold_process_s": statistics.median(cold_overheads),
         "warm_first_call_s": statistics.median(first),
@@ -84,30 +86,54 @@ def per_call(runner: Runner, record, inputs: dict, state, repeats: int) -> dict:
 
 
 def redeploy(runner: Runner, record, clients: int) -> dict:
-    """Train then predict for each client; every client its own data; one process per call against one warm one."""
+    """Train then predict for each client, every client its own data, in the three designs: a cold process per
+    call, a warm child per client (fork server), one warm process shared by every client (the old design)."""
     prepared = runner.prepare(record)
     datasets = [{"customers": customers(2000, seed=i)} for i in range(clients)]
 
-    def run(target) -> float:
+    def run(target, client) -> float:
         started = time.perf_counter()
-        for data in datasets:
+        for index, data in enumerate(datasets):
+            who = client(index)
             trained = runner.processes.call(
-                target, console_link, timeout=600, action="train", inputs=data, params={}, keep_state=True
+                target, console_link, timeout=600, client=who, action="train", inputs=data, params={}, keep_state=True
             )
             runner.processes.call(
-                target, console_link, timeout=600, action="predict", inputs=data, params={}, state_in=trained.state
+                target,
+                console_link,
+                timeout=600,
+                client=who,
+                action="predict",
+                inputs=data,
+                params={},
+                state_in=trained.state,
             )
+        runner.processes.close()
         return time.perf_counter() - started
 
-    per_call_s = run(dataclasses.replace(prepared, entry={**prepared.entry, "reuse": False}))
-    warm_s = run(prepared)
-    runner.processes.close()
+    per_call_s = run(dataclasses.replace(prepared, entry={**prepared.entry, "reuse": False}), lambda i: f"c{i}")
+    per_client_s = run(prepared, lambda i: f"c{i}")
+    shared_s = run(prepared, lambda i: "everyone")  # N.B. One child serves every client: the old shared process.
     return {
         "clients": clients,
         "process_per_call_s": per_call_s,
-        "warm_process_s": warm_s,
-        "speedup": per_call_s / warm_s,
+        "per_client_warm_s": per_client_s,
+        "shared_warm_s": shared_s,
+        "speedup": per_call_s / per_client_s,
+        "shared_speedup": per_call_s / shared_s,
     }
+
+
+def _start_and_answer(runner: Runner, prepared, sandbox=None) -> tuple[ForkServer, object, float]:
+    """A fork server and its first child, as a cold call starts them, and the seconds to the child's ready."""
+    started = time.perf_counter()
+    server = ForkServer(prepared, sandbox or runner.sandbox)
+    try:
+        child = server.fork(600)
+    except BaseException:
+        server.close()
+        raise
+    return server, child, time.perf_counter() - started
 
 
 def cli_run(settings: Settings, runner: Runner, record, workdir: Path, repeats: int) -> dict:
@@ -132,16 +158,16 @@ def cli_run(settings: Settings, runner: Runner, record, workdir: Path, repeats: 
         subprocess.run(command, env=env, check=True, capture_output=True)
         cli.append(time.perf_counter() - started)
         started = time.perf_counter()
-        process = ModelProcess(prepared, runner.sandbox)
+        server, child, _ = _start_and_answer(runner, prepared)
         try:
             with console_link() as link:
-                outcome = process.call(link, timeout=600, action="train_predict", inputs=inputs, params={})
+                outcome = child.call(link, timeout=600, action="train_predict", inputs=inputs, params={})
             answered = time.perf_counter() - started
             model.append(
                 answered - (outcome.wall_seconds - sum(outcome.model_seconds.values()) - outcome.transport_seconds)
             )
         finally:
-            process.close()
+            server.close()
     return {
         "cli_s": statistics.median(cli),
         "model_process_s": statistics.median(model),
@@ -191,8 +217,8 @@ def dagster_run(settings: Settings, workdir: Path, clients: int) -> dict:
         for e in result.get_asset_materialization_events()
         if "step_overhead" in e.materialization.metadata
     ]
-    seconds = [duration(m["step_overhead"]) for m in metadata]
-    starts = [duration(m["process_start"]) for m in metadata if m["process_start"] != "re-used"]
+    seconds = [parse_duration(m["step_overhead"]) for m in metadata]
+    starts = [parse_duration(m["process_start"]) for m in metadata if m["process_start"] != "re-used"]
     return {
         "calls": len(seconds),
         "median_s": statistics.median(seconds),
@@ -200,6 +226,12 @@ def dagster_run(settings: Settings, workdir: Path, clients: int) -> dict:
         "processes_started": len(starts),
         "process_start_s": statistics.median(starts),
     }
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from the assets' human durations (``850 µs``, ``12.3 ms``, ``1.62 s``)."""
+    value, unit = text.split()
+    return float(value) * {"µs": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
 
 
 def sandbox_cost(settings: Settings, runner: Runner, record, repeats: int) -> dict:
@@ -213,9 +245,9 @@ def sandbox_cost(settings: Settings, runner: Runner, record, repeats: int) -> di
     times: dict[str, list[float]] = {"with_bwrap_s": [], "without_s": []}
     for _ in range(repeats):
         for name, sandbox in (("with_bwrap_s", runner.sandbox), ("without_s", plain)):
-            process = ModelProcess(prepared, sandbox)
-            times[name].append(process.start_seconds)
-            process.close()
+            server, _, seconds = _start_and_answer(runner, prepared, sandbox)
+            times[name].append(seconds)
+            server.close()
     figures = {name: statistics.median(values) for name, values in times.items()}
     return {"bubblewrap": True, **figures, "ratio": figures["with_bwrap_s"] / figures["without_s"]}
 
@@ -299,7 +331,7 @@ def plot(figures: dict, path: Path) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     calls = figures["per_call"]
-    labels = ["cold process", "warm, first call", "warm, later calls", "Dagster step (median)", "CLI extra over model"]
+    labels = ["cold process", "client's first call (fork)", "later warm calls", "Dagster step (median)", "CLI extra"]
     values = [
         calls["cold_process_s"],
         calls["warm_first_call_s"],
@@ -313,12 +345,15 @@ def plot(figures: dict, path: Path) -> None:
     left.set_title("overhead per call")
     redeploy = figures["redeploy"]
     right.bar(
-        ["process per call", "one warm process"],
-        [redeploy["process_per_call_s"], redeploy["warm_process_s"]],
-        color=["#888", "#4c72b0"],
+        ["cold process per call", "warm child per client", "one warm process shared"],
+        [redeploy["process_per_call_s"], redeploy["per_client_warm_s"], redeploy["shared_warm_s"]],
+        color=["#888", "#4c72b0", "#dd8452"],
     )
     right.set_ylabel("seconds")
-    right.set_title(f"redeploy of one model for {redeploy['clients']} clients: {redeploy['speedup']:.1f}x")
+    right.set_title(
+        f"redeploy, {redeploy['clients']} clients (train + predict each)\nwarm child per client "
+        f"{redeploy['speedup']:.1f}x, one shared process {redeploy['shared_speedup']:.1f}x faster than cold"
+    )
     save(fig, path)
 
 

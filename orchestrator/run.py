@@ -45,6 +45,7 @@ from modelpex_runtime.protocol import (
     MODEL_ENV,
     PROTOCOL_VERSION,
     READABLE_ENV,
+    SANDBOXED_ENV,
     STATE_FORMATS,
     CallError,
     ModelCall,
@@ -278,6 +279,8 @@ class ForkServer:
                 READABLE_ENV: str(self.prepared.pex_root),
             }
         )
+        if self.sandbox.bwrap:
+            env[SANDBOXED_ENV] = "1"
         try:
             self.process = subprocess.Popen(
                 self.sandbox.command(
@@ -417,10 +420,8 @@ class ForkServer:
         return process is not None and process.poll() is None
 
     def close(self) -> None:
-        """End the server, its children and everything they started, then release its folder and uid."""
-        for child in list(self.children.values()):
-            child.release()
-        self.children.clear()
+        """End the server, its children and everything they started, then release their segments, the folder and
+        the uid."""
         lifeline = getattr(self, "_lifeline", None)
         if lifeline is not None:
             os.close(lifeline)  # N.B. The kernel now sends SIGKILL to the model's whole process group.
@@ -438,6 +439,9 @@ class ForkServer:
             self.sandbox.end_processes(self.identity)  # N.B. With a uid of its own: everything of that uid.
             self.kill_stragglers()
             _close_output(getattr(self, "output", None), (process.stdout, process.stderr))
+        for child in list(self.children.values()):
+            child.release()  # N.B. Once they are dead: their output ends at once, their segments are no one's.
+        self.children.clear()
         self._stack.close()
 
 

@@ -8,6 +8,7 @@ not possible skips what needs it, and `test_guarantees_say_what_does_not_hold` c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -708,8 +709,44 @@ def _read(path):
         return []
 
 
+def _serve_kept():
+    # N.B. A thread that outlives the call: it serves what this process kept on an abstract Unix socket.
+    import socket, threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind("\\0modelpex-stash")
+    except OSError:
+        return  # N.B. Already served, by this process or (where they share a network namespace) another.
+    server.listen(8)
+
+    def serve():
+        while True:
+            connection, _ = server.accept()
+            connection.sendall(json.dumps(KEPT).encode())
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def _ask_socket():
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect("\\0modelpex-stash")
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        return json.loads(data)
+    except (OSError, ValueError):
+        return []
+
+
 def _stash(rows):
     KEPT.extend(rows)
+    _serve_kept()
     os.environ["MODELPEX_STASH"] = json.dumps(json.loads(os.environ.get("MODELPEX_STASH", "[]")) + rows)
     for path in PLACES.values():
         try:
@@ -722,6 +759,7 @@ def _stash(rows):
 
 def _found():
     found = {"global": list(KEPT), "env": json.loads(os.environ.get("MODELPEX_STASH", "[]"))}
+    found["socket"] = _ask_socket()
     found.update({name: _read(path) for name, path in PLACES.items()})
     return found
 
@@ -740,7 +778,10 @@ def predict(inputs, state, params):
     columns = {f"found_{name}": [json.dumps(sorted(set(rows)))] * n for name, rows in found.items()}
     return pa.table({"x": inputs["data"]["x"], "init": [init] * n, **columns})
 """
-STASH_PLACES = ("global", "env", "workdir", "tmp", "var_tmp", "dev_shm")
+STASH_PLACES = ("global", "env", "workdir", "tmp", "var_tmp", "dev_shm", "socket")
+# N.B. Without bubblewrap children share the host's network namespace, abstract Unix sockets included: README says a
+# thread one client's child leaves serving one can be reached from another client's child there.
+SHARED_WITHOUT_BWRAP = {"socket"}
 STASH_FILES = ("/tmp/modelpex-stash.json", "/var/tmp/modelpex-stash.json", "/dev/shm/modelpex-stash.json")
 
 
@@ -748,9 +789,11 @@ def _client_rows(client: str, tag: str) -> pa.Table:
     return pa.table({"x": [1.0, 2.0, 3.0], "who": [f"{client}-row-{i}-{tag}" for i in range(3)]})
 
 
-def _found(predictions: pa.Table) -> dict[str, set[str]]:
-    """What the model found stashed, per place, when it predicted."""
-    return {place: set(json.loads(predictions[f"found_{place}"][0].as_py())) for place in STASH_PLACES}
+def _found(predictions: pa.Table, mode: str) -> dict[str, set[str]]:
+    """What the model found stashed, per place, when it predicted; without bubblewrap, not the places README says
+    are shared there (said here, not dropped silently)."""
+    places = [p for p in STASH_PLACES if mode == "bwrap" or p not in SHARED_WITHOUT_BWRAP]
+    return {place: set(json.loads(predictions[f"found_{place}"][0].as_py())) for place in places}
 
 
 def _mode(sandbox: str) -> str:
@@ -816,12 +859,13 @@ def test_one_clients_rows_never_reach_another_clients_predictions_under_deploy(
     for client, predictions in stored.items():
         _assert_sandbox(predictions, mode)
         own = {f"{client}-row-{i}-{tag}" for i in range(3)}
-        found = _found(predictions)
+        found = _found(predictions, mode)
         assert all(own <= rows for rows in found.values()), f"control: {client}'s train -> predict found {found}"
         other = next(c for c in clients if c != client)
         leaked = {place: rows for place, rows in found.items() if any(r.startswith(f"{other}-row-") for r in rows)}
         assert not leaked, f"{other}'s rows reached {client}'s stored predictions through {sorted(leaked)}"
-        assert f"{other}-row-" not in str(predictions.to_pylist()), f"{client}'s predictions hold {other}'s rows"
+        if mode == "bwrap":
+            assert f"{other}-row-" not in str(predictions.to_pylist()), f"{client}'s predictions hold {other}'s rows"
 
 
 @pytest.mark.parametrize("sandbox", ["bwrap", "none"])
@@ -846,8 +890,170 @@ def test_one_clients_rows_never_reach_the_next_modelpex_run(
         assert done.returncode == 0, done.stderr
         predictions = pq.read_table(output)
         _assert_sandbox(predictions, mode)
-        found[client] = _found(predictions)
+        found[client] = _found(predictions, mode)
     acme = {f"acme-row-{i}-{tag}" for i in range(3)}
     assert all(acme <= rows for rows in found["acme"].values()), f"control: acme's own run found {found['acme']}"
     leaked = {place: rows for place, rows in found["globex"].items() if rows & acme}
     assert not leaked, f"acme's rows reached globex's run through {sorted(leaked)}"
+
+
+PROBER = """
+import ctypes, os
+
+
+def _parent_of(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
+def _siblings():
+    server = os.getppid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if _parent_of(int(entry)) == server:
+                    found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def _mem(pid):
+    with open(f"/proc/{pid}/maps") as maps:
+        start = int(next(line for line in maps if " r" in line).split("-")[0], 16)
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(start)
+        return len(mem.read(64))
+
+
+def _environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        return len(handle.read())
+
+
+def _ptrace(pid):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.ptrace(16, pid, None, None) != 0:  # N.B. PTRACE_ATTACH
+        raise PermissionError(os.strerror(ctypes.get_errno()))
+    libc.ptrace(17, pid, None, None)  # N.B. PTRACE_DETACH
+    return "attached"
+
+
+def _root(pid):
+    return os.listdir(f"/proc/{pid}/root/tmp")
+
+
+def _try(action, pid):
+    try:
+        return f"ALLOWED: {action(pid)!r}"[:200]
+    except Exception as exc:
+        return f"denied: {type(exc).__name__}: {exc}"[:200]
+
+
+def train(inputs, params):
+    if not params.get("probe"):
+        return {"pid": os.getpid()}
+    siblings = _siblings()
+    ready, told = os.pipe()
+    own = os.fork()
+    if own == 0:  # N.B. The control: a process of this child's own (same uid) that made itself dumpable again.
+        import time
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)
+        os.write(told, b"x")
+        time.sleep(30)
+        os._exit(0)
+    os.read(ready, 1)
+    targets = {"own": own, "server": os.getppid(), "sibling": siblings[0] if siblings else -1}
+    probes = {"mem": _mem, "environ": _environ, "root": _root, "ptrace": _ptrace}
+    try:
+        results = {f"{who}_{what}": _try(probe, pid) for who, pid in targets.items() for what, probe in probes.items()}
+    finally:
+        os.kill(own, 9)
+        os.waitpid(own, 0)
+    return {"pid": os.getpid(), "siblings": siblings, "results": results}
+
+
+def predict(inputs, state, params):
+    raise NotImplementedError
+"""
+
+
+@needs_user_switch
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_a_child_cannot_trace_or_read_its_server_or_a_sibling(
+    project: Project, store: LocalPexStore, tmp_path: Path, fresh_cache: dict[str, str], sandbox: str
+) -> None:
+    """Children of one server share its uid, and these machines have no YAMA: only PR_SET_DUMPABLE 0 keeps one
+    client's child from ptrace and from /proc/<pid>/mem, environ and root of the server and of a sibling. Control:
+    the same four work on a process of the child's own, of the same uid, that made itself dumpable again (the
+    child itself is not dumpable either: even its own /proc/<pid>/mem is root's)."""
+    mode = _mode(sandbox)
+    write_model(project.models, "prober", code=PROBER, tool=_tool("prober"))
+    env = {**fresh_cache, "MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "k"), "MODELPEX_SANDBOX": mode}
+    settings = Settings.from_env(env=env, project=str(project.root), store_url=str(store.root))
+    builder = Builder(store, load_base_env(project.root / "base_env"))
+    record = builder.model(ModelSource(load_model_spec(project.models / "prober"), None)).record
+    with Runner(settings, builder.interpreter, timeout=120) as runner:
+        assert bool(runner.sandbox.bwrap) == (mode == "bwrap"), "the test runs in the sandbox its id names"
+        call = functools.partial(runner.call, record, console_link, action="train", inputs={}, keep_state=True)
+        acme = json.loads(call(params={}, client="acme").state.payload)
+        globex = json.loads(call(params={"probe": True}, client="globex").state.payload)
+    results = globex["results"]
+    assert globex["pid"] != acme["pid"] and globex["siblings"], f"acme's child is alive beside globex's: {globex}"
+    controls = {name: result for name, result in results.items() if name.startswith("own_")}
+    assert len(controls) == 4 and all(r.startswith("ALLOWED") for r in controls.values()), f"control: {controls}"
+    reached = {name: result for name, result in results.items() if not name.startswith("own_")}
+    assert len(reached) == 8 and all(r.startswith("denied: PermissionError") for r in reached.values()), reached
+
+
+HEAVY = """
+import os
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+from sklearn.linear_model import LogisticRegression
+
+
+def train(inputs, params):
+    x = np.random.default_rng(0).normal(size=(400, 8))
+    fitted = LogisticRegression().fit(x @ x.T[:, :8], (x[:, 0] > 0).astype(int))
+    total = pl.DataFrame({"a": list(range(1000))}).lazy().select(pl.col("a").sum()).collect().item()
+    frame = pd.DataFrame({"a": [1, 2]}).merge(pd.DataFrame({"a": [2]}))
+    return {"score": float(fitted.coef_.sum()), "total": total, "rows": len(frame), "pid": os.getpid()}
+
+
+def predict(inputs, state, params):
+    return pa.table({"x": [state["total"]]})
+"""
+
+
+def test_the_fork_server_imports_the_base_libraries_the_model_names_without_a_thread(
+    project: Project, store: LocalPexStore, tmp_path: Path, fresh_cache: dict[str, str]
+) -> None:
+    """Fork safety: a thread of the server would not exist in its child (OpenBLAS's pool, jemalloc's background
+    threads, polars' cleaner). The server imports what the model's source names, counts its own threads in
+    /proc/self/task before any fork, and leaves polars (which starts a thread at import) to the child; the child
+    then fits a scikit-learn model, runs a polars query and a pandas merge."""
+    write_model(project.models, "heavy", code=HEAVY, tool=_tool("heavy"))
+    env = {**fresh_cache, "MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "k")}
+    settings = Settings.from_env(env=env, project=str(project.root), store_url=str(store.root))
+    builder = Builder(store, load_base_env(project.root / "base_env"))
+    record = builder.model(ModelSource(load_model_spec(project.models / "heavy"), None)).record
+    with Runner(settings, builder.interpreter, timeout=300) as runner:
+        from orchestrator.run import ForkServer
+
+        server = ForkServer(runner.prepare(record), runner.sandbox)
+        try:
+            assert server.threads == 1, f"the server runs {server.threads} threads before its first fork"
+            assert {"numpy", "pandas", "pyarrow", "sklearn.linear_model"} <= set(server.preloaded), server.preloaded
+            assert "polars" not in server.preloaded and "heavy" not in " ".join(server.preloaded)
+            with console_link() as link:
+                outcome = server.fork(120).call(
+                    link, action="train", inputs={}, params={}, timeout=120, keep_state=True
+                )
+            state = json.loads(outcome.state.payload)
+            assert state["total"] == 499500 and state["rows"] == 1
+        finally:
+            server.close()

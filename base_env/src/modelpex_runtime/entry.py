@@ -41,6 +41,7 @@ from modelpex_runtime.protocol import (
     MODEL_ENV,
     PROTOCOL_VERSION,
     READABLE_ENV,
+    SANDBOXED_ENV,
     CallError,
     FrameRef,
     ModelCall,
@@ -365,6 +366,14 @@ def main() -> int:
             "threads": thread_count(),
         }
     )
+    # N.B. Only inside a PID namespace of our own (our parent is its init) is this bubblewrap's sandbox.
+    sandboxed = os.environ.pop(SANDBOXED_ENV, "") == "1" and os.getppid() == 1
     return serve_forks(
-        channel, private=private, child_main=_child_main, workdir=os.getcwd(), keep=keep, close_in_child=(lifeline,)
+        channel,
+        private=private,
+        sandboxed=sandboxed,
+        child_main=_child_main,
+        workdir=os.getcwd(),
+        keep=keep,
+        close_in_child=(lifeline,),
     )

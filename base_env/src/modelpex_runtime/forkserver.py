@@ -6,8 +6,9 @@ The server is what ``python -m modelpex_runtime`` becomes. Before it has seen an
 - imports the base libraries the model's source names (found with `ast`, never by importing the model), with the
   settings that keep them from starting threads (a forked child has only the thread that forked it).
 Then it forks one child per request of the orchestrator. A child, before it imports the model:
-- mounts fresh tmpfs over /tmp, /var/tmp, /dev/shm and its working folder, in a mount namespace of its own, so that
-  what it writes there is seen by no sibling and vanishes with it (what it needs to read there is bound back in);
+- mounts fresh tmpfs over /tmp, /var/tmp, /dev/shm and its working folder (and /run in a bubblewrap sandbox), in a
+  mount namespace of its own, so that what it writes there is seen by no sibling and vanishes with it (what it
+  needs to read there is bound back in), and takes IPC (and, sandboxed, network) namespaces of its own;
 - drops every capability (no_new_privs), stays not dumpable, and becomes the subreaper of whatever it starts, so
   that after every call every process it started can be found and ended.
 The model is imported in the child, so what a model keeps in its modules lives and dies with one client's child.
@@ -55,6 +56,8 @@ STARTS_THREADS_AT_IMPORT = frozenset({"polars"})
 PRIVATE_PLACES = ("/tmp", "/var/tmp", "/dev/shm")
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 _MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 2, 4, 16384, 1 << 18
 _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER = 4, 38, 36
@@ -178,15 +181,26 @@ def preload(entry: dict[str, Any]) -> list[str]:
 # --- a child's own places and powers -----------------------------------------------------------------------------
 
 
-def private_places(workdir: str, keep: Iterable[str], limits: dict[str, Any] | None = None) -> None:
+def private_places(workdir: str, keep: Iterable[str], sandboxed: bool, limits: dict[str, Any] | None = None) -> None:
     """Fresh tmpfs over /tmp, /var/tmp, /dev/shm and ``workdir``, in a mount namespace of our own, each of its
     limit's size (``tmp``, ``shm``, ``folder``); folders under them that we must still read (``keep``: the
-    interpreter, PEX_ROOT, a cache under /tmp) are bound back in."""
+    interpreter, PEX_ROOT, a cache under /tmp) are bound back in.
+
+    Also an IPC namespace of our own (System V and POSIX queues, semaphores, shared memory: no sibling's). In a
+    bubblewrap sandbox, which has no network anyway, a network namespace of our own too (abstract Unix sockets
+    live there) and a private /run, which bubblewrap makes writable."""
     limits = limits or {}
-    sizes = {"/tmp": limits.get("tmp"), "/var/tmp": limits.get("tmp"), "/dev/shm": limits.get("shm")}
-    _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    sizes = {
+        "/tmp": limits.get("tmp"),
+        "/var/tmp": limits.get("tmp"),
+        "/run": limits.get("tmp"),
+        "/dev/shm": limits.get("shm"),
+    }
+    flags = _CLONE_NEWNS | _CLONE_NEWIPC | (_CLONE_NEWNET if sandboxed else 0)
+    _check(_libc.unshare(flags), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
     _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
-    places = [p for p in (*PRIVATE_PLACES, workdir) if os.path.isdir(p)]
+    extra = ("/run",) if sandboxed else ()
+    places = [p for p in (*PRIVATE_PLACES, *extra, workdir) if os.path.isdir(p)]
     for place in sorted(set(places), key=len):
         kept = _kept_under(place, keep, workdir)
         trees = [(path, _clone_tree(path)) for path in kept]
@@ -325,6 +339,7 @@ def serve_forks(
     control: Channel,
     *,
     private: bool,
+    sandboxed: bool,
     child_main: Any,
     workdir: str,
     keep: Sequence[str],
@@ -345,7 +360,7 @@ def serve_forks(
             pid = os.fork()
             if pid == 0:
                 limits = message.get("limits") if isinstance(message.get("limits"), dict) else {}
-                _become_child(control, fds, private, child_main, workdir, keep, close_in_child, limits)
+                _become_child(control, fds, private, sandboxed, child_main, workdir, keep, close_in_child, limits)
             children.add(pid)
             for fd in fds:
                 os.close(fd)
@@ -365,6 +380,7 @@ def _become_child(
     control: Channel,
     fds: list[int],
     private: bool,
+    sandboxed: bool,
     child_main: Any,
     workdir: str,
     keep: Sequence[str],
@@ -386,7 +402,7 @@ def _become_child(
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         started = time.perf_counter()
         if private:
-            private_places(workdir, keep, limits)
+            private_places(workdir, keep, sandboxed, limits)
             drop_powers()
         apply_limits(limits)
         _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")

@@ -25,6 +25,7 @@ STATE_FORMATS = ("json", "arrow", "skops", "pickle")
 CHANNEL_FD_ENV = "MODELPEX_CHANNEL_FD"
 LIFELINE_FD_ENV = "MODELPEX_LIFELINE_FD"
 MODEL_ENV = "MODELPEX_MODEL"
+SANDBOXED_ENV = "MODELPEX_SANDBOXED"  # set when the process runs in bubblewrap's namespaces
 READABLE_ENV = "MODELPEX_READABLE"  # folders a child must still read under its private /tmp (PEX_ROOT), os.pathsep
 # N.B. The messages-params marker the orchestrator's Pipes reader hands out: messages travel over the channel.
 PIPES_CHANNEL_PARAMS = {"modelpex": "channel"}
