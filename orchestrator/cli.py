@@ -17,18 +17,20 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from packaging.version import Version
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.build import Builder, BuildResult, lock_base, lock_model
-from orchestrator.errors import ModelpexError, ModelpexWarning, PlatformError
+from orchestrator.catalog import release_record
+from orchestrator.errors import BuildError, ModelpexError, ModelpexWarning, PlatformError, SpecError
 from orchestrator.files import staged
 from orchestrator.platforms import CompletePlatform, recorded_platform
 from orchestrator.settings import Settings, parse_seconds
@@ -84,8 +86,9 @@ def _report(result: BuildResult) -> None:
 
 
 def all_refs(settings: Settings) -> list[ModelRef]:
-    """Every model version that exists: each working tree's version and every released tag."""
-    return [version.ref for version in settings.catalog().all()]
+    """Every model version whose source is here: each working tree's version and every released tag (versions only
+    the store knows were published elsewhere, with their pexes)."""
+    return [version.ref for version in settings.catalog().all() if version.origin != "store"]
 
 
 @contextmanager
@@ -96,9 +99,37 @@ def model_source(settings: Settings, ref: ModelRef) -> Iterator[ModelSource]:
 
 
 def build_ref(builder: Builder, settings: Settings, ref: ModelRef, *, force: bool = False) -> BuildResult:
-    """Build (or find) one model version."""
-    with model_source(settings, ref) as source:
-        return builder.model(source, force=force)
+    """Build (or find) one model version, then publish its release record: from then on every host that reads the
+    store knows the version, git or no git. A version whose source is not here is found in the store by its
+    release record's content key."""
+    try:
+        with model_source(settings, ref) as source:
+            result = builder.model(source, force=force)
+            from_tree = source.spec.folder == settings.models_dir / ref.name
+            record = release_record(source.spec, "working tree" if from_tree else "tag", source.commit)
+            builder.store.publish_release(record, replace=force)
+            return result
+    except SpecError:
+        stored = _published_pex(builder, ref)
+        if stored is None:
+            raise
+        return stored
+
+
+def _published_pex(builder: Builder, ref: ModelRef) -> BuildResult | None:
+    """A version only the store's release record knows (published elsewhere): its pex for this base, or an error
+    saying where to build it; ``None`` when the store has no release of it either."""
+    release = builder.store.release(ref.name, ref.version) if ref.version else None
+    if release is None:
+        return None
+    key = builder.model_key(release.digest)
+    record = builder.store.record("model", ref.name, key, ref.version)
+    if record is None:
+        raise BuildError(
+            f"{ref}: its source is not here and the store {builder.store.url} has no pex of it for this base (key "
+            f"{key}): build it where its tag is, `modelpex build {ref}` with this store"
+        )
+    return BuildResult(record, cached=True, seconds=0.0)
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
@@ -153,7 +184,16 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
             r.interpreter,
         )
     out.print(table)
-    for problem in scan.problems.values():
+    releases = store.releases()
+    published = Table(title=f"releases in {store.url} (versions every host knows)")
+    for column in ("model", "version", "content digest", "from", "git commit", "published at", "description"):
+        published.add_column(column, no_wrap=column != "description")
+    for r, _ in sorted(releases.records, key=lambda found: (found[0].name, Version(found[0].version))):
+        published.add_row(
+            r.name, r.version, r.digest[:12], r.source, (r.git_commit or "")[:12], r.published_at, r.description
+        )
+    out.print(published)
+    for problem in [*scan.problems.values(), *releases.problems.values()]:
         warn(str(problem))
 
 
@@ -162,6 +202,7 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     nothing can use, and what runs that died left (model folders, build folders) once they are old enough."""
     from orchestrator.deployments import pinned_versions
     from orchestrator.leases import sweep
+    from orchestrator.removal import sweep_each
     from orchestrator.sandbox import RUN_PREFIX, RUNS
     from orchestrator.states import StateKeeper
     from orchestrator.store import BUILD_PREFIX
@@ -176,29 +217,59 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     keep = kept_keys(builder, settings.catalog(), scan, pinned_versions(settings.deployments_file))
     garbage = [r for r in scan.records if r.key not in keep]
     verb = "would remove" if args.dry_run else "removed"
-    for record in garbage:
-        out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
-        if not args.dry_run:
-            store.delete(record)
-    for leftover in unindexed_garbage(store, keep, scan):
-        out.print(f"{verb} unindexed file {leftover.where}")
-        if not args.dry_run:
-            store.remove(leftover)
-    states = StateKeeper(store, settings.signing_key_path)
-    for record in unused_states(states.records(), keep, settings.gc_grace):
-        out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
-        if not args.dry_run:
-            store.delete_state(record.model, record.state_id)
     leftovers: list[Path | str] = []
-    leftovers += sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-    leftovers += sweep(store.work_root, BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-    strays = [stray for stray in store.stray_states() if stray.modified < time.time() - settings.gc_grace]
-    for stray in [] if args.dry_run else strays:
-        store.remove(stray)
-    leftovers += [stray.where for stray in strays]
+    failed = 0
+
+    def report(line: str) -> None:
+        nonlocal failed
+        failed += 1
+        warn(line)
+
+    def artifacts() -> None:
+        for record in garbage:
+            out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
+            if not args.dry_run:
+                store.delete(record)
+
+    def unindexed() -> None:
+        for leftover in unindexed_garbage(store, keep, scan):
+            out.print(f"{verb} unindexed file {leftover.where}")
+            if not args.dry_run:
+                store.remove(leftover)
+
+    def fitted_states() -> None:
+        states = StateKeeper(store, settings.signing_key_path)
+        for record in unused_states(states.records(), keep, settings.gc_grace):
+            out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
+            if not args.dry_run:
+                store.delete_state(record.model, record.state_id)
+
+    def folders(parent: Path, prefix: str) -> Callable[[], None]:
+        return lambda: leftovers.extend(sweep(parent, prefix, settings.gc_grace, dry_run=args.dry_run, report=report))
+
+    def stray_states() -> None:
+        strays = [stray for stray in store.stray_states() if stray.modified < time.time() - settings.gc_grace]
+        for stray in [] if args.dry_run else strays:
+            store.remove(stray)
+        leftovers.extend(stray.where for stray in strays)
+
+    # N.B. Each sweep on its own: one that fails is one line, and the others still run.
+    sweep_each(  # N.B. `report` counts the failures, of a sweep as of one of its folders.
+        [
+            ("remove unreferenced artifacts", artifacts),
+            ("remove unindexed files", unindexed),
+            ("remove unused fitted states", fitted_states),
+            ("remove dead runs' model folders", folders(settings.cache_dir / RUNS, RUN_PREFIX)),
+            ("remove dead builds' folders", folders(store.work_root, BUILD_PREFIX)),
+            ("remove stray states", stray_states),
+        ],
+        report,
+    )
     for path in leftovers:
         out.print(f"{verb} {path}, left by a run that ended")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
+    if failed:
+        raise ModelpexError(f"gc could not remove {failed} thing(s) (each named above); the rest was collected")
 
 
 def kept_keys(builder: Builder, catalog: Catalog, scan: IndexScan, pinned: set[tuple[str, str]]) -> set[str]:
@@ -447,29 +518,42 @@ def cmd_warm(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
-    """The main job: build the base and every model version, then materialise every asset on the instance."""
-    cmd_build(argparse.Namespace(targets=[], all=True, force=False, complete_platform=None), settings)
-    os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
-    from dagster import DagsterInstance
+    """The main job: build the base and every model version, then materialise every asset through the instance, as
+    the UI's "Materialize all" does (the run's origin is the code location; the instance's run launcher and the
+    code location's executor run it)."""
+    # N.B. The code server and the run's process read the settings from the environment, as on every host.
+    os.environ.update(
+        {
+            "DAGSTER_HOME": str(settings.dagster_home),
+            "MODELPEX_PROJECT": str(settings.project),
+            "MODELPEX_STORE": str(settings.store_url),
+        }
+    )
+    if settings.python:
+        os.environ["MODELPEX_PYTHON"] = str(settings.python)
+    from dagster import DagsterEventType, DagsterInstance
 
-    from orchestrator.definitions import build_definitions
+    from orchestrator.launch import check_launchable, launch_asset_job
     from orchestrator.metadata import human_duration
 
-    with err.status("loading the code location"):
-        defs = build_definitions(settings)
-        job = defs.resolve_implicit_global_asset_job_def()
-    with (
-        DagsterInstance.get() as instance,
-        err.status("materialising every asset (datasets, pexes, training, predictions)"),
-    ):
-        # N.B. The table below is the summary, and a failure's one line: Dagster's console would repeat tracebacks.
-        quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
-    table = Table(title=f"run {result.run_id} on {instance.root_directory}")
+    with DagsterInstance.get() as instance:
+        check_launchable(settings, instance)  # N.B. Before building: a refused deploy has nothing to show for it.
+    cmd_build(argparse.Namespace(targets=[], all=True, force=False, complete_platform=None), settings)
+    with DagsterInstance.get() as instance, err.status("loading the code location") as status:
+
+        def submitted(run: Any) -> None:
+            status.update(f"run {run.run_id}: materialising every asset (datasets, pexes, training, predictions)")
+
+        log = settings.dagster_home / "logs" / "deploy.log"
+        launched = launch_asset_job(
+            settings, instance, tags={"modelpex/launched_by": "deploy"}, log=log, on_submit=submitted
+        )
+    run_id = launched.run.run_id
+    table = Table(title=f"run {run_id} on {instance.root_directory}")
     for column in ("asset", "model version", "rows in", "rows out", "data moved", "transport", "model time"):
         table.add_column(column, no_wrap=True)
-    for event in result.get_asset_materialization_events():
-        materialization = event.materialization
+    for entry in launched.of_type(DagsterEventType.ASSET_MATERIALIZATION):
+        materialization = entry.dagster_event.step_materialization_data.materialization  # type: ignore[union-attr]
         meta = {k: v.value for k, v in materialization.metadata.items()}
         if "rows_in" in meta:
             table.add_row(
@@ -482,13 +566,24 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
                 human_duration(float(meta["model_seconds"])),
             )
     out.print(table)
-    if not result.success:
+    if not launched.success:
+        failures = launched.of_type(DagsterEventType.STEP_FAILURE)
         failed = "; ".join(
-            f"{e.step_key}: {_first_line(e.event_specific_data.error)}" for e in result.all_events if e.is_step_failure
-        )
-        raise ModelpexError(f"deploy run {result.run_id} failed in {failed} (its tracebacks: `modelpex ui`)")
-    groups = sorted({node.group_name for node in defs.resolve_asset_graph().asset_nodes if node.group_name})
-    out.print(f"deployed: run {result.run_id}. Open the UI with `modelpex ui`: {lineage_url(groups)}", soft_wrap=True)
+            f"{e.step_key}: {_first_line(e.dagster_event.event_specific_data.error)}"  # type: ignore[union-attr]
+            for e in failures
+        ) or _run_failure(launched)
+        raise ModelpexError(f"deploy run {run_id} failed in {failed} (its tracebacks: `modelpex ui`)")
+    link = lineage_url(launched.groups)
+    out.print(f"deployed: run {run_id}. Open the UI with `modelpex ui`: {link}", soft_wrap=True)
+
+
+def _run_failure(launched: Any) -> str:
+    """Why a run failed without a failing step (it never started, or its process died): the run's own failure."""
+    from dagster import DagsterEventType
+
+    for entry in reversed(launched.of_type(DagsterEventType.RUN_FAILURE)):
+        return entry.message or entry.dagster_event.message or "the run failed"
+    return "no step failed: see the run's events"
 
 
 def lineage_url(groups: Sequence[str], base: str = "http://127.0.0.1:3000") -> str:

@@ -16,6 +16,7 @@ from dagster import ExecutorDefinition, in_process_executor
 
 from orchestrator.errors import ModelpexError
 from orchestrator.settings import Settings
+from orchestrator.store import is_remote
 
 __all__ = ["run_executor"]
 
@@ -23,6 +24,12 @@ __all__ = ["run_executor"]
 def run_executor(settings: Settings) -> ExecutorDefinition:
     """The executor of every job of the code location, as the settings choose it."""
     if settings.executor == "celery":
+        if not is_remote(settings.store_url):
+            raise ModelpexError(
+                f"MODELPEX_EXECUTOR=celery executes steps on other hosts, but the store {settings.store_url} is a "
+                "folder on this host that they cannot see: set MODELPEX_STORE to a shared s3:// store (README, Running "
+                "on a cluster), or unset MODELPEX_EXECUTOR"
+            )
         return _celery(settings)
     return in_process_executor
 

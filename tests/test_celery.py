@@ -421,7 +421,7 @@ def executor_config(env: dict[str, str]) -> dict:
     """The configuration the code location's executor runs with under these settings.
 
     N.B. Dagster has no public reader of a configured executor's values: its config schema resolves them."""
-    executor = run_executor(Settings.from_env(env=env, project=str(REPO)))
+    executor = run_executor(Settings.from_env(env={"MODELPEX_STORE": "s3://bucket/prefix", **env}, project=str(REPO)))
     resolved = executor.config_schema.resolve_config({})
     assert resolved.success, resolved.errors
     return {"name": executor.name, **resolved.value["config"]}
@@ -458,9 +458,18 @@ def test_executor_settings_errors_are_one_line_naming_the_variable(env: dict[str
     assert "\n" not in message and all(fragment in message for fragment in fragments), message
 
 
+def test_celery_with_a_local_store_is_refused_in_one_line() -> None:
+    """Workers on other hosts cannot see a folder on this one: the code location refuses to load, saying so."""
+    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://h:6379/0"}
+    with pytest.raises(ModelpexError) as raised:
+        run_executor(Settings.from_env(env=env, project=str(REPO)))
+    message = str(raised.value)
+    assert "\n" not in message and "is a folder on this host" in message and "s3://" in message, message
+
+
 def test_without_dagster_celery_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "dagster_celery", None)
-    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://h:6379/0"}
+    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://h:6379/0", "MODELPEX_STORE": "s3://b/p"}
     settings = Settings.from_env(env=env, project=str(REPO))
     with pytest.raises(
         ModelpexError, match=r"MODELPEX_EXECUTOR=celery needs dagster-celery .*pip install -e '\.\[cluster\]'"

@@ -256,6 +256,9 @@ def test_deploy_command_materialises_two_clients_on_two_versions(
     assert acme["params"] == {"sleep": SLEEP} and acme["nulls"] == 0
     assert (run.tags["client"], run.tags["model"], run.tags["action"]) == ("acme,globex", "m", "build,predict,train")
     assert run.tags["version"] == "m@1.0.0,m@1.1.0"
+    # N.B. Launched through the instance as the UI launches: the code location is the run's origin.
+    assert run.remote_job_origin is not None and run.remote_job_origin.location_name == "modelpex"
+    assert run.job_code_origin is not None and run.job_name == "__ASSET_JOB"
     version_asset = meta[version("m", "1.0.0")]
     (stored,) = store.find("model", "m", "1.0.0")
     assert version_asset["action"] == "fetched", "deploy builds first: the asset finds the pex in the store"
@@ -318,6 +321,19 @@ def test_deploy_command_fails_with_the_model_error(project: Project, cli: Callab
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: deploy run ") and "failed in acme.m_train: " in last, done.stderr
     assert "model m@1.0.0 raised ValueError: boom: the model's own error" in last, done.stderr
+
+
+def test_deploy_refuses_steps_elsewhere_with_a_local_store(project: Project, cli: Callable[..., CliResult]) -> None:
+    """Celery workers (or a run launcher that starts runs elsewhere) cannot see a folder on this host: one line, before
+    anything is built."""
+    m_model(project, "1.0.0")
+    write_deployments(project, {"acme": client("latest")})
+    env = {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": "redis://127.0.0.1:1/0"}
+    done = cli("deploy", env={"DAGSTER_HOME": str(project.root / "instance"), **env})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "MODELPEX_EXECUTOR=celery" in lines[0] and "is a folder on this host" in lines[0] and "s3://" in lines[0]
+    assert "built" not in done.stdout
 
 
 def test_client_job_touches_only_its_assets(two_versions: Project, store: LocalPexStore) -> None:
