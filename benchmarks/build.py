@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.plot import pyplot, save  # noqa: E402
+from benchmarks.redeploy import base_store  # noqa: E402
 from benchmarks.results import write  # noqa: E402
 from orchestrator.build import Builder, Interpreter, layer_args, pex_command  # noqa: E402
 from orchestrator.settings import Settings  # noqa: E402
@@ -119,14 +120,6 @@ def warm_start(probe: Path, workdir: Path, repeats: int, cold: bool = True) -> d
     }
 
 
-def link_built_bases(store: Path) -> None:
-    """This repository's built bases (set-up builds them) hard-linked into ``store``: never modified here."""
-    for folder in ("bases", "index/base"):
-        for path in (REPO / "pex_builds" / folder).glob("*"):
-            (store / folder).mkdir(parents=True, exist_ok=True)
-            os.link(path, store / folder / path.name)
-
-
 def cli_cache_hit(project: Path, store: Path, repeats: int) -> float:
     env = {**os.environ, "MODELPEX_PROJECT": str(project), "MODELPEX_STORE": str(store)}
     command = [sys.executable, "-m", "orchestrator.cli", "build", "churn"]
@@ -155,9 +148,9 @@ def main() -> None:
                 project / "model_packages" / name,
                 ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"),
             )
-        store = LocalPexStore(work / "store")
-        if args.quick:  # N.B. The cold build (a minute or more) is a full run's figure only.
-            link_built_bases(store.root)
+        # N.B. Quick: the bases set-up built, as redeploy.py takes them; the cold build (a minute or more) is a full
+        # run's figure only.
+        store = LocalPexStore(base_store(work) if args.quick else work / "store")
         builder = Builder(store, load_base_env(project / "base_env"), Interpreter.detect())
         if args.empty_pex_cache:  # N.B. Downloads every wheel of the base lock from the package index.
             os.environ["PEX_ROOT"] = str(work / "empty_pex_root")

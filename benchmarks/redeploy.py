@@ -98,7 +98,10 @@ def base_store(root: Path) -> Path:
     for folder in ("bases", "index/base"):
         for path in (REPO / "pex_builds" / folder).glob("*"):
             (store / folder).mkdir(parents=True, exist_ok=True)
-            os.link(path, store / folder / path.name)
+            try:
+                os.link(path, store / folder / path.name)
+            except OSError:  # N.B. The checkout on another file system than the temporary folder: a copy.
+                shutil.copyfile(path, store / folder / path.name)
     return store
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -213,8 +214,19 @@ def session_base(tmp_path_factory: pytest.TempPathFactory) -> SessionBase:
     if record is not None:
         for relative in (f"bases/{record.filename}", f"index/base/{record.key}.json"):
             (root / relative).parent.mkdir(parents=True, exist_ok=True)
-            os.link(REPO / "pex_builds" / relative, root / relative)
+            link_or_copy(REPO / "pex_builds" / relative, root / relative)
     return SessionBase(root, builder.base())
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link where both are on one file system, else a copy: a checkout on another file system than the
+    temporary folder (a mounted volume, a separate /work) cannot be linked into it (EXDEV)."""
+    try:
+        os.link(source, destination)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(source, destination)
 
 
 def _built_base(key: str) -> ArtifactRecord | None:
@@ -234,13 +246,37 @@ def clone_store(session: SessionBase, root: Path) -> LocalPexStore:
     record = session.build.record
     for relative in (f"bases/{record.filename}", f"index/base/{record.key}.json"):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        os.link(session.store_root / relative, root / relative)
+        link_or_copy(session.store_root / relative, root / relative)
     return LocalPexStore(root)
 
 
 @pytest.fixture
 def store(session_base: SessionBase, tmp_path: Path) -> LocalPexStore:
     return clone_store(session_base, tmp_path / "store")
+
+
+class ModelBuilds:
+    """Model pexes built once per session, by content key, for tests that need a built model without testing its
+    build: `into` publishes it in a test's store (a copy, through the store's own ``put``), so a test that tampers
+    with its artifact touches its copy alone."""
+
+    def __init__(self, session: SessionBase, root: Path) -> None:
+        self.store = clone_store(session, root)
+        self.builder = Builder(self.store, load_base_env(REPO / "base_env"))
+
+    def into(self, store: LocalPexStore, folder: Path) -> ArtifactRecord:
+        """The record of the model in ``folder`` (a working tree, no release), now in ``store`` too; built here the
+        first time the session meets its content (the key covers the folder's content and the base, not its path)."""
+        from orchestrator.specs import load_model_spec
+        from orchestrator.versions import ModelSource
+
+        record = self.builder.model(ModelSource(load_model_spec(folder), None)).record
+        return store.put(record, self.store.local_path(record))
+
+
+@pytest.fixture(scope="session")
+def model_builds(session_base: SessionBase, tmp_path_factory: pytest.TempPathFactory) -> ModelBuilds:
+    return ModelBuilds(session_base, tmp_path_factory.mktemp("model-builds"))
 
 
 S3_BUCKET = "modelpex"

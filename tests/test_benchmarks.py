@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from .servers import log_tail, spawn, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -28,7 +32,7 @@ BENCHMARKS = {
 }
 # Results files re-run in full since every benchmark records its commit and load. N.B. The others still hold figures
 # measured before `benchmarks/results.py`: add each here once it is re-run in full, until this is every file.
-RE_RUN: set[str] = set()
+RE_RUN = {"definitions.json"}
 # What `benchmarks/results.py` adds to every file; the quick run's own, not compared with the committed file's.
 PROVENANCE = {"commit", "load", "measured_at"}
 
@@ -51,19 +55,62 @@ def shape(document: dict) -> set[str]:
     return {path for path in key_paths(document) if path.split(".")[0] not in PROVENANCE}
 
 
+@dataclass
+class QuickRun:
+    """One benchmark's ``--quick`` run, started with the others (`quick_runs`)."""
+
+    name: str
+    out: Path
+    log: Path
+    commit: str
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, name: str, folder: Path) -> QuickRun:
+        out, log = folder / f"{name}.json", folder / f"{name}.log"
+        command = [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)]
+        # N.B. The commit checked out as it starts: what it must record, whatever is committed while it runs.
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        with open(log, "wb") as output:
+            return cls(name, out, log, commit.strip(), spawn(command, stdout=output, cwd=folder))
+
+    def wait(self) -> dict:
+        """Its results, once it has finished (this test's timeout bounds the wait)."""
+        returncode = self.process.wait()
+        assert returncode == 0, f"benchmarks/{self.name}.py --quick exited with {returncode}:\n{log_tail(self.log, 40)}"
+        return json.loads(self.out.read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, QuickRun]]:
+    """Every benchmark's quick run, all started at once: much of each is waiting (for a sensor tick, a server, a
+    process start), which the others' work fills, so together they take little more than the longest alone. Their
+    timings suffer from it, and nothing here reads a timing. Whatever still runs at the end is stopped with its
+    servers (`tests.servers.terminate`, the whole process group)."""
+    folder = tmp_path_factory.mktemp("benchmarks")
+    # N.B. Only those whose test was selected (``-k ipc`` runs one).
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == "test_a_quick_run_writes_the_committed_results_keys"
+    }
+    runs = {name: QuickRun.start(name, folder) for name in sorted(selected)}
+    try:
+        yield runs
+    finally:
+        for run in runs.values():
+            terminate(run.process, 30, group=True)
+
+
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
-def test_a_quick_run_writes_the_committed_results_keys(name: str, tmp_path: Path) -> None:
+def test_a_quick_run_writes_the_committed_results_keys(name: str, quick_runs: dict[str, QuickRun]) -> None:
     """Runs the benchmark for real, in --quick mode, into a folder of the test's own."""
-    out = tmp_path / f"{name}.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"benchmarks/{name}.py --quick failed:\n{done.stderr[-3000:]}"
-    written = json.loads(out.read_text())
+    run = quick_runs[name]
+    written = run.wait()
+    out = run.out
     committed = json.loads((RESULTS / BENCHMARKS[name]).read_text())
     assert shape(written) == shape(committed), (
         f"benchmarks/{name}.py --quick and the committed results/{BENCHMARKS[name]} differ in keys: only in the "
@@ -71,8 +118,7 @@ def test_a_quick_run_writes_the_committed_results_keys(name: str, tmp_path: Path
         f"{sorted(shape(committed) - shape(written))}: re-run it in full and commit its results"
     )
     assert out.with_suffix(".png").stat().st_size > 0, "each benchmark draws its figures beside its JSON"
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    assert written["commit"]["id"] == commit.strip()
+    assert written["commit"]["id"] == run.commit
     assert set(written["load"]) == {"start", "end", "cores"}
 
 

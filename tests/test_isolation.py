@@ -39,7 +39,7 @@ from orchestrator.states import StateRecord, state_id
 from orchestrator.store import LocalPexStore
 from orchestrator.versions import ModelSource
 
-from .conftest import Project, cache_env, shm_held, store_snapshot, write_model
+from .conftest import ModelBuilds, Project, cache_env, shm_held, store_snapshot, write_model
 from .servers import spawn
 from .system import requires
 
@@ -196,7 +196,9 @@ def env_secret() -> Iterator[str]:
 class Lab:
     """A project with a hostile model and a bystander, built, and a runner over them."""
 
-    def __init__(self, project: Project, store: LocalPexStore, tmp_path: Path, cache: dict[str, str]) -> None:
+    def __init__(
+        self, project: Project, store: LocalPexStore, tmp_path: Path, cache: dict[str, str], builds: ModelBuilds
+    ) -> None:
         self.project, self.store = project, store
         self.saved: StateRecord | None = None  # the last state `train` kept in the store
         write_model(project.models, "hostile", code=HOSTILE, tool=_tool("hostile"))
@@ -204,12 +206,9 @@ class Lab:
         write_model(project.models, "fresh", code=HOSTILE, tool=_tool("fresh", "reuse = false\n"))
         env = {**cache, "MODELPEX_SIGNING_KEY_FILE": str(tmp_path / "keys" / "signing.key")}
         self.settings = Settings.from_env(env=env, project=str(project.root), store_url=str(store.root))
-        builder = Builder(store, load_base_env(project.root / "base_env"))
-        self.records = {
-            name: builder.model(ModelSource(load_model_spec(project.models / name), None)).record
-            for name in ("hostile", "bystander", "fresh")
-        }
-        self.runner = Runner(self.settings, builder.interpreter, timeout=120)
+        # N.B. Built once per session (the three models are the same in every test): this tests isolation, not builds.
+        self.records = {name: builds.into(store, project.models / name) for name in ("hostile", "bystander", "fresh")}
+        self.runner = Runner(self.settings, builds.builder.interpreter, timeout=120)
         self.data = pa.table({"x": [1.0, 2.0, 3.0]})
 
     def call(self, model: str, **kwargs: object):
@@ -225,10 +224,12 @@ class Lab:
 
 
 @pytest.fixture
-def lab(project: Project, store: LocalPexStore, tmp_path: Path, fresh_cache: dict[str, str]) -> Iterator[Lab]:
+def lab(
+    project: Project, store: LocalPexStore, tmp_path: Path, fresh_cache: dict[str, str], model_builds: ModelBuilds
+) -> Iterator[Lab]:
     """A cache of the test's own (`fresh_cache`): what it finds in ``runs/`` is its own, and `modelpex gc` there
     sweeps nothing of anyone else's."""
-    lab = Lab(project, store, tmp_path, fresh_cache)
+    lab = Lab(project, store, tmp_path, fresh_cache, model_builds)
     yield lab
     lab.runner.close()
 
