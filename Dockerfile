@@ -22,7 +22,10 @@
 # emptyDir with `medium: Memory` and a `sizeLimit` at /dev/shm.
 # To follow a model repository instead of the copy below, mount it: -v "$PWD:/app" (the base key must match, or the
 # base is rebuilt at start, which needs the package index).
-FROM python:3.11.7-slim-bookworm
+# BASE: any Debian bookworm image with Python 3.11 as `python3` and its venv module (tests/test_containers.py builds
+# on a debootstrap of Debian with Debian's own Python, where no registry is reachable).
+ARG BASE=python:3.11.7-slim-bookworm
+FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -51,7 +54,7 @@ COPY orchestrator/ orchestrator/
 # need the instance's storage (dagster-postgres) and the run launchers it names (dagster-docker, dagster-k8s); it also
 # serves as a Celery worker (dagster-celery, MODELPEX_EXECUTOR=celery). The s3 extra (boto3): a worker may run on
 # MODELPEX_STORE=s3://bucket/prefix, credentials from the AWS_* variables.
-RUN python -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir ./base_env './[cluster,s3]' \
  && mkdir -p /app/pex_builds \
  && install -d -m 0700 /app/.dagster_home

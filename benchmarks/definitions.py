@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.plot import pyplot, save  # noqa: E402
+from benchmarks.results import write  # noqa: E402
 
 MODEL_CODE = """
 def train(inputs, params):
@@ -132,13 +133,13 @@ def tick(project: Path, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "definitions.json")
-    parser.add_argument("--quick", action="store_true", help="20 models x 10 clients, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="10 models x 5 clients, one repeat")
     parser.add_argument("--models", type=int, default=100)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--models-per-client", type=int, default=0, help="0 = every client runs every model")
     args = parser.parse_args()
-    models, clients = (20, 10) if args.quick else (args.models, args.clients)
-    repeats = 2 if args.quick else 5
+    models, clients = (10, 5) if args.quick else (args.models, args.clients)
+    repeats = 1 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="modelpex-defs-") as tmp:
         empty = make_project(Path(tmp) / "empty", 0, 0)
         big = make_project(Path(tmp) / "big", models, clients, args.models_per_client or None)
@@ -166,8 +167,7 @@ def main() -> None:
     print(
         f"sensor tick: {g['tick_s'] * 1000:.0f} ms vs empty {e['tick_s'] * 1000:.0f} ms = {figures['tick_ratio']:.1f}x"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(figures, indent=2))
+    write(args.json, figures)
     plot(figures, args.json.with_suffix(".png"))
     print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
 

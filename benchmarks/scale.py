@@ -31,7 +31,6 @@ and the ratios are what count.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -54,6 +53,7 @@ from botocore.config import Config  # noqa: E402
 
 from benchmarks.definitions import load, make_project  # noqa: E402
 from benchmarks.plot import pyplot, save  # noqa: E402
+from benchmarks.results import write  # noqa: E402
 from orchestrator.cache import ArtifactCache, VerifiedCopies  # noqa: E402
 from orchestrator.datasets import customers  # noqa: E402
 from orchestrator.platforms import Interpreter  # noqa: E402
@@ -342,10 +342,10 @@ def definitions_load(work: Path, models: int, clients: int, repeats: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="one repeat of each, definitions 10 x 5 (a minute or two)")
     args = parser.parse_args()
     repeats = (
-        {"transfer": 3, "cold": 2, "eight": 3, "definitions": 1}
+        {"transfer": 1, "cold": 1, "eight": 1, "definitions": 1}
         if args.quick
         else {"transfer": 9, "cold": 5, "eight": 5, "definitions": 3}
     )
@@ -376,8 +376,9 @@ def main() -> None:
             print(f"{CONCURRENT} runs at once against one", file=sys.stderr)
             figures["eight_at_once"] = eight_at_once(url, cache, work, repeats["eight"])
             figures["load_average"]["eight_at_once"] = os.getloadavg()[0]
-        print("definitions: 100 models x 50 clients against an empty code location", file=sys.stderr)
-        figures["definitions"] = definitions_load(work, 100, 50, repeats["definitions"])
+        models, clients = (10, 5) if args.quick else (100, 50)
+        print(f"definitions: {models} models x {clients} clients against an empty code location", file=sys.stderr)
+        figures["definitions"] = definitions_load(work, models, clients, repeats["definitions"])
         figures["load_average"]["definitions"] = os.getloadavg()[0]
     figures["model"] = model.label
     figures["ratios"] = {
@@ -390,8 +391,7 @@ def main() -> None:
     figures["targets"] = TARGETS
     figures["met"] = {name: figures["ratios"][name] <= target for name, target in TARGETS.items()}
     report(figures)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(figures, indent=2))
+    write(args.json, figures)
     plot(figures, args.json.with_suffix(".png"))
     print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
 

@@ -416,6 +416,7 @@ class ModelStep:
             inputs=self._inputs(),
             params=self.d.params,
             keep_state=True,
+            client=self.d.client,
             reported=reported,
         )
         if outcome.state is None:
@@ -451,6 +452,7 @@ class ModelStep:
             inputs=self._inputs(),
             params=self.d.params,
             state_in=state,
+            client=self.d.client,
             reported=reported,
         )
         table = outcome.outputs["predictions"]

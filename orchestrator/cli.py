@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -202,6 +202,7 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     nothing can use, and what runs that died left (model folders, build folders) once they are old enough."""
     from orchestrator.deployments import pinned_versions
     from orchestrator.leases import sweep
+    from orchestrator.removal import sweep_each
     from orchestrator.sandbox import RUN_PREFIX, RUNS
     from orchestrator.states import StateKeeper
     from orchestrator.store import BUILD_PREFIX
@@ -216,29 +217,59 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> None:
     keep = kept_keys(builder, settings.catalog(), scan, pinned_versions(settings.deployments_file))
     garbage = [r for r in scan.records if r.key not in keep]
     verb = "would remove" if args.dry_run else "removed"
-    for record in garbage:
-        out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
-        if not args.dry_run:
-            store.delete(record)
-    for leftover in unindexed_garbage(store, keep, scan):
-        out.print(f"{verb} unindexed file {leftover.where}")
-        if not args.dry_run:
-            store.remove(leftover)
-    states = StateKeeper(store, settings.signing_key_path)
-    for record in unused_states(states.records(), keep, settings.gc_grace):
-        out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
-        if not args.dry_run:
-            store.delete_state(record.model, record.state_id)
     leftovers: list[Path | str] = []
-    leftovers += sweep(settings.cache_dir / RUNS, RUN_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-    leftovers += sweep(store.work_root, BUILD_PREFIX, settings.gc_grace, dry_run=args.dry_run)
-    strays = [stray for stray in store.stray_states() if stray.modified < time.time() - settings.gc_grace]
-    for stray in [] if args.dry_run else strays:
-        store.remove(stray)
-    leftovers += [stray.where for stray in strays]
+    failed = 0
+
+    def report(line: str) -> None:
+        nonlocal failed
+        failed += 1
+        warn(line)
+
+    def artifacts() -> None:
+        for record in garbage:
+            out.print(f"{verb} {record.label} key {record.key} ({_mb(record.size)})")
+            if not args.dry_run:
+                store.delete(record)
+
+    def unindexed() -> None:
+        for leftover in unindexed_garbage(store, keep, scan):
+            out.print(f"{verb} unindexed file {leftover.where}")
+            if not args.dry_run:
+                store.remove(leftover)
+
+    def fitted_states() -> None:
+        states = StateKeeper(store, settings.signing_key_path)
+        for record in unused_states(states.records(), keep, settings.gc_grace):
+            out.print(f"{verb} fitted state {record.label} {record.sha256[:12]} ({_mb(record.size)})")
+            if not args.dry_run:
+                store.delete_state(record.model, record.state_id)
+
+    def folders(parent: Path, prefix: str) -> Callable[[], None]:
+        return lambda: leftovers.extend(sweep(parent, prefix, settings.gc_grace, dry_run=args.dry_run, report=report))
+
+    def stray_states() -> None:
+        strays = [stray for stray in store.stray_states() if stray.modified < time.time() - settings.gc_grace]
+        for stray in [] if args.dry_run else strays:
+            store.remove(stray)
+        leftovers.extend(stray.where for stray in strays)
+
+    # N.B. Each sweep on its own: one that fails is one line, and the others still run.
+    sweep_each(  # N.B. `report` counts the failures, of a sweep as of one of its folders.
+        [
+            ("remove unreferenced artifacts", artifacts),
+            ("remove unindexed files", unindexed),
+            ("remove unused fitted states", fitted_states),
+            ("remove dead runs' model folders", folders(settings.cache_dir / RUNS, RUN_PREFIX)),
+            ("remove dead builds' folders", folders(store.work_root, BUILD_PREFIX)),
+            ("remove stray states", stray_states),
+        ],
+        report,
+    )
     for path in leftovers:
         out.print(f"{verb} {path}, left by a run that ended")
     out.print(f"{len(garbage)} artifact(s) {'to remove' if args.dry_run else 'removed'}, {len(keep)} kept")
+    if failed:
+        raise ModelpexError(f"gc could not remove {failed} thing(s) (each named above); the rest was collected")
 
 
 def kept_keys(builder: Builder, catalog: Catalog, scan: IndexScan, pinned: set[tuple[str, str]]) -> set[str]:

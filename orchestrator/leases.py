@@ -9,17 +9,20 @@ lock, and only after a grace period.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from orchestrator.removal import RemovalError, remove_tree
 
 __all__ = ["lease_dir", "sweep", "try_lock"]
 
 LOCK_SUFFIX = ".lock"
+log = logging.getLogger("modelpex")
 
 
 def try_lock(path: Path) -> int | None:
@@ -35,7 +38,9 @@ def try_lock(path: Path) -> int | None:
 
 @contextmanager
 def lease_dir(parent: Path, prefix: str, mode: int = 0o700) -> Iterator[Path]:
-    """A new folder under ``parent``, locked while the block runs, then removed with its lock."""
+    """A new folder under ``parent``, locked while the block runs, then removed with its lock.
+
+    N.B. A folder that cannot be removed keeps its lock file (the lock itself ends with us): `sweep` tries again."""
     name = f"{prefix}{int(time.time())}-{secrets.token_hex(6)}"
     lock_path = parent / f"{name}{LOCK_SUFFIX}"
     fd = try_lock(lock_path)
@@ -45,13 +50,25 @@ def lease_dir(parent: Path, prefix: str, mode: int = 0o700) -> Iterator[Path]:
         folder.mkdir(mode=mode)
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
+        try:
+            remove_tree(folder)
+            lock_path.unlink(missing_ok=True)
+        except RemovalError as exc:
+            log.warning(f"{exc}; `modelpex gc` tries again")
+        finally:
+            os.close(fd)
 
 
-def sweep(parent: Path, prefix: str, grace_seconds: float, *, dry_run: bool = False) -> list[Path]:
-    """Remove leased folders under ``parent`` whose holder is gone and that are older than ``grace_seconds``."""
+def sweep(
+    parent: Path,
+    prefix: str,
+    grace_seconds: float,
+    *,
+    dry_run: bool = False,
+    report: Callable[[str], None] = log.warning,
+) -> list[Path]:
+    """Remove leased folders under ``parent`` whose holder is gone and that are older than ``grace_seconds``; one
+    that cannot be removed is reported in one line (``report``) and kept with its lock file, and the rest go on."""
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
@@ -70,10 +87,12 @@ def sweep(parent: Path, prefix: str, grace_seconds: float, *, dry_run: bool = Fa
         if fd is None:
             continue  # N.B. Its holder is alive, perhaps in another container sharing this folder.
         try:
-            removed.append(folder)
             if not dry_run:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_tree(folder)
                 lock_path.unlink(missing_ok=True)
+            removed.append(folder)
+        except RemovalError as exc:
+            report(str(exc))
         finally:
             os.close(fd)
     return removed

@@ -1,16 +1,21 @@
-"""Run: model processes, one per model version within a run, each serving that version's calls over its channel.
+"""Run: model processes, a fork server per model version within a run and a child of it per client.
 
-A `ModelProcess` is started in the sandbox (`orchestrator.sandbox`) from a prepared venv (`orchestrator.cache`)
-with an environment built from an allow-list, never the orchestrator's own. It imports the model once, then answers
-calls: train, predict, for every client of the run, each call a Pipes session of its own (`orchestrator.pipes`).
-Its frames and fitted states cross in segments handed over as descriptors (`orchestrator.transport`).
+A `ForkServer` is started in the sandbox (`orchestrator.sandbox`) from a prepared venv (`orchestrator.cache`) with
+an environment built from an allow-list, never the orchestrator's own. It imports the base libraries the model
+names, before any client's data, and forks a fresh child per client (`ModelProcess`), which imports the model and
+answers that client's calls: train, predict, each call a Pipes session of its own (`orchestrator.pipes`). Frames
+and fitted states cross in segments handed over as descriptors (`orchestrator.transport`). `ModelProcesses` keeps
+them warm by (model version, client): nothing one client's child holds or writes reaches another client's.
 
 Containment, on every path:
-- the process's lifeline (`modelpex_runtime.entry`) makes the kernel kill its whole process group the moment this
-  orchestrator's end closes: on `close`, on a timeout, and when this process dies, kill -9 included;
-- after every call, success included, every other process of the model's group (or, with a uid of its own, of its
-  uid, which also catches a child that escaped with ``setsid``) is killed; no call waits on a pipe a child holds;
-- a call past its timeout, a crash, or a malformed answer ends the process; the next call starts a fresh one.
+- the server's lifeline (`modelpex_runtime.entry`) makes the kernel kill its whole process group, children
+  included, the moment this orchestrator's end closes: on `close`, on a timeout, and when this process dies, kill
+  -9 included;
+- after every call, success included, every process the model started is killed (by the child, their subreaper,
+  and from here: of the server's group or uid, sparing the server and its children); no call waits on a pipe a
+  child holds;
+- a call past its timeout, a crash, or a malformed answer ends the server and its children; the next call starts
+  a fresh one.
 
 This module imports no Dagster: the CLI runs models without paying for it.
 """
@@ -39,7 +44,7 @@ from modelpex_runtime.protocol import (
     LIFELINE_FD_ENV,
     MODEL_ENV,
     PROTOCOL_VERSION,
-    SANDBOXED_ENV,
+    READABLE_ENV,
     STATE_FORMATS,
     CallError,
     ModelCall,
@@ -57,6 +62,7 @@ from orchestrator.transport import FrameExchange, SegmentPool
 __all__ = [
     "DEFAULT_ENV_ALLOW",
     "FittedState",
+    "ForkServer",
     "ModelCrashError",
     "ModelProcess",
     "ModelProcesses",
@@ -198,8 +204,12 @@ def _kill(pids: Sequence[int]) -> None:
             pass
 
 
-class ModelProcess:
-    """One running model process of one model version; `call` as often as needed, then `close`."""
+class ForkServer:
+    """The warm process of one model version: it imports the base libraries the model names, then forks one fresh
+    child per client (`fork`), which imports the model and serves that client's calls (`ModelProcess`).
+
+    It runs in the sandbox as one identity with one private folder; its children share both, and each mounts fresh
+    /tmp, /var/tmp, /dev/shm and private folder of its own when the server has a user namespace (``private``)."""
 
     def __init__(
         self,
@@ -212,10 +222,12 @@ class ModelProcess:
     ) -> None:
         self.prepared = prepared
         self.sandbox = sandbox
-        self.pool = SegmentPool()
         self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.children: dict[int, ModelProcess] = {}
         self._stack = ExitStack()
-        self._calls = 0
+        self._requests = 0
+        self._lock = threading.Lock()
+        self.forks = 0
         try:
             self._start(env_allow, env or {}, startup_timeout)
         except BaseException:
@@ -229,7 +241,7 @@ class ModelProcess:
     def _start(self, env_allow: Sequence[str], extra: Mapping[str, str], timeout: float) -> None:
         started = time.perf_counter()
         self.identity: Identity = self._stack.enter_context(self.sandbox.identity())
-        workdir = self._stack.enter_context(self.sandbox.workdir(self.identity))
+        self.workdir = workdir = self._stack.enter_context(self.sandbox.workdir(self.identity))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         lifeline_read, self._lifeline = os.pipe()
         self.channel = Channel(parent)
@@ -240,10 +252,9 @@ class ModelProcess:
                 CHANNEL_FD_ENV: str(child.fileno()),
                 LIFELINE_FD_ENV: str(lifeline_read),
                 MODEL_ENV: json.dumps(self.prepared.entry),
+                READABLE_ENV: str(self.prepared.pex_root),
             }
         )
-        if self.sandbox.bwrap:
-            env[SANDBOXED_ENV] = "1"
         try:
             self.process = subprocess.Popen(
                 self.sandbox.command(
@@ -260,35 +271,220 @@ class ModelProcess:
         finally:
             child.close()
             os.close(lifeline_read)
-        self._pumps = [
-            threading.Thread(target=_pump, args=(self.process.stdout, sys.stdout, deque(maxlen=1)), daemon=True),
-            threading.Thread(target=_pump, args=(self.process.stderr, sys.stderr, self.tail), daemon=True),
-        ]
-        for pump in self._pumps:
-            pump.start()
+        self._pumps = _pumps(self.process.stdout, self.process.stderr, self.tail)
         try:
-            self._next(0, None, time.monotonic() + timeout, "starting")
+            ready = self._reply("ready", 0, time.monotonic() + timeout, "starting")
         except TimeoutError:
             raise ModelTimeoutError(
                 f"model {self.label} did not start within {timeout:g} s (its imports ran longer) and was killed"
             ) from None
+        self.private = ready.get("private") is True
+        self.preloaded = [str(name) for name in ready.get("preloaded") or []]
+        self.threads = int(ready.get("threads") or 0)
         self.start_seconds = time.perf_counter() - started
 
-    def _crashed(self, doing: str) -> ModelCrashError:
+    def _reply(self, kind: str, request: int, deadline: float, doing: str) -> dict[str, Any]:
+        """The server's answer ``kind`` to ``request`` (0: its start-up)."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.channel.sock.settimeout(remaining)
+            try:
+                message, fds = self.channel.receive()
+            except ChannelClosed:
+                raise _crashed(self.label, self.process, self.tail, doing) from None
+            except CallError as exc:
+                raise ModelCrashError(f"model {self.label} broke the protocol while {doing}: {exc}") from None
+            for fd in fds:
+                os.close(fd)
+            if message.get("kind") == "failed" and request == 0:
+                raise _failed(self.label, message.get("failure") or {})
+            if message.get("kind") == kind and message.get("id", 0) == request:
+                return message
+
+    def fork(self, timeout: float) -> ModelProcess:
+        """A fresh child for one client: forked from the server as it was before any client, the model imported."""
+        started = time.perf_counter()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        with self._lock:
+            self._requests += 1
+            request = self._requests
+            try:
+                self.channel.send({"kind": "fork", "id": request}, [child.fileno(), out_write, err_write])
+            except OSError:
+                for fd in (out_read, err_read):
+                    os.close(fd)
+                parent.close()
+                raise _crashed(self.label, self.process, self.tail, "forking a child") from None
+            finally:
+                child.close()
+                os.close(out_write)
+                os.close(err_write)
+            try:
+                pid = int(self._reply("forked", request, time.monotonic() + 30, "forking a child")["pid"])
+            except BaseException:
+                parent.close()
+                os.close(out_read)
+                os.close(err_read)
+                raise
+        self.forks += 1
+        process = ModelProcess(self, Channel(parent), pid, out_read, err_read)
+        self.children[pid] = process
         try:
-            returncode = self.process.wait(timeout=5)
+            process.await_ready(time.monotonic() + timeout)
+        except BaseException:
+            process.close()
+            raise
+        process.start_seconds = time.perf_counter() - started + (self.start_seconds if self.forks == 1 else 0.0)
+        return process
+
+    def end(self, pid: int, grace: float = 0.0) -> int | None:
+        """Kill child ``pid`` (after ``grace`` seconds to end by itself); its return code, when the server knew it."""
+        self.children.pop(pid, None)
+        if not self.alive:
+            return None
+        with self._lock:
+            self._requests += 1
+            request = self._requests
+            try:
+                self.channel.send({"kind": "end", "id": request, "pid": pid, "grace": grace})
+                reply = self._reply("ended", request, time.monotonic() + grace + 10, "ending a child")
+            except (OSError, TimeoutError, ModelpexError):
+                return None
+        code = reply.get("returncode")
+        return code if isinstance(code, int) else None
+
+    def kill_stragglers(self) -> None:
+        """Every process the model left behind: of the server's group, or with a uid of its own, of that uid; never
+        the server or its live children.
+
+        N.B. In a bubblewrap sandbox each child does this itself (it is the subreaper of everything it starts):
+        from here the sandbox's processes cannot be told apart.
+        """
+        if self.sandbox.bwrap:
+            return
+        own_uid = self.identity.lock is not None
+        pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
+        spared = {self.process.pid, *self.children}
+        _kill([pid for pid in pids if pid not in spared])
+
+    @property
+    def alive(self) -> bool:
+        process = getattr(self, "process", None)
+        return process is not None and process.poll() is None
+
+    def close(self) -> None:
+        """End the server, its children and everything they started, then release its folder and uid."""
+        for child in list(self.children.values()):
+            child.release()
+        self.children.clear()
+        lifeline = getattr(self, "_lifeline", None)
+        if lifeline is not None:
+            os.close(lifeline)  # N.B. The kernel now sends SIGKILL to the model's whole process group.
+            self._lifeline = None
+        process = getattr(self, "process", None)
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill_stragglers()
+            _close_pumps(self._pumps, (process.stdout, process.stderr))
+        self._stack.close()
+
+
+def _pumps(stdout: IO[bytes] | None, stderr: IO[bytes] | None, tail: deque[str]) -> list[threading.Thread]:
+    pumps = [
+        threading.Thread(target=_pump, args=(stdout, sys.stdout, deque(maxlen=1)), daemon=True),
+        threading.Thread(target=_pump, args=(stderr, sys.stderr, tail), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    return pumps
+
+
+def _close_pumps(pumps: list[threading.Thread], streams: Sequence[IO[bytes] | None]) -> None:
+    for pump in pumps:
+        pump.join(timeout=0.5)
+    for stream in streams:
+        if stream is not None and not any(p.is_alive() for p in pumps):
+            stream.close()
+
+
+def _crashed(label: str, process: subprocess.Popen | None, tail: deque[str], doing: str, code: int | None = None):
+    """The error for a model process that died or closed its channel, with the last lines of its stderr."""
+    if process is not None:
+        try:
+            code = process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            returncode = None
-        how = (
-            "closed its channel"
-            if returncode is None
-            else f"was killed by signal {-returncode}"
-            if returncode < 0
-            else f"exited with code {returncode}"
-        )
-        time.sleep(0.05)  # N.B. Let the pumps forward the last lines of stderr.
-        stderr = "\n".join(list(self.tail)[-15:]) or "(no output)"
-        return ModelCrashError(f"model {self.label} {how} while {doing}; last lines of its stderr:\n{stderr}")
+            code = None
+    how = (
+        "closed its channel"
+        if code is None
+        else f"was killed by signal {-code}"
+        if code < 0
+        else f"exited with code {code}"
+    )
+    time.sleep(0.05)  # N.B. Let the pumps forward the last lines of stderr.
+    stderr = "\n".join(list(tail)[-15:]) or "(no output)"
+    return ModelCrashError(f"model {label} {how} while {doing}; last lines of its stderr:\n{stderr}")
+
+
+def _failed(label: str, failure: ModelFailure) -> ModelpexError:
+    """The model's own exception, except running out of shared memory for an output (the runtime grows each output
+    to what the model wrote): that is the transport's, and its one line says how to make room."""
+    if failure.get("type") == _SHM_SPACE:
+        return ShmSpaceError(str(failure.get("message")))
+    return ModelRaisedError(label, failure)
+
+
+class ModelProcess:
+    """One client's child of a `ForkServer`: the model imported, fresh from the server; `call` as often as that
+    client needs, then `close`. Its stdout and stderr are its own, so no line of one client's shows in another's."""
+
+    def __init__(self, server: ForkServer, channel: Channel, pid: int, stdout: int, stderr: int) -> None:
+        self.server = server
+        self.prepared = server.prepared
+        self.sandbox = server.sandbox
+        self.channel = channel
+        self.pid = pid  # N.B. As the server sees it: in a bubblewrap sandbox, in its PID namespace.
+        self.pool = SegmentPool()
+        self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._streams = (os.fdopen(stdout, "rb"), os.fdopen(stderr, "rb"))
+        self._pumps = _pumps(*self._streams, self.tail)
+        self._calls = 0
+        self._closed = False
+        self.start_seconds = 0.0
+        self.private = False
+
+    @property
+    def label(self) -> str:
+        return self.prepared.label
+
+    @property
+    def identity(self) -> Identity:
+        return self.server.identity
+
+    def await_ready(self, deadline: float) -> None:
+        try:
+            ready = self._next(0, None, deadline, "starting")
+        except TimeoutError:
+            raise ModelTimeoutError(
+                f"model {self.label} did not import within the timeout (its imports ran longer) and was killed"
+            ) from None
+        self.private = ready.get("private") is True
+
+    def _crashed(self, doing: str) -> ModelCrashError:
+        code = self.server.end(self.pid, grace=2.0)
+        self._closed = True
+        return _crashed(self.label, None, self.tail, doing, code)
 
     def _next(self, call_id: int, link: PipesLink | None, deadline: float, doing: str) -> dict[str, Any]:
         """The next message that ends a call (or the start-up), forwarding the call's Pipes messages on the way."""
@@ -314,11 +510,7 @@ class ModelProcess:
                 return message
 
     def _failed(self, failure: ModelFailure) -> ModelpexError:
-        """The model's own exception, except running out of shared memory for an output (the runtime grows each
-        output to what the model wrote): that is the transport's, and its one line says how to make room."""
-        if failure.get("type") == _SHM_SPACE:
-            return ShmSpaceError(str(failure.get("message")))
-        return ModelRaisedError(self.label, failure)
+        return _failed(self.label, failure)
 
     def _forward(self, link: PipesLink, message: object, doing: str) -> None:
         """One Pipes message to the call's session; one it refuses is the model breaking the protocol."""
@@ -444,45 +636,29 @@ class ModelProcess:
         return frames, state, seconds, bytes_out, metrics
 
     def kill_stragglers(self) -> None:
-        """Every process the model left behind: its group, or with a uid of its own, everything of that uid.
-
-        N.B. In a bubblewrap sandbox the model process does this itself, in the PID namespace only it lives in,
-        which dies with it: from here its children cannot be told from the sandbox's own init.
-        """
-        if self.sandbox.bwrap:
-            return
-        own_uid = self.identity.lock is not None
-        pids = _members(uid=self.identity.uid) if own_uid else _members(pgid=self.process.pid)
-        _kill([pid for pid in pids if pid != self.process.pid])
+        """Every process the model left behind (the child ends its own descendants itself; this catches what it
+        could not)."""
+        self.server.kill_stragglers()
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self._closed and self.server.alive
+
+    def release(self) -> None:
+        """Close our ends (the server is ending it, or has): the channel, the pumps, the segments."""
+        self._closed = True
+        self.channel.close()
+        _close_pumps(self._pumps, self._streams)
+        self.pool.close()
 
     def close(self) -> None:
-        """End the process and everything it started, then release its segments, folder and uid."""
-        lifeline = getattr(self, "_lifeline", None)
-        if lifeline is not None:
-            os.close(lifeline)  # N.B. The kernel now sends SIGKILL to the model's whole process group.
-            self._lifeline = None
-        process = getattr(self, "process", None)
-        if process is not None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            self.kill_stragglers()
-            for pump in self._pumps:
-                pump.join(timeout=0.5)
-            for stream in (process.stdout, process.stderr):
-                if stream is not None and not any(p.is_alive() for p in self._pumps):
-                    stream.close()
-        self.pool.close()
-        self._stack.close()
+        """End this child and everything it started; the server and its other children go on."""
+        if not self._closed:
+            self._closed = True
+            self.channel.close()
+            self.server.end(self.pid)
+        self.server.children.pop(self.pid, None)
+        self.release()
 
 
 def _rows(frame: Any) -> int:
@@ -490,7 +666,12 @@ def _rows(frame: Any) -> int:
 
 
 class ModelProcesses:
-    """The model processes of one run, by model version: started on first use, re-used, all closed at the end."""
+    """The model processes of one run: a fork server per model version, and a child of it per (version, client),
+    started on first use, re-used for that client's later calls, all closed at the end.
+
+    A server whose children cannot have private places of their own (no user namespaces) serves one client only:
+    each client then gets a server of its own. A model that declares ``reuse = false`` gets a cold process per
+    call."""
 
     def __init__(
         self,
@@ -502,7 +683,8 @@ class ModelProcesses:
         self.sandbox = sandbox
         self.env_allow = list(env_allow)
         self.env = dict(env or {})
-        self._running: dict[str, ModelProcess] = {}
+        self._servers: dict[object, ForkServer] = {}
+        self._children: dict[tuple[str, str], ModelProcess] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> ModelProcesses:
@@ -511,14 +693,33 @@ class ModelProcesses:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _process(self, prepared: Prepared, timeout: float) -> ModelProcess:
+    def _start_server(self, prepared: Prepared, timeout: float) -> ForkServer:
+        return ForkServer(prepared, self.sandbox, env_allow=self.env_allow, env=self.env, startup_timeout=timeout)
+
+    def _server(self, prepared: Prepared, client: str, timeout: float) -> ForkServer:
+        """The version's server, or the client's own where children cannot have private places."""
+        digest = prepared.record.sha256
         with self._lock:
-            process = self._running.pop(prepared.record.sha256, None)
+            for key in (digest, (digest, client)):
+                server = self._servers.get(key)
+                if server is not None and server.alive:
+                    return server
+                if server is not None:
+                    del self._servers[key]
+                    server.close()
+        server = self._start_server(prepared, timeout)
+        with self._lock:
+            self._servers[digest if server.private else (digest, client)] = server
+        return server
+
+    def _process(self, prepared: Prepared, client: str, timeout: float) -> ModelProcess:
+        with self._lock:
+            process = self._children.pop((prepared.record.sha256, client), None)
         if process is not None and process.alive:
             return process
         if process is not None:
             process.close()
-        return ModelProcess(prepared, self.sandbox, env_allow=self.env_allow, env=self.env, startup_timeout=timeout)
+        return self._server(prepared, client, timeout).fork(timeout)
 
     def call(
         self,
@@ -526,10 +727,14 @@ class ModelProcesses:
         link: Callable[[], AbstractContextManager[PipesLink]],
         *,
         timeout: float,
+        client: str = "",
         **kwargs: Any,
     ) -> RunOutcome:
-        """Run one call on the version's process; a process that crashed or timed out is replaced next time."""
-        process = self._process(prepared, timeout)
+        """Run one call on the client's child of the version's server; a child that crashed or timed out takes its
+        server down with it (a fresh one next time)."""
+        if not prepared.reuse:
+            return self._cold(prepared, link, timeout, **kwargs)
+        process = self._process(prepared, client, timeout)
         healthy = False
         try:
             with link() as pipes:
@@ -540,14 +745,34 @@ class ModelProcesses:
             healthy = True  # N.B. The model raised and answered: its process is still sound.
             raise
         finally:
-            if healthy and prepared.reuse and process.alive:
+            if healthy and process.alive:
                 with self._lock:
-                    self._running[prepared.record.sha256] = process
+                    self._children[(prepared.record.sha256, client)] = process
             else:
-                process.close()
+                self._drop(process.server)
+
+    def _cold(
+        self, prepared: Prepared, link: Callable[[], AbstractContextManager[PipesLink]], timeout: float, **kwargs: Any
+    ) -> RunOutcome:
+        """A process of its own for one call, for a model that must not share even the server."""
+        server = self._start_server(prepared, timeout)
+        try:
+            process = server.fork(timeout)
+            with link() as pipes:
+                return process.call(pipes, timeout=timeout, **kwargs)
+        finally:
+            server.close()
+
+    def _drop(self, server: ForkServer) -> None:
+        with self._lock:
+            for key in [k for k, s in self._servers.items() if s is server]:
+                del self._servers[key]
+            for key in [k for k, p in self._children.items() if p.server is server]:
+                del self._children[key]
+        server.close()
 
     def close(self) -> None:
         with self._lock:
-            running, self._running = list(self._running.values()), {}
-        for process in running:
-            process.close()
+            servers, self._servers, self._children = list(self._servers.values()), {}, {}
+        for server in servers:
+            server.close()

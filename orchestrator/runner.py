@@ -1,9 +1,10 @@
 """Runner: what one orchestrator process needs to run model versions, assembled once from the settings.
 
 The Dagster resource and the command line both run models through a `Runner`: it finds a version's base in the
-store, prepares the pair in the cache (verified, venv warm), hands the call to the version's model process (started
-in the sandbox on first use, re-used after), and keeps fitted states with signed records. ``close`` ends every model
-process it started; use it as a context manager.
+store, prepares the pair in the cache (verified, venv warm), hands the call to the client's child of the version's
+fork server (`orchestrator.run`: started in the sandbox on first use, re-used for that client after, never for
+another), and keeps fitted states with signed records. ``close`` ends every model process it started; use it as a
+context manager.
 """
 
 from __future__ import annotations
@@ -70,12 +71,18 @@ class Runner:
         return self.cache.prepare(self.store, model, base)
 
     def call(
-        self, model: ArtifactRecord, link: Callable[[], AbstractContextManager[PipesLink]], **kwargs: Any
+        self,
+        model: ArtifactRecord,
+        link: Callable[[], AbstractContextManager[PipesLink]],
+        *,
+        client: str = "",
+        **kwargs: Any,
     ) -> RunOutcome:
-        """One call of ``model`` (see `ModelProcess.call` for the keyword arguments)."""
+        """One call of ``model`` for ``client``, in that client's own warm process (see `ModelProcess.call` for the
+        other keyword arguments)."""
         prepared = self.prepare(model)
         self._announce()
-        return self.processes.call(prepared, link, timeout=self.timeout, **kwargs)
+        return self.processes.call(prepared, link, timeout=self.timeout, client=client, **kwargs)
 
     def _announce(self) -> None:
         """Who model processes run as, and each guarantee that does not hold: once per process, as its first model

@@ -8,6 +8,7 @@ once, and every later step can trust them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "discover_models",
     "load_base_env",
     "load_model_spec",
+    "refuse_unknown_keys",
     "scan_models",
     "tree_digest",
     "validate_name",
@@ -56,6 +58,10 @@ _TYPE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # N.B. A checked column names a Dagster asset check (``<column>_range``): Dagster names are [A-Za-z0-9_].
 _CHECK_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
 SEVERITIES = ("error", "warn")
+# Every key `[tool.modelpex]` and its tables may hold: anything else is a typo that would otherwise change nothing.
+MODEL_KEYS = ("train", "predict", "frames", "inputs", "state", "trusted_types", "reuse", "predictions")
+PREDICTION_KEYS = ("columns", "rows", "checks")
+CHECK_KEYS = ("min", "max", "values", "severity")
 ROWS_INPUT, ROWS_ANY = "input", "any"
 # Files that never change what a pex contains; everything else in a model folder is part of its key.
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "build", "dist"}
@@ -256,6 +262,7 @@ def load_model_spec(folder: Path) -> ModelSpec:
             f'{path} has no [tool.modelpex] table: add one with train = "pkg.module:train", '
             'predict = "pkg.module:predict" and frames = "pandas" | "polars" | "pyarrow"'
         )
+    refuse_unknown_keys(table, MODEL_KEYS, f"{path}: [tool.modelpex]")
     train, predict = (_callable(table, key, path) for key in ("train", "predict"))
     frames = table.get("frames", "pandas")
     if frames not in FRAME_LIBRARIES:
@@ -302,9 +309,7 @@ def prediction_contract(table: object, inputs: tuple[str, ...], path: Path) -> P
     where = f"{path}: [tool.modelpex.predictions]"
     if not isinstance(table, dict):
         raise SpecError(f"{where} must be a table with columns, rows and checks")
-    unknown = sorted(set(table) - {"columns", "rows", "checks"})
-    if unknown:
-        raise SpecError(f"{where} has unknown keys {unknown}; allowed are columns, rows, checks")
+    refuse_unknown_keys(table, PREDICTION_KEYS, where)
     columns = table.get("columns", [])
     if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
         raise SpecError(f'{where} columns = {columns!r} must be a list of column names such as ["customer_id"]')
@@ -319,11 +324,24 @@ def prediction_contract(table: object, inputs: tuple[str, ...], path: Path) -> P
     return PredictionContract(tuple(columns), rows, parsed)
 
 
+def refuse_unknown_keys(table: Mapping[str, object], known: tuple[str, ...], where: str) -> None:
+    """A `SpecError` for the first key of ``table`` that is not in ``known``, naming the nearest known key.
+
+    N.B. A misspelt optional key (``resue = false``) would otherwise be read as absent: the model would silently run
+    with the default it meant to change.
+    """
+    for key in sorted(set(table) - set(known)):
+        nearest = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+        raise SpecError(f"{where} has an unknown key {key!r}: {hint}the keys are {', '.join(known)}")
+
+
 def _column_check(column: str, rule: object, where: str) -> ColumnCheck:
     if not _CHECK_COLUMN_RE.fullmatch(column):
         raise SpecError(f"{where}: only columns named with letters, digits and '_' can be checked (it names a check)")
-    if not isinstance(rule, dict) or set(rule) - {"min", "max", "values", "severity"}:
+    if not isinstance(rule, dict):
         raise SpecError(f"{where} must be {{min = ..., max = ...}} or {{values = [...]}}, with an optional severity")
+    refuse_unknown_keys(rule, CHECK_KEYS, where)
     severity = rule.get("severity", "error")
     if severity not in SEVERITIES:
         raise SpecError(f"{where}.severity = {severity!r} is not one of {', '.join(SEVERITIES)}")

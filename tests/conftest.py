@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,10 +158,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if held > 1 << 20:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nthe test session still holds {held / 1e6:.1f} MB of shared memory", file=sys.stderr)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "benchmarks: runs a benchmark (quick); -m 'not benchmarks' leaves them out")
 
 
 def _in_ci() -> bool:
@@ -444,10 +441,26 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-@pytest.fixture
-def postgres() -> Iterator[dict[str, str]]:
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[dict[str, str]]:
+    """One PostgreSQL server for the session (`postgres_server`): each test takes a database of its own on it
+    (`postgres`), which saves an initdb and a server start per test and isolates them as well."""
     with postgres_server() as variables:
         yield variables
+
+
+@pytest.fixture
+def postgres(postgres_cluster: dict[str, str]) -> dict[str, str]:
+    """The ``DAGSTER_PG_*`` variables of a fresh, empty database of this test's own on the session's server."""
+    return postgres_database(postgres_cluster)
+
+
+def postgres_database(server: dict[str, str]) -> dict[str, str]:
+    """A new database on ``server`` (`postgres_server`'s variables); its variables, naming it."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    host, port, user = (server[f"DAGSTER_PG_{part}"] for part in ("HOST", "PORT", "USER"))
+    subprocess.run([pg_bin("createdb"), "-h", host, "-p", port, "-U", user, name], check=True)
+    return {**server, "DAGSTER_PG_DB": name}
 
 
 @contextmanager

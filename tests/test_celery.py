@@ -35,7 +35,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import ArtifactRecord
 
 from .broker import RedisServer
-from .conftest import REPO, S3_BUCKET, Project, SessionBase, make_project, postgres_server, shm_held
+from .conftest import REPO, S3_BUCKET, Project, SessionBase, make_project, postgres_database, shm_held
 from .seaweed import SeaweedServer, unique_prefix
 from .servers import spawn, terminate
 from .system import require
@@ -275,14 +275,17 @@ def _publish(project: Project, store_url: str, base_path: Path, base: ArtifactRe
 
 @pytest.fixture(scope="module")
 def cluster(
-    s3_server: SeaweedServer, session_base: SessionBase, tmp_path_factory: pytest.TempPathFactory
+    s3_server: SeaweedServer,
+    postgres_cluster: dict[str, str],
+    session_base: SessionBase,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
     require("redis-server", "initdb")
     folder = tmp_path_factory.mktemp("celery")
     with ExitStack() as stack, pytest.MonkeyPatch.context() as monkeypatch:
         for name, value in s3_server.env().items():
             monkeypatch.setenv(name, value)  # N.B. The test reads the store too.
-        postgres = stack.enter_context(postgres_server())
+        postgres = postgres_database(postgres_cluster)  # N.B. The session's server, a database of its own.
         broker = RedisServer.start(folder)
         stack.callback(broker.stop)
         project = make_project(folder / "project")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.build import Builder
@@ -46,6 +47,7 @@ SECRET = "modelpex-test-secret-hunter2"
 HOSTILE = '''
 import glob, json, os, signal, socket, subprocess, sys, time
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 TOKEN = os.urandom(8).hex()  # N.B. One per process: tells a warm process from a new one.
 KEPT = []
@@ -93,8 +95,15 @@ def _is_socket(fd):
         return False
 
 
+def _parent_of(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
 def _signal_others():
-    mine = {os.getpid(), 1 if os.getppid() == 1 else -1}
+    # N.B. Its own fork server (same uid: README says a child can signal it) and the sandbox's init are its own.
+    server = os.getppid()
+    mine = {os.getpid(), server, 1 if _parent_of(server) == 1 else -1}
     reached = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) not in mine:
@@ -673,3 +682,172 @@ def test_a_model_carrying_a_startup_hook_is_never_unpacked(
         with pytest.raises(SandboxError, match=r"start-up hooks that Python would execute .*hooked\.pth"):
             runner.call(record, console_link, action="train", inputs={}, params={}, keep_state=True)
     assert not marker.exists()
+
+
+# --- clients share nothing: what one client's call leaves is out of every other client's reach --------------------
+
+STASHER = """
+import json, os
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PLACES = {
+    "workdir": "modelpex-stash.json",  # N.B. Relative: the private folder the call works in.
+    "tmp": "/tmp/modelpex-stash.json",
+    "var_tmp": "/var/tmp/modelpex-stash.json",
+    "dev_shm": "/dev/shm/modelpex-stash.json",
+}
+KEPT = []  # N.B. A module global: lives as long as the process that imported the model.
+
+
+def _read(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return []
+
+
+def _stash(rows):
+    KEPT.extend(rows)
+    os.environ["MODELPEX_STASH"] = json.dumps(json.loads(os.environ.get("MODELPEX_STASH", "[]")) + rows)
+    for path in PLACES.values():
+        try:
+            old = _read(path)
+            with open(path, "w") as handle:
+                json.dump(old + rows, handle)
+        except OSError:
+            pass
+
+
+def _found():
+    found = {"global": list(KEPT), "env": json.loads(os.environ.get("MODELPEX_STASH", "[]"))}
+    found.update({name: _read(path) for name, path in PLACES.items()})
+    return found
+
+
+def train(inputs, params):
+    _stash(inputs["data"]["who"].to_pylist())
+    return {"n": inputs["data"].num_rows}
+
+
+def predict(inputs, state, params):
+    found = _found()  # N.B. Before this call's own rows: what earlier calls of this process left.
+    _stash(inputs["data"]["who"].to_pylist())
+    n = inputs["data"].num_rows
+    with open("/proc/1/cmdline", "rb") as handle:
+        init = handle.read().split(bytes(1))[0].decode()
+    columns = {f"found_{name}": [json.dumps(sorted(set(rows)))] * n for name, rows in found.items()}
+    return pa.table({"x": inputs["data"]["x"], "init": [init] * n, **columns})
+"""
+STASH_PLACES = ("global", "env", "workdir", "tmp", "var_tmp", "dev_shm")
+STASH_FILES = ("/tmp/modelpex-stash.json", "/var/tmp/modelpex-stash.json", "/dev/shm/modelpex-stash.json")
+
+
+def _client_rows(client: str, tag: str) -> pa.Table:
+    return pa.table({"x": [1.0, 2.0, 3.0], "who": [f"{client}-row-{i}-{tag}" for i in range(3)]})
+
+
+def _found(predictions: pa.Table) -> dict[str, set[str]]:
+    """What the model found stashed, per place, when it predicted."""
+    return {place: set(json.loads(predictions[f"found_{place}"][0].as_py())) for place in STASH_PLACES}
+
+
+def _mode(sandbox: str) -> str:
+    """The sandbox a test runs in, as the test's id says and its assertions require: bubblewrap must really be
+    used when asked for (never a silent fallback), and never when not."""
+    if sandbox == "bwrap" and not shutil.which("bwrap"):
+        pytest.skip("no bwrap: apt-get install --no-install-recommends bubblewrap (.ci/setup does as root)")
+    return sandbox
+
+
+def _assert_sandbox(predictions: pa.Table, sandbox: str) -> None:
+    init = predictions["init"][0].as_py()
+    if sandbox == "bwrap":
+        assert "bwrap" in init, f"asked for bubblewrap, but the model's PID 1 is {init!r}"
+    else:
+        assert "bwrap" not in init, f"MODELPEX_SANDBOX=none, but the model's PID 1 is {init!r}"
+
+
+@pytest.fixture
+def stash_files_clean() -> Iterator[None]:
+    """The host's /tmp, /var/tmp and /dev/shm hold no stash before and after (a failed denial would leave one)."""
+    for path in STASH_FILES:
+        Path(path).unlink(missing_ok=True)
+    yield
+    left = [path for path in STASH_FILES if Path(path).exists()]
+    for path in left:
+        Path(path).unlink()
+    assert not left, f"a model's stash reached the host: {left}"
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_one_clients_rows_never_reach_another_clients_predictions_under_deploy(
+    cli_env: dict[str, str], project: Project, tmp_path: Path, sandbox: str, stash_files_clean: None
+) -> None:
+    """`modelpex deploy` over two clients of one model version: a model that stashes each client's rows in a module
+    global, its environment, its private folder, /tmp, /var/tmp and /dev/shm, and writes whatever it finds into its
+    predictions. Control: one client's train -> predict finds its own rows in every place (the stash works, and the
+    two calls share a warm process). Denial: neither client's stored predictions hold a row of the other's."""
+    mode = _mode(sandbox)
+    write_model(project.models, "stasher", code=STASHER, tool=_tool("stasher"))
+    tag = os.urandom(4).hex()
+    clients = ("acme", "globex")
+    for client in clients:
+        pq.write_table(_client_rows(client, tag), tmp_path / f"{client}.parquet")
+    (project.root / "deployments.yaml").write_text(
+        "clients:\n"
+        + "".join(
+            f"  {client}:\n    datasets:\n      data: {{path: {tmp_path / f'{client}.parquet'}}}\n"
+            "    models:\n      stasher: {version: latest, inputs: {data: data}}\n"
+            for client in clients
+        )
+    )
+    env = {**cli_env, "MODELPEX_SANDBOX": mode, "DAGSTER_HOME": str(project.root / ".dagster_home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "deploy"],
+        env=env, cwd=project.root, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stored = {
+        client: pq.read_table(next((project.root / ".dagster_home").rglob(f"*{client}_stasher_predictions*.parquet")))
+        for client in clients
+    }
+    for client, predictions in stored.items():
+        _assert_sandbox(predictions, mode)
+        own = {f"{client}-row-{i}-{tag}" for i in range(3)}
+        found = _found(predictions)
+        assert all(own <= rows for rows in found.values()), f"control: {client}'s train -> predict found {found}"
+        other = next(c for c in clients if c != client)
+        leaked = {place: rows for place, rows in found.items() if any(r.startswith(f"{other}-row-") for r in rows)}
+        assert not leaked, f"{other}'s rows reached {client}'s stored predictions through {sorted(leaked)}"
+        assert f"{other}-row-" not in str(predictions.to_pylist()), f"{client}'s predictions hold {other}'s rows"
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_one_clients_rows_never_reach_the_next_modelpex_run(
+    cli_env: dict[str, str], tmp_path: Path, sandbox: str, stash_files_clean: None, project: Project
+) -> None:
+    """`modelpex run` for acme, then for globex: within one run train stashes and predict finds (the control); the
+    next run, another client's, finds nothing of acme's in any place."""
+    mode = _mode(sandbox)
+    write_model(project.models, "stasher", code=STASHER, tool=_tool("stasher"))
+    tag = os.urandom(4).hex()
+    found = {}
+    for client in ("acme", "globex"):
+        data = tmp_path / f"{client}.parquet"
+        pq.write_table(_client_rows(client, tag), data)
+        output = tmp_path / f"{client}-predictions.parquet"
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "run", "stasher", "--input", f"data={data}",
+             "--output", str(output)],
+            env={**cli_env, "MODELPEX_SANDBOX": mode}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        predictions = pq.read_table(output)
+        _assert_sandbox(predictions, mode)
+        found[client] = _found(predictions)
+    acme = {f"acme-row-{i}-{tag}" for i in range(3)}
+    assert all(acme <= rows for rows in found["acme"].values()), f"control: acme's own run found {found['acme']}"
+    leaked = {place: rows for place, rows in found["globex"].items() if rows & acme}
+    assert not leaked, f"acme's rows reached globex's run through {sorted(leaked)}"

@@ -44,7 +44,7 @@ def test_runs_and_metadata_live_in_postgres(
             "-U",
             "modelpex",
             "-d",
-            "dagster",
+            postgres["DAGSTER_PG_DB"],
             "-tAc",
             f"select count(*) from runs where run_id = '{result.run_id}'",
         ],

@@ -114,6 +114,21 @@ def test_working_tree_describes_its_own_version_and_tags_the_others(project: Pro
 TOOL = '[tool.modelpex]\ntrain = "m.model:train"\npredict = "m.model:predict"\ninputs = ["data"]\n'
 
 
+@pytest.mark.parametrize(
+    ("typo", "meant"), [('frame = "pyarrow"', "frames"), ("resue = false", "reuse"), ('input = ["data"]', "inputs")]
+)
+def test_an_unknown_modelpex_key_is_refused_naming_the_nearest(tmp_path: Path, typo: str, meant: str) -> None:
+    """A misspelt optional key would otherwise be read as absent and silently change nothing (issue 20)."""
+    key = typo.split()[0]
+    with pytest.raises(SpecError, match=rf"\[tool.modelpex\] has an unknown key '{key}': did you mean '{meant}'\?"):
+        load_model_spec(write_model(tmp_path, "m", tool=TOOL + typo + "\n"))
+
+
+def test_an_unknown_key_with_no_near_one_lists_the_keys(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"unknown key 'colour': the keys are train, predict, frames, inputs"):
+        load_model_spec(write_model(tmp_path, "m", tool=TOOL + 'colour = "red"\n'))
+
+
 def test_a_prediction_contract_is_read() -> None:
     spec = load_model_spec(REPO / "model_packages" / "churn")
     assert spec.predictions.columns == ("customer_id", "churn_probability", "will_churn", "risk_band")
@@ -126,7 +141,10 @@ def test_a_prediction_contract_is_read() -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('[tool.modelpex.predictions]\ncolour = "red"\n', r"unknown keys \['colour'\]"),
+        (
+            '[tool.modelpex.predictions]\ncolour = "red"\n',
+            r"predictions\] has an unknown key 'colour': did you mean 'columns'\?",
+        ),
         ("[tool.modelpex.predictions]\ncolumns = [1]\n", "must be a list of column names"),
         (
             '[tool.modelpex.predictions]\nrows = "other"\n',
@@ -137,6 +155,11 @@ def test_a_prediction_contract_is_read() -> None:
         ('[tool.modelpex.predictions.checks]\np = {min = "a"}\n', "min and max must be numbers"),
         ("[tool.modelpex.predictions.checks]\np = {min = 0, values = [1]}\n", "either a range .* or values, not both"),
         ("[tool.modelpex.predictions.checks]\np = {values = []}\n", "must be a non-empty list"),
+        (
+            "[tool.modelpex.predictions.checks]\np = {mni = 0}\n",
+            r"checks.p has an unknown key 'mni': did you mean 'min'\?",
+        ),
+        ('[tool.modelpex.predictions]\ncolums = ["a"]\n', "unknown key 'colums': did you mean 'columns'\\?"),
         ('[tool.modelpex.predictions.checks]\np = {min = 0, severity = "fatal"}\n', "not one of error, warn"),
         ('[tool.modelpex.predictions.checks]\n"a b" = {min = 0}\n', "only columns named with letters"),
     ],

@@ -1,21 +1,25 @@
 """Entry: a model process's main, run as ``python -m modelpex_runtime`` inside a model version's venv.
 
-It learns which model it is from ``MODELPEX_MODEL`` (frozen into the pex at build time), imports the model's
-``train``/``predict`` once, then serves calls from its orchestrator over the channel until the orchestrator closes
-it: each call maps its input frames out of the segments it was handed, calls the model, writes outputs and the
-fitted state into the segments it was given, and streams the call's Dagster Pipes messages back.
+It learns which model it is from ``MODELPEX_MODEL`` (frozen into the pex at build time) and becomes the version's
+fork server (`modelpex_runtime.forkserver`): it imports the base libraries the model names, then forks one child
+per client. A child imports the model's ``train``/``predict`` and serves that client's calls over its own channel
+until the orchestrator closes it: each call maps its input frames out of the segments it was handed, calls the
+model, writes outputs and the fitted state into the segments it was given, and streams the call's Dagster Pipes
+messages back.
 
 Before anything else it arms its *lifeline*: a pipe whose other end only the orchestrator holds. When that end
 closes, however the orchestrator died (kill -9 included), the kernel sends SIGKILL to this process's whole process
 group (``O_ASYNC`` with ``F_SETSIG``), whatever the model's code is doing, even holding the GIL.
 
-Between calls nothing of the model's is kept: inputs, outputs and states are fresh objects per call, and a segment
-stays mapped only while a frame views it. What a model keeps in its own module globals stays, which is why a model
-that does so declares ``reuse = false`` and gets a process per call.
+Between calls of one client nothing of the runtime's is kept: inputs, outputs and states are fresh objects per
+call, and a segment stays mapped only while a frame views it. What a model keeps (module globals, files in its
+private places) stays for that client's next call and never reaches another client's child. A model that must not
+even share the server declares ``reuse = false`` and gets a cold process per call.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -35,7 +39,7 @@ from modelpex_runtime.protocol import (
     LIFELINE_FD_ENV,
     MODEL_ENV,
     PROTOCOL_VERSION,
-    SANDBOXED_ENV,
+    READABLE_ENV,
     CallError,
     FrameRef,
     ModelCall,
@@ -49,7 +53,6 @@ __all__ = ["Model", "execute", "main"]
 PREDICTIONS = "predictions"
 # N.B. Linux's F_SETSIG, which Python's fcntl module does not name.
 _F_SETSIG = 10
-_PR_SET_DUMPABLE = 4
 
 
 def _arm_lifeline(fd: int) -> None:
@@ -69,16 +72,6 @@ def _arm_lifeline(fd: int) -> None:
         pass
 
 
-def _not_dumpable() -> None:
-    """Other processes of this user (another model) may not ptrace this one or read its /proc files."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-
-
 def _callable(target: str) -> Callable[..., Any]:
     module, _, attribute = target.partition(":")
     return getattr(importlib.import_module(module), attribute)
@@ -93,13 +86,19 @@ class Model:
         self.train = _callable(entry["train"])
         self.predict = _callable(entry["predict"])
 
-    @classmethod
-    def from_env(cls) -> Model:
+    @staticmethod
+    def entry_from_env() -> dict[str, Any]:
         try:
             entry = json.loads(os.environ[MODEL_ENV])
         except (KeyError, json.JSONDecodeError):
             raise CallError(f"{MODEL_ENV} is missing or not JSON: run a pex built by `modelpex build`") from None
-        return cls(entry)
+        if not isinstance(entry, dict):
+            raise CallError(f"{MODEL_ENV} is not a JSON object: run a pex built by `modelpex build`")
+        return entry
+
+    @classmethod
+    def from_env(cls) -> Model:
+        return cls(Model.entry_from_env())
 
     def encode(self, state: Any) -> tuple[str, bytes]:
         from modelpex_runtime.state import encode_state
@@ -136,9 +135,22 @@ def _slot(fds: list[int], slot: int, what: str) -> int:
     return fds[slot]
 
 
-def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) -> ModelResult:
-    """Run one call of the model in this process; everything the orchestrator needs comes back in the result."""
-    from modelpex_runtime.transport import read_bytes, read_frame, write_bytes, write_frame
+def execute(
+    model: Model,
+    call: ModelCall,
+    fds: list[int],
+    log: logging.Logger,
+    outgoing: list[Callable[[], None]] | None = None,
+) -> ModelResult:
+    """Run one call of the model in this process; everything the orchestrator needs comes back in the result.
+
+    Outputs and the state go into their pipes after the result is sent (``outgoing``, in the order the result lists
+    them, the state last): the orchestrator reads each pipe once it knows its size. Without ``outgoing``, at once.
+    """
+    from modelpex_runtime.transport import prepare_frame, read_bytes, read_frame, write_bytes
+
+    sends: list[Callable[[], None]] = []
+    state_send: list[Callable[[], None]] = []
 
     if call.get("protocol") != PROTOCOL_VERSION:
         raise CallError(
@@ -167,7 +179,8 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
         lap("train")
         if call["state_out"] is not None:
             fmt, payload = model.encode(state)
-            write_bytes(_slot(fds, call["state_out"], "state_out"), payload, f"the fitted state of {model.label}")
+            fd, what = _slot(fds, call["state_out"], "state_out"), f"the fitted state of {model.label}"
+            state_send.append(functools.partial(write_bytes, fd, payload, what))
             state_ref = StateRef(slot=call["state_out"], format=fmt, size=len(payload))
             lap("state")
     else:
@@ -184,8 +197,14 @@ def execute(model: Model, call: ModelCall, fds: list[int], log: logging.Logger) 
         for name, frame in produced.items():
             slot = call["outputs"][name]
             what = f"output {name!r} of {model.label}"
-            outputs[name] = write_frame(frame, _slot(fds, slot, what), slot, what)
+            outputs[name], send = prepare_frame(frame, slot, what)
+            sends.append(functools.partial(send, _slot(fds, slot, what)))
         lap("write")
+    if outgoing is None:
+        for send in sends + state_send:
+            send()
+    else:
+        outgoing += sends + state_send
     rows_in = {name: int(ref["num_rows"]) for name, ref in call["inputs"].items()}
     return ModelResult(
         protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds, metrics=metrics
@@ -227,64 +246,123 @@ def _pipes(channel: Channel, call_id: int, bootstrap: Mapping[str, str]) -> Iter
         pipes.close()
 
 
-def _answer(channel: Channel, model: Model, message: Mapping[str, Any], fds: list[int]) -> dict[str, Any]:
+def _answer(
+    channel: Channel, model: Model, message: Mapping[str, Any], fds: list[int], outgoing: list[Callable[[], None]]
+) -> dict[str, Any]:
     call_id = message.get("id")
     if message.get("kind") != "call" or not isinstance(message.get("call"), dict):
         raise CallError(f"expected a call on the channel, got {message.get('kind')!r}")
     with _pipes(channel, call_id, message.get("pipes") or {}) as pipes:
         try:
-            result = execute(model, message["call"], fds, pipes.log)
+            result = execute(model, message["call"], fds, pipes.log, outgoing)
         except Exception as exc:  # noqa: BLE001 - the model's own error, reported with its traceback
             return {"kind": "failed", "id": call_id, "failure": _failure(exc)}
     return {"kind": "done", "id": call_id, "result": result}
 
 
-def _end_children() -> None:
-    """In a PID namespace of our own, every other process is a child the model left: end and reap them all."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in (1, os.getpid()):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+def _send_outputs(outgoing: list[Callable[[], None]]) -> None:
+    """Stream the call's outputs into their pipes; an orchestrator that stopped reading (it refused the call) ends
+    it."""
     try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
+        for send in outgoing:
+            send()
+    except (BrokenPipeError, ConnectionResetError):
         pass
+    except Exception as exc:  # noqa: BLE001 - the call is answered: the orchestrator sees a short output
+        sys.stderr.write(f"modelpex: could not send an output: {exc}\n")
 
 
-def serve(channel: Channel, model: Model, sandboxed: bool = False) -> int:
+def serve(channel: Channel, model: Model) -> int:
     """Answer calls until the orchestrator closes the channel; no process the model started outlives a call."""
+    from modelpex_runtime.forkserver import end_descendants
+
     while True:
         try:
             message, fds = channel.receive()
         except ChannelClosed:
             return 0
+        outgoing: list[Callable[[], None]] = []
         try:
-            reply = _answer(channel, model, message, fds)
+            reply = _answer(channel, model, message, fds, outgoing)
+            channel.send(reply)
+            _send_outputs(outgoing)
         finally:
+            del outgoing  # N.B. The frames sent: nothing of the call is kept.
             for fd in fds:
                 os.close(fd)
-            if sandboxed:
-                _end_children()
-        channel.send(reply)
+            end_descendants()
 
 
-def main() -> int:
-    if CHANNEL_FD_ENV not in os.environ or LIFELINE_FD_ENV not in os.environ:
-        sys.stderr.write("modelpex: a model pex is started by the orchestrator: use `modelpex run MODEL ...`\n")
-        return 2
-    _arm_lifeline(int(os.environ.pop(LIFELINE_FD_ENV)))
-    _not_dumpable()
-    channel = Channel.from_fd(int(os.environ.pop(CHANNEL_FD_ENV)))
-    started = time.perf_counter()
+def _child_main(channel: Channel, private: bool, started: float) -> int:
+    """A client's child of the fork server: import the model (here, never in the server), then serve its calls."""
+    from modelpex_runtime.forkserver import THREADLESS_ENV
+
+    for name in _FORCED:
+        os.environ.pop(name, None)  # N.B. What the model starts gets the thread settings the orchestrator gave.
+    if "OPENBLAS_NUM_THREADS" in _FORCED and "numpy" in sys.modules:
+        _restore_blas_threads()
+    assert set(_FORCED) <= set(THREADLESS_ENV)
     try:
         model = Model.from_env()
     except BaseException as exc:  # noqa: BLE001 - the model's modules fail to import: its own traceback
         channel.send({"kind": "failed", "id": 0, "failure": _failure(exc)})
         return 1
-    channel.send({"kind": "ready", "seconds": {"import": time.perf_counter() - started}})
-    # N.B. Only inside a PID namespace of our own (our parent is its init) may "every other process" mean ours.
-    sandboxed = os.environ.pop(SANDBOXED_ENV, "") == "1" and os.getppid() == 1
-    return serve(channel, model, sandboxed=sandboxed)
+    seconds = {"import": time.perf_counter() - started}
+    channel.send({"kind": "ready", "seconds": seconds, "pid": os.getpid(), "private": private})
+    return serve(channel, model)
+
+
+def _restore_blas_threads() -> None:
+    """The server imported numpy with OpenBLAS on one thread (its pool would not survive the fork): give the
+    child the pool it would have had."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")
+    except Exception:  # noqa: BLE001 - one thread is slower, never wrong
+        pass
+
+
+_FORCED: list[str] = []
+
+
+def main() -> int:
+    from modelpex_runtime.forkserver import (
+        THREADLESS_ENV,
+        not_dumpable,
+        own_user_namespace,
+        preload,
+        serve_forks,
+        thread_count,
+    )
+
+    if CHANNEL_FD_ENV not in os.environ or LIFELINE_FD_ENV not in os.environ:
+        sys.stderr.write("modelpex: a model pex is started by the orchestrator: use `modelpex run MODEL ...`\n")
+        return 2
+    lifeline = int(os.environ.pop(LIFELINE_FD_ENV))
+    _arm_lifeline(lifeline)
+    private = own_user_namespace()  # N.B. Before any thread exists, and while /proc/self is still ours to write.
+    not_dumpable()
+    channel = Channel.from_fd(int(os.environ.pop(CHANNEL_FD_ENV)))
+    started = time.perf_counter()
+    try:
+        entry = Model.entry_from_env()
+        _FORCED[:] = [name for name in THREADLESS_ENV if name not in os.environ]
+        preloaded = preload(entry)
+    except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator, which names the model
+        channel.send({"kind": "failed", "id": 0, "failure": _failure(exc)})
+        return 1
+    readable = [p for p in os.environ.pop(READABLE_ENV, "").split(os.pathsep) if p]
+    keep = [*readable, *sys.path, sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    channel.send(
+        {
+            "kind": "ready",
+            "seconds": {"import": time.perf_counter() - started},
+            "private": private,
+            "preloaded": preloaded,
+            "threads": thread_count(),
+        }
+    )
+    return serve_forks(
+        channel, private=private, child_main=_child_main, workdir=os.getcwd(), keep=keep, close_in_child=(lifeline,)
+    )

@@ -16,11 +16,13 @@ allocated in one kernel call rather than one fault at a time.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import functools
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -35,10 +37,12 @@ __all__ = [
     "from_arrow",
     "ipc_size",
     "map_fd",
+    "prepare_frame",
     "read_bytes",
     "read_frame",
     "read_table",
     "to_arrow",
+    "validate_full",
     "write_bytes",
     "write_frame",
     "write_table",
@@ -46,6 +50,8 @@ __all__ = [
 
 SHM_DIR = "/dev/shm"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# N.B. Below this, a buffer is copied into the pipe with write(): a vmsplice of a few bytes costs more than a copy.
+_SPLICE_MIN = 1 << 16
 # N.B. Below this many rows, pandas conversions on one thread: starting a thread pool cost more than the work.
 _THREADED_ROWS = 1_000_000
 _INT64_IDS = (pa.int64().id, pa.uint64().id)
@@ -212,7 +218,9 @@ def from_arrow(table: pa.Table, library: str, what: str = "the frame") -> Any:
             raise _cannot_hold(what, library, field, "polars' decimals have at most 38 digits")
     try:
         frame = convert(table)
-    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the column it refused is what helps
+    except BaseException as exc:  # noqa: BLE001 - whatever the library raises, the column it refused is what helps
+        if not isinstance(exc, Exception) and not _is_panic(exc):
+            raise  # N.B. KeyboardInterrupt and the like; a Rust panic in polars (a BaseException) is the data's.
         raise _refused_column(table, library, what, convert) or TransportError(
             f'{what}: {library} cannot hold this table ({_first_line(exc)}): declare frames = "pyarrow"'
         ) from None
@@ -321,9 +329,16 @@ def _refused_column(table: pa.Table, library: str, what: str, convert: Any) -> T
     for index, field in enumerate(table.schema):
         try:
             convert(pa.table([table.column(index)], schema=pa.schema([field])))
-        except Exception as exc:  # noqa: BLE001 - see from_arrow
+        except BaseException as exc:  # noqa: BLE001 - see from_arrow
+            if not isinstance(exc, Exception) and not _is_panic(exc):
+                raise
             return _cannot_hold(what, library, field, _first_line(exc))
     return None
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic that pyo3 raised (polars), which derives from BaseException."""
+    return type(exc).__name__ == "PanicException"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -350,19 +365,97 @@ def write_table(mapping: mmap.mmap, table: pa.Table, size: int) -> None:
         raise TransportError(f"wrote {sink.tell()} bytes where {size} were measured: the table changed while written")
 
 
-def read_table(buffer: pa.Buffer, ref: FrameRef, what: str = "the frame") -> pa.Table:
-    """Decode a segment's payload; anything but a well-formed stream of the announced rows is a TransportError."""
+def read_table(buffer: pa.Buffer, ref: FrameRef, what: str = "the frame", *, full: bool = False) -> pa.Table:
+    """Decode a segment's payload; anything but a well-formed stream of the announced rows is a TransportError.
+
+    ``full`` checks every value that memory safety depends on (`validate_full`): what a model sent is read with it,
+    before anything else looks at the table. A model reads what the orchestrator wrote, which needs only the shallow
+    check.
+    """
     try:
         with pa.ipc.open_stream(buffer) as reader:
             table = reader.read_all()
-        table.validate()
+        validate_full(table) if full else table.validate()
     except (pa.ArrowException, ValueError, OSError) as exc:
-        raise TransportError(
-            f"{what} is not a valid Arrow IPC stream ({exc}): the writer died mid-write or the segment was altered"
-        ) from None
+        raise TransportError(f"{what} is not a valid Arrow IPC stream: {_first_line(exc)}") from None
     if table.num_rows != ref["num_rows"]:
         raise TransportError(f"{what} holds {table.num_rows} rows but {ref['num_rows']} were announced")
     return table
+
+
+# N.B. Variable-length types whose full validation Arrow does value by value (UTF-8 one string at a time): checked
+# here in bulk instead, with the same result. Offsets dtype, and whether the bytes must be UTF-8.
+_BULK = {
+    pa.string().id: ("<i4", True),
+    pa.large_string().id: ("<i8", True),
+    pa.binary().id: ("<i4", False),
+    pa.large_binary().id: ("<i8", False),
+}
+
+
+def validate_full(table: pa.Table) -> None:
+    """What ``table.validate(full=True)`` checks, in bulk where Arrow goes value by value; ArrowInvalid if broken.
+
+    Shallow validation first (every buffer is as long as the lengths say), then per array: offsets that start at or
+    after 0, never go backwards and end within the data; strings whose bytes are all ASCII (else Arrow checks
+    their UTF-8 itself); null counts that match the validity bitmap. Every other type is Arrow's own full
+    validation, which for fixed-width columns costs nothing per value.
+    """
+    table.validate()
+    _validate_names(table.schema)
+    for column in table.columns:
+        for chunk in column.chunks:
+            bulk = _BULK.get(chunk.type.id)
+            if bulk is None:
+                chunk.validate(full=True)
+            else:
+                _validate_offsets(chunk, *bulk)
+
+
+def _validate_names(schema: pa.Schema) -> None:
+    """Field names and metadata are UTF-8 (polars panics on anything else, Arrow does not check them)."""
+    fields = list(schema)
+    metadata = [schema.metadata]
+    while fields:
+        field = fields.pop()
+        metadata.append(field.metadata)
+        try:
+            _ = field.name  # N.B. pyarrow decodes it strictly.
+        except UnicodeDecodeError:
+            raise pa.ArrowInvalid("a field name is not UTF-8") from None
+        kind = field.type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        fields += [kind.field(i) for i in range(kind.num_fields)]
+    for pairs in filter(None, metadata):
+        try:
+            for key, value in pairs.items():
+                key.decode(), value.decode()
+        except UnicodeDecodeError:
+            raise pa.ArrowInvalid("schema metadata is not UTF-8") from None
+
+
+def _validate_offsets(array: pa.Array, dtype: str, utf8: bool) -> None:
+    import numpy as np
+
+    validity, offsets, data = array.buffers()
+    if validity is not None and array.null_count != len(array) - _set_bits(validity, array.offset, len(array)):
+        raise pa.ArrowInvalid(f"{array.type} column declares {array.null_count} nulls but its bitmap says otherwise")
+    width = np.dtype(dtype).itemsize
+    ends = np.frombuffer(offsets, dtype=dtype, count=len(array) + 1, offset=array.offset * width)
+    first, last = int(ends[0]), int(ends[-1])
+    size = 0 if data is None else data.size
+    if first < 0 or last > size or first > last:
+        raise pa.ArrowInvalid(f"{array.type} offsets run from {first} to {last}, outside its {size} data bytes")
+    if len(array) > 1 and bool((ends[1:] < ends[:-1]).any()):
+        raise pa.ArrowInvalid(f"{array.type} offsets go backwards")
+    if utf8 and last > first and int(np.frombuffer(data, np.uint8, last - first, first).max()) >= 0x80:
+        array.validate(full=True)  # N.B. Not all ASCII: Arrow checks the UTF-8 of every value itself.
+
+
+def _set_bits(bitmap: pa.Buffer, offset: int, length: int) -> int:
+    bits = pa.Array.from_buffers(pa.bool_(), length, [None, bitmap], offset=offset)
+    return int(bits.true_count)
 
 
 def frame_ref(slot: int, size: int, table: pa.Table) -> FrameRef:
@@ -383,13 +476,29 @@ def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") ->
     return from_arrow(read_table(pa.py_buffer(mapping).slice(0, ref["size"]), ref, what), library, what)
 
 
-def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
-    """Write a frame into a writable segment, growing it to the exact size needed."""
+def prepare_frame(frame: Any, slot: int, what: str = "the frame") -> tuple[FrameRef, Callable[[int], None]]:
+    """A frame's reference (its exact size) and the function that streams it into its output pipe.
+
+    N.B. Two steps because the model answers first and writes after: the orchestrator reads an output pipe once it
+    knows the output's size, and a frame bigger than the pipe can only be written while it reads.
+    """
     table = to_arrow(frame, what)
     size = ipc_size(table)
-    allocate(fd, size, what)
-    write_table(map_fd(fd, size, writable=True, what=what), table, size)
-    return frame_ref(slot, size, table)
+
+    def send(fd: int) -> None:
+        with _PipeSink(fd, size) as sink:
+            _stream(sink, table)
+        if sink.written != size:
+            raise TransportError(f"wrote {sink.written} bytes of {what} where {size} were measured")
+
+    return frame_ref(slot, size, table), send
+
+
+def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
+    """Write a frame into its output pipe at once (a reader must be reading it, beyond the pipe's capacity)."""
+    ref, send = prepare_frame(frame, slot, what)
+    send(fd)
+    return ref
 
 
 def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
@@ -398,7 +507,97 @@ def read_bytes(fd: int, size: int, what: str = "the state") -> bytes:
 
 
 def write_bytes(fd: int, payload: bytes, what: str = "the state") -> None:
-    """Write ``payload`` at the start of a writable segment, growing it as needed."""
-    if payload:
-        allocate(fd, len(payload), what)
-        map_fd(fd, len(payload), writable=True, what=what)[: len(payload)] = payload
+    """Write ``payload`` into its output pipe."""
+    with _PipeSink(fd, len(payload)) as sink:
+        sink.write(payload)
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+@functools.cache
+def _vmsplice() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = libc.vmsplice
+    function.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_size_t, ctypes.c_uint]
+    function.restype = ctypes.c_ssize_t
+    return function
+
+
+class _PipeSink:
+    """A file for Arrow's IPC writer that moves a stream of known ``size`` into a pipe, copying as little as it can.
+
+    Big buffers (the column data) are handed to the pipe with ``vmsplice``: the pipe refers to our pages and the
+    reader's ``read`` is the only copy. The small pieces (headers, padding) are copied with ``write``, and so are the
+    stream's last bytes, as many as the pipe holds: once that ``write`` returns, the reader has taken every page we
+    handed over, so nothing of ours is still referred to when the caller frees or reuses its frames.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.written = fd, 0
+        try:
+            capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            capacity = size  # N.B. Not a pipe (a file, in tests): plain writes.
+        self.copy_from = max(0, size - capacity)
+        self._small = bytearray()
+        # N.B. Every buffer handed over, kept until the end: the IPC writer also passes buffers it made for the call
+        # (zero-based offsets of a slice), which would otherwise be freed, and their memory reused, unread.
+        self._held: list[pa.Buffer] = []
+
+    def __enter__(self) -> _PipeSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._flush()
+        self._held.clear()
+
+    def write(self, data: Any) -> int:
+        buffer = pa.py_buffer(data)
+        size, start = buffer.size, self.written
+        spliced = min(size, max(0, self.copy_from - start)) if size >= _SPLICE_MIN else 0
+        if spliced:
+            self._flush()
+            self._held.append(buffer)
+            self._splice(buffer.address, spliced)
+        if spliced < size:
+            self._small += memoryview(buffer)[spliced:]
+            if len(self._small) >= _SPLICE_MIN:
+                self._flush()
+        self.written = start + size
+        return size
+
+    def _flush(self) -> None:
+        view, self._small = memoryview(self._small), bytearray()
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def _splice(self, address: int, size: int) -> None:
+        vmsplice = _vmsplice()
+        while size:
+            chunk = _IOVec(address, size)
+            done = vmsplice(self.fd, ctypes.byref(chunk), 1, 0)
+            if done < 0:
+                number = ctypes.get_errno()
+                if number == errno.EINTR:
+                    continue
+                if number in (errno.EINVAL, errno.ENOSYS, errno.EBADF):  # N.B. Not a pipe: copy instead.
+                    self._small += (ctypes.c_char * size).from_address(address).raw
+                    return self._flush()
+                raise OSError(number, os.strerror(number))
+            address, size = address + done, size - done
+        return None
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.written
+
+    def close(self) -> None:
+        self._flush()
+
+    @property
+    def closed(self) -> bool:
+        return False
