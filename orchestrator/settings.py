@@ -20,6 +20,7 @@
 | MODELPEX_EXECUTOR          | where a run's steps execute: in_process, celery   | in_process                   |
 | MODELPEX_CELERY_BROKER     | the Celery broker the workers listen on (***)     | none (required by celery)    |
 | MODELPEX_CELERY_BACKEND    | Celery's result backend                           | the broker                   |
+| MODELPEX_CELERY_REDELIVER  | seconds before a lost worker's step is redone     | MODELPEX_TIMEOUT + 900       |
 | DAGSTER_HOME               | Dagster's instance folder                         | <project>/.dagster_home      |
 
 (*) when models run as another user; ~/.cache/modelpex otherwise.
@@ -29,7 +30,7 @@ built (``modelpex build --complete-platform FILE`` overrides it there) and on th
 keys. A worker refuses to run an artifact built for a platform that is not its own.
 (***) ``redis://host:6379/0`` for instance (``pip install 'modelpex[cluster]'`` brings dagster-celery and redis).
 With ``MODELPEX_EXECUTOR=celery`` each step of a run is a task of Dagster's own Celery executor, executed by whichever
-worker takes it (``celery -A dagster_celery.app -b BROKER --result-backend BACKEND worker --disable-prefetch``).
+worker takes it (``celery -A orchestrator.celery_worker -b BROKER --result-backend BACKEND worker --disable-prefetch``).
 Workers load the code location from the same project and need the code server's MODELPEX_*, AWS_* and DAGSTER_PG_*
 variables, an ``s3://`` store (they share nothing else with the run) and the signing key (MODELPEX_SIGNING_KEY_FILE).
 
@@ -172,6 +173,8 @@ class Settings:
     executor: str = "in_process"
     celery_broker: str | None = None
     celery_backend: str | None = None
+    # N.B. Longer than any step (fetch, unpack, model call): a step still running after it is handed out again.
+    celery_redeliver: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -205,6 +208,8 @@ class Settings:
             executor=executor,
             celery_broker=broker,
             celery_backend=backend,
+            celery_redeliver=parse_seconds(env.get("MODELPEX_CELERY_REDELIVER"), "MODELPEX_CELERY_REDELIVER", 0)
+            or None,
         )
 
     @property

@@ -101,7 +101,7 @@ class Host:
 
 @dataclass
 class Worker:
-    """One Celery worker process (`celery -A dagster_celery.app worker`, as README says), on one host."""
+    """One Celery worker process (`celery -A orchestrator.celery_worker worker`, as README says), on one host."""
 
     name: str
     host: Host
@@ -168,13 +168,13 @@ class Cluster:
         self.hosts.append(host)
         return host
 
-    def start_worker(self, name: str, host: Host) -> Worker:
+    def start_worker(self, name: str, host: Host, extra: dict[str, str] | None = None) -> Worker:
         broker = self.broker.url()
-        command = [str(BIN / "celery"), "-A", "dagster_celery.app", "-b", broker, "--result-backend", broker]
+        command = [str(BIN / "celery"), "-A", "orchestrator.celery_worker", "-b", broker, "--result-backend", broker]
         # N.B. --disable-prefetch: a worker takes a step only into a free slot, never holds one back from an idle
         # worker while its own slots train (without it, each slot also reserved a queued step).
         command += ["worker", "-n", f"{name}@%h", "-c", str(CONCURRENCY), "--disable-prefetch", "-l", "INFO"]
-        env = {**self.env, **host.env(), **self.executor()}
+        env = {**self.env, **host.env(), **self.executor(), **(extra or {})}
         log = self.folder / f"{name}.log"
         with open(log, "wb") as out:
             process = spawn(command, env=env, stdout=out)
@@ -186,13 +186,13 @@ class Cluster:
         """The settings that put a run's steps on the workers (README, "Running on a cluster")."""
         return {"MODELPEX_EXECUTOR": "celery", "MODELPEX_CELERY_BROKER": self.broker.url()}
 
-    def launch(self, clients: list[str], host: Host) -> Launch:
+    def launch(self, clients: list[str], host: Host, extra: dict[str, str] | None = None) -> Launch:
         """A run over the clients' groups, as `dagster asset materialize` executes it: in its own process, each
         step handed to the broker."""
         select = " or ".join(f"group:{name}" for name in clients)
         command = [str(BIN / "dagster"), "asset", "materialize", "-m", "orchestrator.definitions", "-a", "defs"]
-        env = {**self.env, **host.env(), **self.executor()}
-        log = self.folder / f"launch-{'-'.join(clients)}.log"
+        env = {**self.env, **host.env(), **self.executor(), **(extra or {})}
+        log = self.folder / f"launch-{'-'.join(clients)}-{len(list(self.folder.glob('launch-*')))}.log"
         with open(log, "wb") as out:
             process = spawn([*command, "--select", select], env=env, stdout=out)
         return Launch(clients, host, process, log)
@@ -568,3 +568,55 @@ def _poll(done: Callable[[], bool], what: str, launch: Launch, timeout: float = 
         assert launch.process.poll() is None, f"the run ended first:\n{launch.output()}"
         assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(600)
+def test_a_step_whose_worker_is_killed_goes_to_another_worker(cluster: Cluster, launches: list[Launch]) -> None:
+    """kill -9 of a whole worker (its main process and its pool, as when its host dies) in the middle of a model
+    step: the step was not acknowledged, so the broker hands it to the other worker once its visibility timeout
+    (MODELPEX_CELERY_REDELIVER, here 2 minutes) has passed, and the run ends SUCCESS within minutes instead of staying
+    STARTED for ever. The killed worker's exit status is SIGKILL's; the step's last execution is on the survivor.
+
+    N.B. Mid-step made certain: the doomed worker's first model step prepares the base on a cold host, under the
+    host's unpack lock, which the test holds until the step has started."""
+    redeliver = 120
+    timeout = {"MODELPEX_CELERY_REDELIVER": str(redeliver)}
+    doomed_host = cluster.host("doomed")
+    (doomed_host.cache / "locks").mkdir(mode=0o700)
+    unpacking = FileLock(doomed_host.cache / "locks" / f"warm-{cluster.base.sha256}.lock")
+    with unpacking:
+        doomed = cluster.start_worker("doomed", doomed_host, timeout)
+        doomed.wait_ready()
+        launch = cluster.launch(["c2"], cluster.host("launcher-lost"), timeout)
+        launches.append(launch)
+        _poll(lambda: _model_steps(cluster, launch, doomed), "the doomed worker starts a model step", launch)
+        (lost_step,) = _model_steps(cluster, launch, doomed)
+        os.killpg(doomed.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert doomed.process.wait(10) == -signal.SIGKILL, "the worker died of SIGKILL"
+    cluster.workers.remove(doomed)  # N.B. Dead already: not one to stop warmly at the end.
+    survivor = cluster.start_worker("survivor", cluster.host("survivor"), timeout)
+    survivor.wait_ready()
+    run_id = launch.wait(cluster, timeout=redeliver + 300)
+    seconds = time.monotonic() - killed_at
+    with cluster.instance() as instance:
+        assert_materialised(instance, run_id, ["c2"])
+        steps = steps_of(instance, run_id)
+    assert steps[lost_step].worker == survivor.nodename, f"{lost_step} re-ran on the survivor: {steps}"
+    assert seconds < redeliver + 300, f"the run ended {seconds:.0f} s after the kill"
+    print(f"\n{lost_step}: its worker killed mid-step, re-delivered to {survivor.name}; run over {seconds:.0f} s later")
+
+
+@pytest.mark.timeout(300)
+def test_a_run_no_worker_takes_says_so(cluster: Cluster, launches: list[Launch]) -> None:
+    """No worker listens on the run's broker (another Redis database): the run's log says so, naming the broker and
+    the command that starts a worker, instead of waiting without a word."""
+    empty = cluster.broker.url(7)
+    launch = cluster.launch(["c4"], cluster.host("launcher-alone"), {"MODELPEX_CELERY_BROKER": empty})
+    launches.append(launch)
+    _poll(lambda: "no Celery worker answers on" in launch.output(100_000), "the run says no worker listens", launch)
+    line = next(line for line in launch.output(100_000).splitlines() if "no Celery worker answers on" in line)
+    assert empty in line and "celery -A orchestrator.celery_worker" in line, line
+    with cluster.instance() as instance:
+        run = instance.get_run_by_id(launch.run_id() or "")
+        assert run is not None and run.status == DagsterRunStatus.STARTED, "still waiting: a worker may yet start"

@@ -440,6 +440,11 @@ def test_gc_keeps_what_clients_pin_when_the_tag_is_missing(cli: Cli, project: Pr
     )
     project.git("tag", "-d", "m/v1.0.0")  # N.B. A clone that did not receive the tags.
     before = store_snapshot(store)
+    known = cli("gc")  # N.B. The store's release record of m@1.0.0 still declares it.
+    assert known.returncode == 0, known.stderr
+    assert store_snapshot(store) == before and warnings_in(known) == [], "kept: the store knows the version"
+    (store.root / "releases" / "m" / "1.0.0.json").unlink()  # N.B. Nor does the store know it now.
+    before = store_snapshot(store)
     result = cli("gc")
     assert result.returncode == 0, result.stderr
     assert store_snapshot(store) == before, "acme's m@1.0.0 is kept"

@@ -19,10 +19,11 @@ from orchestrator.definitions import build_definitions
 from orchestrator.deployments import load_deployments
 from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.settings import Settings
+from orchestrator.specs import PredictionContract
 from orchestrator.store import LocalPexStore, ReleaseRecord
 
 from .conftest import REPO, Project
-from .test_dagster import client, m_model, write_deployments
+from .test_dagster import client, defs_for, m_model, predictions, state, tick, write_deployments
 
 
 def exported_tree(destination: Path) -> Path:
@@ -128,3 +129,24 @@ def test_a_version_neither_git_nor_the_store_has_names_the_command_that_publishe
     assert catalog.versions["m"]["1.0.0"].origin == "store"
     assert [p.version.version for p in published_versions(store)] == ["1.0.0", "1.1.0"]
     assert isinstance(catalog, Catalog)
+
+
+def test_a_version_published_into_the_store_is_news_to_the_redeploy_sensor(
+    project: Project, store: LocalPexStore
+) -> None:
+    """A version that only the store knows (published by CI from another clone, no tag here, no new image) reaches
+    the clients that follow the newest version: the sensor requests their redeploy, and a pinned client stays."""
+    m_model(project, "1.0.0")
+    project.commit_and_tag("m 1.0.0", "m/v1.0.0")
+    m_model(project, "1.1.0")
+    write_deployments(project, {"acme": client("1.0.0"), "globex": client("latest")})
+    project.commit_and_tag("m 1.1.0")
+    two_versions = project
+    defs = defs_for(two_versions, store)
+    first = tick(defs, two_versions, store, None)
+    contract = PredictionContract().to_json()
+    store.publish_release(ReleaseRecord("m", "2.0.0", "e" * 64, contract, "m, elsewhere.", "0" * 40, "tag"))
+    published = tick(defs, two_versions, store, first.cursor)
+    (request,) = published.run_requests
+    assert request.tags["modelpex/redeploy"] == "m@2.0.0"
+    assert set(request.asset_selection) == {state("globex"), predictions("globex")}
