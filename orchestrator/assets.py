@@ -229,9 +229,12 @@ def model_version_asset(
     """The pex of one model version; its code reference points at the version's tag (or the working tree's folder)."""
     key = model_version_key(version)
     index.versions[key] = version
-    ref = tag_name(version.name, version.version) if version.origin == "tag" else "HEAD"
-    url = web.tree_url(ref, f"model_packages/{version.name}") if web else None
+    refs = {"tag": tag_name(version.name, version.version), "store": (version.commit or "").removesuffix("+dirty")}
+    ref = refs.get(version.origin, "HEAD")
+    url = web.tree_url(ref, f"model_packages/{version.name}") if web and ref else None
     label = f"{version.name} {version.version} ({version.origin})"
+    origin = "the store's release record" if version.origin == "store" else f"its {version.origin}"
+    about = f" {version.description}" if version.description else ""
 
     @asset(
         key=key,
@@ -240,7 +243,7 @@ def model_version_asset(
         group_name=VERSIONS_GROUP,
         kinds={"pex"},
         tags={"model": version.name, "version": version.version},
-        description=f"The pex of {version.name} {version.version} (from its {version.origin}).",
+        description=f"The pex of {version.name} {version.version} (from {origin}).{about}",
         metadata={"dagster/code_references": code_references(f"{folder}/pyproject.toml", url, label)},
     )
     def _model_version(context: OpExecutionContext, modelpex: ModelpexResource) -> MaterializeResult:

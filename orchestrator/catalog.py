@@ -1,8 +1,13 @@
-"""Catalog: every model version that exists, from the working tree and the per-model git tags, with its digest.
+"""Catalog: every model version that exists, from the working tree, the per-model git tags and the store's release
+records, with its digest.
 
 Definitions, the redeploy sensor and ``modelpex build --all`` all need "which versions exist and what is their
-content". Released tags are immutable, so a tag's digest is cached by its git tree id: loading the catalog of a
-hundred models costs a couple of git calls and the hashing of the working trees, not an export of every tag.
+content". The store is the registry of releases: a version published into it (`modelpex build`, which CI runs on a
+release tag) is known to every host that reads the store, with or without git. Tags stay the source where they can
+be read, and a tag and a release record of one version with different content is an error naming both.
+
+Released tags are immutable, so a tag's digest is cached by its git tree id: loading the catalog of a hundred models
+costs a couple of git calls and the hashing of the working trees, not an export of every tag.
 A tag whose folder is not a valid model of that version, or a working-tree folder that is not a valid model, is
 skipped with a warning, not fatal to every definition.
 """
@@ -32,9 +37,20 @@ from orchestrator.specs import (
     validate_version,
     warn_broken,
 )
-from orchestrator.versions import ModelSource, resolve_source
+from orchestrator.store import PexStore, ReleaseRecord
+from orchestrator.versions import ModelSource, resolve_source, tag_name
 
-__all__ = ["LATEST", "Catalog", "ModelVersion", "has_history", "read_released", "released_json"]
+__all__ = [
+    "LATEST",
+    "Catalog",
+    "ModelVersion",
+    "Published",
+    "has_history",
+    "published_versions",
+    "read_released",
+    "release_record",
+    "released_json",
+]
 
 LATEST = "latest"
 # N.B. Part of each cache key: entries of an older format (a bare digest) are recomputed, not misread.
@@ -49,8 +65,10 @@ class ModelVersion:
     name: str
     version: str
     digest: str
-    origin: Literal["tag", "working tree"]
+    origin: Literal["tag", "working tree", "store"]
     predictions: PredictionContract = PredictionContract()
+    description: str = ""
+    commit: str | None = None  # the commit it was published from, when the store says
 
     @property
     def ref(self) -> ModelRef:
@@ -99,9 +117,50 @@ def _rev_parse(project: Path, spec: str) -> str | None:
 
 
 NO_HISTORY = (
-    "so released versions come from the component's state: write it with `dg utils refresh-defs-state` where the "
-    "tags are"
+    "so released versions come from the store (publish one with `modelpex build MODEL@VERSION` where its tag is) or "
+    "the component's state (`dg utils refresh-defs-state` where the tags are)"
 )
+
+
+@dataclass(frozen=True)
+class Published:
+    """A model version as the store's release record describes it, and where that record is (for messages)."""
+
+    version: ModelVersion
+    where: str
+
+
+def published_versions(store: PexStore) -> list[Published]:
+    """Every version published into ``store``; a record that cannot be trusted is skipped with a warning naming it."""
+    scan = store.releases()
+    for problem in scan.problems.values():
+        warnings.warn(f"ignoring a release record: {problem}", ModelpexWarning, stacklevel=2)
+    found = []
+    for record, where in scan.records:
+        try:
+            contract = PredictionContract.from_json(record.predictions)
+        except (SpecError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            message = f"ignoring release record {where}: its predictions are not valid ({exc})"
+            warnings.warn(message, ModelpexWarning, stacklevel=2)
+            continue
+        version = ModelVersion(
+            record.name, record.version, record.digest, "store", contract, record.description, record.git_commit
+        )
+        found.append(Published(version, where))
+    return found
+
+
+def release_record(spec: ModelSpec, source: Literal["tag", "working tree"], commit: str | None) -> ReleaseRecord:
+    """The release record of a model version whose source is at hand (a tag's export or the working tree)."""
+    return ReleaseRecord(
+        name=spec.name,
+        version=spec.version,
+        digest=tree_digest(spec.folder),
+        predictions=spec.predictions.to_json(),
+        description=spec.description,
+        git_commit=commit,
+        source=source,
+    )
 
 
 def has_history(project: Path) -> bool:
@@ -144,11 +203,18 @@ class Catalog:
     """Model name -> version -> `ModelVersion`; the working tree describes its own version, tags the others."""
 
     def __init__(
-        self, project: Path, models_dir: Path, cache_file: Path | None = None, released: Sequence[ModelVersion] = ()
+        self,
+        project: Path,
+        models_dir: Path,
+        cache_file: Path | None = None,
+        released: Sequence[ModelVersion] = (),
+        published: Sequence[Published] = (),
+        store_url: str = "",
     ) -> None:
-        """``released``: versions recorded where the tags were readable (the component's state): they stand in for
-        tags this checkout lacks, such as an image without ``.git``; a tag read here wins."""
-        self.project, self.models_dir, self.cache_file = project, models_dir, cache_file
+        """``published``: the store's release records, known to every host; ``released``: versions recorded where
+        the tags were readable (the component's state). Both stand in for tags this checkout lacks, such as an
+        image without ``.git``; a tag read here wins, and must have the content its release record says."""
+        self.project, self.models_dir, self.cache_file, self.store_url = project, models_dir, cache_file, store_url
         specs, broken = scan_models(models_dir)
         warn_broken(broken)
         self.specs: dict[str, ModelSpec] = {spec.name: spec for spec in specs}
@@ -157,6 +223,19 @@ class Catalog:
         self.versions: dict[str, dict[str, ModelVersion]] = {name: {} for name in self.specs}
         for (name, version), (digest, contract) in self._tag_versions().items():
             self.versions[name][version] = ModelVersion(name, version, digest, "tag", contract)
+        for p in published:
+            v = p.version
+            if v.name not in self.specs or v.version == self.specs[v.name].version:
+                continue  # N.B. The working tree describes its own version (the development head).
+            tagged = self.versions[v.name].get(v.version)
+            if tagged is not None and tagged.digest != v.digest:
+                raise SpecError(
+                    f"{v.name}@{v.version}: git tag {tag_name(v.name, v.version)} has content digest "
+                    f"{tagged.digest[:12]} but the store's release record {p.where} has {v.digest[:12]} (commit "
+                    f"{v.commit or 'unknown'}): publish the tag's content with `modelpex build {v.name}@{v.version} "
+                    "--force`, or release the other content as a new version"
+                )
+            self.versions[v.name].setdefault(v.version, v)
         for v in released:
             if v.name in self.specs and v.version != self.specs[v.name].version:
                 self.versions[v.name].setdefault(v.version, v)
@@ -226,8 +305,15 @@ class Catalog:
         found = self.versions.get(model, {}).get(wanted)
         if found is None:
             known = ", ".join(v.version for v in self.ordered(model)) or "none"
-            hint = "" if has_history(self.project) else f": {self.project} has no git history, {NO_HISTORY}"
-            raise SpecError(f"model {model!r} has no version {wanted!r}: known versions are {known}{hint}")
+            store = f" nor the store {self.store_url}" if self.store_url else ""
+            if has_history(self.project):
+                hint = (
+                    f"neither git{store} has it: release it with `git tag {tag_name(model, wanted)}` and publish it "
+                    f"with `modelpex build {model}@{wanted}`"
+                )
+            else:
+                hint = f"{self.project} has no git history, {NO_HISTORY.replace('MODEL@VERSION', f'{model}@{wanted}')}"
+            raise SpecError(f"model {model!r} has no version {wanted!r}: known versions are {known}; {hint}")
         return found
 
     def released(self) -> list[ModelVersion]:

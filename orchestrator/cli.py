@@ -23,12 +23,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from packaging.version import Version
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.build import Builder, BuildResult, lock_base, lock_model
-from orchestrator.errors import ModelpexError, ModelpexWarning, PlatformError
+from orchestrator.catalog import release_record
+from orchestrator.errors import BuildError, ModelpexError, ModelpexWarning, PlatformError, SpecError
 from orchestrator.files import staged
 from orchestrator.platforms import CompletePlatform, recorded_platform
 from orchestrator.settings import Settings, parse_seconds
@@ -84,8 +86,9 @@ def _report(result: BuildResult) -> None:
 
 
 def all_refs(settings: Settings) -> list[ModelRef]:
-    """Every model version that exists: each working tree's version and every released tag."""
-    return [version.ref for version in settings.catalog().all()]
+    """Every model version whose source is here: each working tree's version and every released tag (versions only
+    the store knows were published elsewhere, with their pexes)."""
+    return [version.ref for version in settings.catalog().all() if version.origin != "store"]
 
 
 @contextmanager
@@ -96,9 +99,37 @@ def model_source(settings: Settings, ref: ModelRef) -> Iterator[ModelSource]:
 
 
 def build_ref(builder: Builder, settings: Settings, ref: ModelRef, *, force: bool = False) -> BuildResult:
-    """Build (or find) one model version."""
-    with model_source(settings, ref) as source:
-        return builder.model(source, force=force)
+    """Build (or find) one model version, then publish its release record: from then on every host that reads the
+    store knows the version, git or no git. A version whose source is not here is found in the store by its
+    release record's content key."""
+    try:
+        with model_source(settings, ref) as source:
+            result = builder.model(source, force=force)
+            from_tree = source.spec.folder == settings.models_dir / ref.name
+            record = release_record(source.spec, "working tree" if from_tree else "tag", source.commit)
+            builder.store.publish_release(record, replace=force)
+            return result
+    except SpecError:
+        stored = _published_pex(builder, ref)
+        if stored is None:
+            raise
+        return stored
+
+
+def _published_pex(builder: Builder, ref: ModelRef) -> BuildResult | None:
+    """A version only the store's release record knows (published elsewhere): its pex for this base, or an error
+    saying where to build it; ``None`` when the store has no release of it either."""
+    release = builder.store.release(ref.name, ref.version) if ref.version else None
+    if release is None:
+        return None
+    key = builder.model_key(release.digest)
+    record = builder.store.record("model", ref.name, key, ref.version)
+    if record is None:
+        raise BuildError(
+            f"{ref}: its source is not here and the store {builder.store.url} has no pex of it for this base (key "
+            f"{key}): build it where its tag is, `modelpex build {ref}` with this store"
+        )
+    return BuildResult(record, cached=True, seconds=0.0)
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
@@ -153,7 +184,16 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> None:
             r.interpreter,
         )
     out.print(table)
-    for problem in scan.problems.values():
+    releases = store.releases()
+    published = Table(title=f"releases in {store.url} (versions every host knows)")
+    for column in ("model", "version", "content digest", "from", "git commit", "published at", "description"):
+        published.add_column(column, no_wrap=column != "description")
+    for r, _ in sorted(releases.records, key=lambda found: (found[0].name, Version(found[0].version))):
+        published.add_row(
+            r.name, r.version, r.digest[:12], r.source, (r.git_commit or "")[:12], r.published_at, r.description
+        )
+    out.print(published)
+    for problem in [*scan.problems.values(), *releases.problems.values()]:
         warn(str(problem))
 
 

@@ -410,6 +410,32 @@ class S3PexStore(PexStore):
     def _where(self, location: str) -> str:
         return self._url_of(self._index_key(location))
 
+    # -- release records: one small object per published model version
+
+    def _release_key(self, location: str) -> str:
+        return self._key("releases", f"{location}.json")
+
+    def _read_release(self, location: str) -> bytes | None:
+        return self._get(self._release_key(location), f"read the releases of {self.url}")
+
+    def _write_release(self, location: str, data: bytes, *, replace: bool) -> bool:
+        # N.B. Created only if absent unless replacing: of two publishers of one version, one wins.
+        return self._put(
+            self._release_key(location), data, f"publish {location} to {self.url}", create_only=not replace
+        )
+
+    def _release_locations(self) -> list[str]:
+        head = self._key("releases") + "/"
+        found = []
+        for item in self._list("releases"):
+            relative = item["Key"][len(head) :]
+            if relative.endswith(".json") and relative.count("/") == 1:
+                found.append(relative.removesuffix(".json"))
+        return sorted(found)
+
+    def _release_where(self, location: str) -> str:
+        return self._url_of(self._release_key(location))
+
     def check_writable(self, purpose: str) -> None:
         """Write and remove a small object under the prefix: only the server knows what these credentials may do."""
         probe = self._key(".modelpex-write-probe", uuid.uuid4().hex)

@@ -51,7 +51,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from orchestrator.build import Builder, Step
-from orchestrator.catalog import Catalog, ModelVersion
+from orchestrator.catalog import Catalog, ModelVersion, published_versions
 from orchestrator.errors import ModelpexError, SpecError
 from orchestrator.platforms import CompletePlatform, Interpreter
 from orchestrator.specs import BaseEnv, load_base_env
@@ -267,7 +267,15 @@ class Settings:
             self.store(), self.base_env(), Interpreter.detect(self.python), step, platform=self.target_platform()
         )
 
-    def catalog(self, released: Sequence[ModelVersion] = ()) -> Catalog:
-        """Every model version; tag digests are cached beside the store (tags never change); ``released`` stands
-        in for tags this checkout lacks (see `Catalog`)."""
-        return Catalog(self.project, self.models_dir, self.project / ".cache" / "tag-digests.json", released)
+    def catalog(self, released: Sequence[ModelVersion] = (), store: PexStore | None = None) -> Catalog:
+        """Every model version: the working tree's, the tags' (digests cached by git tree id: tags never change) and
+        the store's release records; ``released`` stands in for tags this checkout lacks too (see `Catalog`)."""
+        store = store or self.store()
+        return Catalog(
+            self.project,
+            self.models_dir,
+            self.project / ".cache" / "tag-digests.json",
+            released,
+            published_versions(store),
+            store.url,
+        )

@@ -174,6 +174,7 @@ class ModelSpec:
     trusted_types: tuple[str, ...] = ()  # types skops may load beyond its defaults
     reuse: bool = True  # False: a process per call, for a model that keeps data in module globals
     predictions: PredictionContract = PredictionContract()  # the checks its predictions must pass
+    description: str = ""  # [project] description, shown beside the version's asset
 
     @property
     def source_dir(self) -> Path:
@@ -289,6 +290,7 @@ def load_model_spec(folder: Path) -> ModelSpec:
         tuple(trusted),
         reuse,
         contract,
+        str(project.get("description") or ""),
     )
     if not spec.source_dir.is_dir():
         raise SpecError(f"model {name!r} has no src/ folder at {spec.source_dir}: put the model's package there")

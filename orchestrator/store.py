@@ -37,6 +37,8 @@ __all__ = [
     "Leftover",
     "LocalPexStore",
     "PexStore",
+    "ReleaseRecord",
+    "ReleaseScan",
     "copy_hashing",
     "file_sha256",
     "index_location",
@@ -68,6 +70,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "details": (dict,),
 }
 
+
+_RELEASE_REQUIRED = ("name", "version", "digest")
+_RELEASE_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "version": (str,),
+    "digest": (str,),
+    "predictions": (dict,),
+    "description": (str,),
+    "git_commit": (str, type(None)),
+    "source": (str,),
+    "published_at": (str,),
+}
+RELEASE_SOURCES = ("tag", "working tree")
 
 COPY_CHUNK = 1 << 20
 
@@ -113,9 +128,9 @@ def _validate_key(key: str) -> str:
     return key
 
 
-def _check_types(values: dict[str, object]) -> None:
+def _check_types(values: dict[str, object], field_types: dict[str, tuple[type, ...]] = _FIELD_TYPES) -> None:
     """Every known field has its JSON type (``true`` is not a size): the rest of the record is checked on top."""
-    for name, types in _FIELD_TYPES.items():
+    for name, types in field_types.items():
         value = values.get(name)
         if name in values and (isinstance(value, bool) or not isinstance(value, types)):
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
@@ -238,6 +253,75 @@ class ArtifactRecord:
         )
 
 
+def release_location(name: str, version: str) -> str:
+    """Where a model version's release record is filed: ``<model>/<version>``, validated before any path is built."""
+    return f"{validate_name(name)}/{validate_version(version, model=name)}"
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """A model version published into the store (``releases/<model>/<version>.json``): what any host needs to
+    declare the version and find its pex by content key, with or without git.
+
+    N.B. ``digest`` is the model folder's content digest (`tree_digest`), from which a pex's key derives for any
+    base: the record outlives a change of base, and a host whose base differs finds that its pex is not built yet.
+    """
+
+    name: str
+    version: str
+    digest: str
+    predictions: dict[str, object] = field(default_factory=dict)
+    description: str = ""
+    git_commit: str | None = None
+    source: str = "tag"  # where it was published from: a release "tag" or the "working tree"
+    published_at: str = ""
+
+    def __post_init__(self) -> None:
+        _check_types(vars(self), _RELEASE_TYPES)
+        release_location(self.name, self.version)
+        if not _is_hex(self.digest, 64):
+            raise StoreError(f"digest {self.digest!r} is not a 64-character hex content digest")
+        if self.source not in RELEASE_SOURCES:
+            raise StoreError(f"source {self.source!r} is not one of {', '.join(RELEASE_SOURCES)}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def location(self) -> str:
+        return release_location(self.name, self.version)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ReleaseRecord:
+        """Parse a release record; a `StoreError` says what is wrong. Unknown fields are ignored (a newer writer)."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StoreError(f"is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"is not a JSON object but {type(data).__name__}")
+        missing = [name for name in _RELEASE_REQUIRED if name not in data]
+        if missing:
+            raise StoreError(f"lacks the field(s) {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except ModelpexError as exc:
+            raise StoreError(f"is not valid ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ReleaseScan:
+    """Every release record that can be trusted, with where it is filed; and the ones that cannot (warned about)."""
+
+    records: list[tuple[ReleaseRecord, str]]  # (record, its file or URL)
+    problems: dict[str, RecordError]
+
+
 @dataclass(frozen=True)
 class IndexScan:
     """The whole index: the records that can be trusted, and the entries that cannot (reported, never acted on)."""
@@ -286,6 +370,22 @@ class PexStore(ABC):
     @abstractmethod
     def _where(self, location: str) -> str:
         """An index entry's file or URL, as messages name it."""
+
+    @abstractmethod
+    def _read_release(self, location: str) -> bytes | None:
+        """The raw bytes of a release record (``<model>/<version>``), or ``None`` when there is none."""
+
+    @abstractmethod
+    def _write_release(self, location: str, data: bytes, *, replace: bool) -> bool:
+        """File a release record whole; unless ``replace``, only when none is filed there (``False`` if one is)."""
+
+    @abstractmethod
+    def _release_locations(self) -> list[str]:
+        """The location of every release record, valid or not."""
+
+    @abstractmethod
+    def _release_where(self, location: str) -> str:
+        """A release record's file or URL, as messages name it."""
 
     @abstractmethod
     def check_writable(self, purpose: str) -> None:
@@ -386,6 +486,76 @@ class PexStore(ABC):
         except StoreError as exc:
             raise _record_error(self._where(location), str(exc), fix) from None
         return record
+
+    def release(self, name: str, version: str) -> ReleaseRecord | None:
+        """The release record of ``name@version``, or ``None``; one that cannot be read is a `RecordError` naming its
+        file (never a version anyone runs)."""
+        location = release_location(name, version)
+        where = self._release_where(location)
+        fix = f"remove it, or publish it again with `modelpex build {name}@{version} --force`"
+        try:
+            data = self._read_release(location)
+        except OSError as exc:
+            raise _record_error(where, f"cannot be read ({exc.strerror or exc})", fix) from None
+        if data is None:
+            return None
+        try:
+            record = ReleaseRecord.from_json(data)
+        except StoreError as exc:
+            raise _record_error(where, str(exc), fix) from None
+        if record.location != location:
+            problem = f"holds {record.label}, not {name}@{version}: it was copied or edited by hand"
+            raise _record_error(where, problem, fix)
+        return record
+
+    def releases(self) -> ReleaseScan:
+        """Every model version published into this store, and the records that cannot be trusted."""
+        records: list[tuple[ReleaseRecord, str]] = []
+        problems: dict[str, RecordError] = {}
+        for location in self._release_locations():
+            name, _, version = location.partition("/")
+            try:
+                found = self.release(name, version)
+            except ModelpexError as exc:
+                problems[location] = (
+                    exc
+                    if isinstance(exc, RecordError)
+                    else _record_error(self._release_where(location), "is not filed as <model>/<version>", "remove it")
+                )
+                continue
+            if found is not None:
+                records.append((found, self._release_where(location)))
+        return ReleaseScan(records, problems)
+
+    def publish_release(self, record: ReleaseRecord, *, replace: bool = False) -> ReleaseRecord:
+        """File ``record`` as its version's release, the store's word to every host that the version exists.
+
+        The same content published again keeps the first record. Another content under the same version is refused,
+        naming both, unless ``replace`` (`build --force`) or both come from a working tree (a version in development,
+        not yet tagged): a release is what every host runs for that version, and must not change under it silently.
+        """
+        existing = self.release(record.name, record.version)
+        if existing is not None and existing.digest == record.digest:
+            return existing
+        # N.B. The working tree is the development head: what it last published of its own version is no release yet.
+        replace = replace or (existing is not None and existing.source == record.source == "working tree")
+        if existing is not None and not replace:
+            raise self._release_conflict(existing, record)
+        stamped = dataclasses.replace(record, published_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        if self._write_release(record.location, stamped.to_json().encode(), replace=existing is not None):
+            return stamped
+        winner = self.release(record.name, record.version)  # N.B. Another publisher filed it first.
+        if winner is None or winner.digest != record.digest:
+            raise self._release_conflict(winner or stamped, record)
+        return winner
+
+    def _release_conflict(self, existing: ReleaseRecord, record: ReleaseRecord) -> StoreError:
+        return StoreError(
+            f"{record.label}: the store's release record {self._release_where(record.location)} has content digest "
+            f"{existing.digest[:12]} (from its {existing.source}, commit {existing.git_commit or 'unknown'}) but its "
+            f"{record.source} has {record.digest[:12]}: a released version never changes, so release a new version "
+            f"(or replace the record with `modelpex build {record.label} --force`)"
+        )
 
     def scan(self) -> IndexScan:
         """Every record that can be trusted, and a `RecordError` for each index entry that cannot."""
@@ -496,6 +666,30 @@ class LocalPexStore(PexStore):
 
     def _where(self, location: str) -> str:
         return str(self._index_file(location))
+
+    def _release_file(self, location: str) -> Path:
+        return self.root / "releases" / f"{location}.json"
+
+    def _read_release(self, location: str) -> bytes | None:
+        try:
+            return self._release_file(location).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write_release(self, location: str, data: bytes, *, replace: bool) -> bool:
+        path = self._release_file(location)
+        with self.lock(f"release-{location.replace('/', '-')}"):
+            if not replace and path.exists():
+                return False
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+        return True
+
+    def _release_locations(self) -> list[str]:
+        return [f"{p.parent.name}/{p.stem}" for p in sorted((self.root / "releases").glob("*/*.json"))]
+
+    def _release_where(self, location: str) -> str:
+        return str(self._release_file(location))
 
     def check_writable(self, purpose: str) -> None:
         """Create and remove a file in the store's folder: mode bits do not tell (root ignores them), this does."""

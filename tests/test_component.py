@@ -162,7 +162,12 @@ def test_released_versions_load_from_state_where_git_is_not(
     assert bad.returncode != 0 and f"modelpex state {state} is not valid" in bad.stdout + bad.stderr
     assert "dg utils refresh-defs-state" in bad.stdout + bad.stderr
 
-    state.unlink()
+    state.unlink()  # N.B. `modelpex build m@1.0.0` published its release record: the store alone declares it.
+    from_store = _dagster("definitions", "validate", root=root, env=env)
+    assert from_store.returncode == 0, from_store.stdout[-3000:] + from_store.stderr[-3000:]
+
+    (store.root / "releases" / "m" / "1.0.0.json").unlink()
     missing = _dagster("definitions", "validate", root=root, env=env)
     output = missing.stdout + missing.stderr
     assert missing.returncode != 0 and "has no version '1.0.0'" in output and "refresh-defs-state" in output
+    assert "modelpex build m@1.0.0" in output

@@ -4,6 +4,7 @@ fitted states and frames."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import IntegrityError, SpecError, StoreError
-from orchestrator.store import ArtifactRecord, LocalPexStore, PexStore, open_store
+from orchestrator.store import ArtifactRecord, LocalPexStore, PexStore, ReleaseRecord, open_store
 
 KEY = "0123456789abcdef0123456789abcdef"
 OTHER_KEY = "00000000000000000000000000000000"
@@ -341,3 +342,38 @@ def test_a_malformed_record_is_one_line_naming_its_file(
     assert "\n" not in str(raised.value)
     scan = backend.scan()
     assert scan.records == [good] and list(scan.problems) == [f"churn/{KEY}"], "the others stay usable"
+
+
+def test_release_records_round_trip_and_never_change_silently(backend: PexStore, tmp_path: Path) -> None:
+    """A published version is seen from another host; the same content again keeps the first record; other content
+    under a released version is refused naming both, and replaced only when asked; a working tree's version in
+    development is replaced by its next publish; a record filed under another version is refused naming its file."""
+    released = ReleaseRecord("churn", "1.0.0", "a" * 64, {"columns": []}, "Churn.", "c0ffee", "tag")
+    published = backend.publish_release(released)
+    elsewhere = another_host(backend, tmp_path)
+    assert elsewhere.release("churn", "1.0.0") == published and published.published_at
+    assert [(r, where) for r, where in elsewhere.releases().records] == [
+        (published, backend._release_where("churn/1.0.0"))
+    ]
+    assert backend.publish_release(released) == published, "the same content keeps the first record"
+
+    other = ReleaseRecord("churn", "1.0.0", "b" * 64, source="working tree")
+    with pytest.raises(
+        StoreError,
+        match=r"churn@1\.0\.0: the store's release record .*1\.0\.0\.json has content "
+        r"digest aaaaaaaaaaaa .* but its working tree has bbbbbbbbbbbb",
+    ):
+        backend.publish_release(other)
+    assert backend.release("churn", "1.0.0") == published
+    assert backend.publish_release(other, replace=True).digest == "b" * 64
+
+    develop = ReleaseRecord("churn", "1.1.0", "c" * 64, source="working tree")
+    backend.publish_release(develop)
+    assert backend.publish_release(dataclasses.replace(develop, digest="d" * 64)).digest == "d" * 64
+
+    backend._write_release("churn/9.0.0", published.to_json().encode(), replace=False)
+    scan = backend.releases()
+    assert sorted(r.version for r, _ in scan.records) == ["1.0.0", "1.1.0"]
+    assert list(scan.problems) == ["churn/9.0.0"] and "holds churn@1.0.0, not churn@9.0.0" in str(
+        scan.problems["churn/9.0.0"]
+    )
