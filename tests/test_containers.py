@@ -448,6 +448,9 @@ def test_a_version_published_into_the_store_reaches_latest_clients_with_no_new_i
         cluster.wait("globex's churn on 1.2.0", lambda: _version(instance, "globex", "churn")[0] == "1.2.0", 600)
         cluster.timings["publish -> predictions"] = time.monotonic() - published
         assert _version(instance, "acme", "churn") == pinned, "the pinned client did not move"
+        moved = instance.get_run_by_id(_version(instance, "globex", "churn")[1])
+        launched_by = {"dagster/from_automation_condition", "dagster/sensor_name"} & set(moved.tags)
+        assert launched_by, f"the run that moved globex was launched by hand: {moved.tags}"
         automated = instance.get_runs(filters=RunsFilter(tags={"dagster/from_automation_condition": "true"}))
         _wait_runs(cluster, [r.run_id for r in automated])
 
