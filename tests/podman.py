@@ -1,11 +1,17 @@
-"""Podman for the container tests: its two settings for these machines, a Debian base image made without a registry,
+"""Podman for the container tests: its settings for these machines, a Debian base image made without a registry,
 the project's image built from the Dockerfile on it, and cleanup that leaves nothing behind.
 
 N.B. Field notes, "Containers": Debian's podman runs real containers here as root with `runc` (crun refuses the
-hybrid cgroup layout) and ulimits the VM can grant; both go in a file named by ``CONTAINERS_CONF``, so /etc stays
-untouched. No registry is reachable, so the base image is a debootstrap of Debian bookworm with Debian's Python,
-imported into podman's storage under a tag that is its recipe's content hash: built once per machine (about a
-minute), then found in seconds by every later session.
+hybrid cgroup layout) and ulimits the VM can grant. A third setting: netavark (with aardvark-dns) as the network
+backend, because Debian's CNI plugins resolve no container names (no dnsname plugin), and the containers find the
+code location, the store and the instance by name. All three go in a file named by ``CONTAINERS_CONF``, so /etc
+stays untouched; but every podman on the machine must then use netavark too: CNI's bridge (cni-podman0) and
+netavark's (podman0) both take 10.88.0.0/16, and with both up, answers to a container's packets come back on the
+other bridge (apt and pip inside a build hang on DNS).
+
+No registry is reachable, so the base image is a debootstrap of Debian bookworm with Debian's Python, imported into
+podman's storage under a tag that is its recipe's content hash: built once per machine (6 minutes on a loaded
+machine), then found in a second by every later session.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def dockerfile_commands() -> list[list[str]]:
     for line in text.splitlines():
         if line.startswith("RUN "):
             for part in re.split(r"&&", line[4:]):
-                words = shlex.split(part)
+                words = [word for word in shlex.split(part) if not word.startswith("--mount=")]
                 if words and words[0] == "modelpex":
                     commands.append(words[1:])
     return commands
