@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from orchestrator.errors import SandboxError
+from orchestrator.errors import ModelpexError, SandboxError
 from orchestrator.files import owned_dir
 from orchestrator.leases import lease_dir, try_lock
 from orchestrator.limits import Limits
@@ -51,6 +51,9 @@ DEFAULT_MODEL_USER = "modelpex-model"
 SUBUID_FILE = Path("/etc/subuid")
 RUNS = "runs"
 RUN_PREFIX = "run-"
+# N.B. Uids are the host's, not one cache's: two orchestrators with different MODELPEX_CACHE (two projects, or every
+# test with its own cache) must never lease one uid at once, nor take the other's live model for a dead run's.
+HOST_UID_LEASES = Path(os.environ.get("MODELPEX_UID_LEASES", "/run/modelpex/uids"))
 Mode = Literal["user", "none"]
 
 
@@ -136,6 +139,9 @@ class Sandbox:
         owned_dir(cache, 0o755)
         self.runs = owned_dir(cache / RUNS, 0o711)  # N.B. Traversable, not listable: a uid finds only its folder.
         self._uid_locks = owned_dir(cache / "uids", 0o700)
+        self._host_uid_locks: Path | None = None
+        if self.uids:
+            self._host_uid_locks = _host_leases()
 
     @classmethod
     def create(
@@ -215,17 +221,17 @@ class Sandbox:
         offset = secrets.randbelow(len(self.uids))
         for index in range(len(self.uids)):
             uid = self.uids[(offset + index) % len(self.uids)]
-            fd = try_lock(self._uid_locks / str(uid))
-            if fd is None:
+            fds = self._lock_uid(uid)
+            if fds is None:
                 continue
             if not end_uid(uid, self.user.pw_gid):
-                os.close(fd)  # N.B. Something of a dead run still runs as this uid: never hand it out.
+                _close_all(fds)  # N.B. Something of a dead run still runs as this uid: never hand it out.
                 log.warning(f"uid {uid} still has processes that survive SIGKILL; it is skipped")
                 continue
             try:
-                yield Identity(uid, self.user.pw_gid, fd)
+                yield Identity(uid, self.user.pw_gid, fds[-1])
             finally:
-                os.close(fd)
+                _close_all(fds)
             return
         raise SandboxError(f"every uid of {self.user.pw_name}'s range in {SUBUID_FILE} is in use: widen the range")
 
@@ -236,16 +242,30 @@ class Sandbox:
             return []
         ended = []
         for uid in sorted(uid for uid in live_uids() if uid in self.uids):
-            fd = try_lock(self._uid_locks / str(uid))
-            if fd is None:
-                continue  # N.B. Leased: a live orchestrator's model, perhaps in another container.
+            fds = self._lock_uid(uid)
+            if fds is None:
+                continue  # N.B. Leased: a live orchestrator's model, of this cache or another, perhaps in a container.
             try:
                 if not end_uid(uid, self.user.pw_gid):
                     log.warning(f"uid {uid} still has processes that survive SIGKILL")
                 ended.append(uid)
             finally:
-                os.close(fd)
+                _close_all(fds)
         return ended
+
+    def _lock_uid(self, uid: int) -> list[int] | None:
+        """The lease of ``uid``: its lock on this host (every orchestrator here) and in this cache (orchestrators
+        in other containers that share the cache), both or none."""
+        fds: list[int] = []
+        for folder in (self._host_uid_locks, self._uid_locks):
+            if folder is None:
+                continue
+            fd = try_lock(folder / str(uid))
+            if fd is None:
+                _close_all(fds)
+                return None
+            fds.append(fd)
+        return fds
 
     def end_orphans_once(self) -> None:
         """`end_orphans` at the first model start of this sandbox (so of each command or Dagster run)."""
@@ -284,6 +304,24 @@ class Sandbox:
         if self.switching:
             kwargs.update(user=identity.uid, group=identity.gid, extra_groups=[])
         return kwargs
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+@functools.cache
+def _host_leases() -> Path | None:
+    """The host's folder of uid leases; None (said once) where it cannot be made, leaving only the cache's."""
+    try:
+        return owned_dir(HOST_UID_LEASES, 0o700)
+    except (OSError, ModelpexError) as exc:
+        log.warning(
+            f"uid leases stay per cache: {HOST_UID_LEASES} cannot be used ({exc}); two orchestrators with different "
+            "MODELPEX_CACHE on this host could then hand out one uid at once (set MODELPEX_UID_LEASES to a folder)"
+        )
+        return None
 
 
 def _live_of(uid: int, me: int) -> bool:

@@ -9,6 +9,7 @@
 | MODELPEX_ISOLATION         | auto, user (switch users or fail), none           | auto                         |
 | MODELPEX_SANDBOX           | auto, bwrap (namespaces or fail), none            | auto                         |
 | MODELPEX_MODEL_USER        | the unprivileged user models run as               | modelpex-model               |
+| MODELPEX_UID_LEASES        | the host's leases of model uids (every cache)     | /run/modelpex/uids           |
 | MODELPEX_CACHE             | verified artifacts, venvs, model folders          | /var/cache/modelpex (*)      |
 | MODELPEX_PEX_ROOT          | PEX_ROOT of model processes                       | <cache>/pex_root             |
 | MODELPEX_SIGNING_KEY_FILE  | the key fitted states are signed with             | ~/.config/modelpex/...       |

@@ -229,6 +229,32 @@ def test_strays_of_a_killed_orchestrator_end_at_the_next_command(
             os.kill(pid, signal.SIGKILL)
 
 
+@needs_user_switch
+def test_a_model_of_another_cache_is_never_taken_for_a_dead_runs(tmp_path: Path) -> None:
+    """Uids are the host's: an orchestrator with another MODELPEX_CACHE (another project, each test's own cache)
+    neither ends a live model's processes as strays of a dead run nor leases its uid while it runs."""
+    from orchestrator.sandbox import Sandbox
+
+    first = Sandbox.create(tmp_path / "first-cache", isolation="user", sandbox="none")
+    second = Sandbox.create(tmp_path / "second-cache", isolation="user", sandbox="none")
+    if not first.uids:
+        pytest.skip("the model user has no uid range of its own here")
+    with first.identity() as identity:
+        live = subprocess.Popen(["sleep", "300"], user=identity.uid, group=identity.gid, extra_groups=[])
+        try:
+            assert identity.uid not in second.end_orphans()
+            assert live.poll() is None, "another cache's orchestrator killed a live model's process"
+            leased = second._lock_uid(identity.uid)
+            assert leased is None, f"uid {identity.uid} was leased twice at once"
+        finally:
+            live.kill()
+            live.wait()
+    control = second._lock_uid(identity.uid)  # N.B. The control: once released, the uid is free to lease.
+    assert control is not None
+    for fd in control:
+        os.close(fd)
+
+
 # --- limits ---------------------------------------------------------------------------------------------------
 
 HOG = """
