@@ -3,7 +3,7 @@
 # Models are not baked in: they change often, are built or fetched at run time, and only their own bytes move.
 #
 #   docker build -t modelpex .
-#   docker run --rm -p 3000:3000 --shm-size=2g modelpex
+#   docker run --rm -p 3000:3000 modelpex
 #
 # Who runs what. Models are untrusted code: each model process runs as an unprivileged uid of its own (from
 # modelpex-model's range in /etc/subuid, in its group), reads PEX_ROOT and the verified artifacts but cannot write
@@ -17,9 +17,9 @@
 # user namespaces, which Docker's default seccomp profile refuses: without them modelpex logs which guarantees do not
 # hold and runs models with the user switch alone (README, "How a model runs").
 #
-# --shm-size: frames cross to the model process through /dev/shm (Arrow IPC in shared memory). Docker's default is
-# 64 MB, which does not hold a 10M-row frame; size it to your largest input plus output. On Kubernetes, mount an
-# emptyDir with `medium: Memory` and a `sizeLimit` at /dev/shm.
+# --shm-size: frames never touch /dev/shm (they are memfds, counted in the container's memory), so Docker's default
+# 64 MB runs any frame. What models themselves write to /dev/shm lands there when they get no private one (no user
+# namespaces: Docker's default seccomp profile): size it for that. On Kubernetes, an emptyDir with `medium: Memory`.
 # To follow a model repository instead of the copy below, mount it: -v "$PWD:/app" (the base key must match, or the
 # base is rebuilt at start, which needs the package index).
 # BASE: any Debian bookworm image with Python 3.11 as `python3` and its venv module (tests/test_containers.py builds

@@ -81,10 +81,12 @@ def metric_metadata(metrics: Mapping[str, float]) -> dict[str, MetadataValue]:
 
 def preview(table: pa.Table, rows: int = PREVIEW_ROWS) -> MetadataValue:
     """The first rows as a Markdown table."""
-    head = table.slice(0, rows).to_pylist()
+    head = table.slice(0, rows)
+    columns = [_values(head.column(index)) for index in range(head.num_columns)]
     lines = ["| " + " | ".join(table.column_names) + " |", "|" + " --- |" * table.num_columns]
     lines += [
-        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in head
+        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in zip(*columns, strict=True)
     ]
     return MetadataValue.md("\n".join(lines))
 
@@ -173,7 +175,7 @@ def _summary(name: str, column: pa.ChunkedArray) -> dict[str, Any]:
     summary |= {"min": None, "mean": None, "max": None}
     try:
         if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_temporal(kind):
-            bounds = pc.min_max(column).as_py()
+            bounds = _bounds(pc.min_max(column))
             summary["min"] = None if bounds["min"] is None else _short(bounds["min"])
             summary["max"] = None if bounds["max"] is None else _short(bounds["max"])
         if pa.types.is_integer(kind) or pa.types.is_floating(kind):
@@ -182,6 +184,28 @@ def _summary(name: str, column: pa.ChunkedArray) -> dict[str, Any]:
     except pa.ArrowNotImplementedError:  # N.B. Types Arrow has no kernel for (float16): no summary, not a failure.
         pass
     return summary
+
+
+def _values(column: pa.ChunkedArray) -> list[Any]:
+    """A column's values in Python; dates and times Python cannot hold (a model's year 300,000) as raw numbers."""
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError):
+        return column.cast(_raw(column.type)).to_pylist()
+
+
+def _bounds(scalar: pa.StructScalar) -> dict[str, Any]:
+    """Min and max as Python values; a date or time Python cannot hold (a model's year 300,000) as its raw number."""
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        return {
+            key: None if not value.is_valid else value.cast(_raw(value.type)).as_py() for key, value in scalar.items()
+        }
+
+
+def _raw(kind: pa.DataType) -> pa.DataType:
+    return pa.int32() if kind.bit_width == 32 else pa.int64()
 
 
 def _short(value: object) -> str:

@@ -813,14 +813,15 @@ class ModelProcesses:
         return server
 
     def _process(self, prepared: Prepared, client: str, timeout: float, limits: ClientLimits | None) -> ModelProcess:
+        limited = model_limits(prepared, limits)
         with self._lock:
             process = self._children.pop((prepared.record.sha256, client), None)
-        if process is not None and process.alive:
+        if process is not None and process.alive and process.limits == limited[0]:
             return process
         if process is not None:
-            process.close()
+            process.close()  # N.B. Dead, or limited otherwise: a child applies its limits once, before the model.
         server = self._server(prepared, client, timeout)
-        process = server.fork(timeout, *model_limits(prepared, limits))
+        process = server.fork(timeout, *limited)
         announce_limits(process)
         return process
 

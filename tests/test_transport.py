@@ -1078,3 +1078,16 @@ def test_a_corrupted_output_is_one_refusal_and_never_a_crash() -> None:
         check()
     finally:
         assert parser.close() == 0, "the parsing child exits normally"
+
+
+@pytest.mark.parametrize("kind", [pa.timestamp("us"), pa.date64(), pa.time64("us")])
+def test_metadata_of_dates_python_cannot_hold_is_their_raw_number(kind: pa.DataType) -> None:
+    """Found by the property test: an output's timestamp of year 300,000 is valid Arrow, and Python's datetime
+    raised OverflowError from the metadata's min/max and preview (an orchestrator traceback, not a refusal)."""
+    from orchestrator.metadata import frame_metadata
+
+    table = pa.table({"when": pa.array([2**62, 0], pa.int64()).cast(kind, safe=False), "x": [1.0, 2.0]})
+    with pytest.raises((OverflowError, ValueError)):
+        table.to_pylist()  # N.B. The control: Python cannot hold this value.
+    metadata = frame_metadata(table)
+    assert str(2**62) in metadata["preview"].value
