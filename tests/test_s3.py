@@ -336,7 +336,9 @@ def test_build_run_list_and_gc_from_the_command_line(
 
     listing = cli("list", env={"MODELPEX_STORE": s3_url})
     assert listing.returncode == 0 and f"artifacts in {s3_url}" in listing.stdout, listing.stderr
-    assert listing.stdout.count(" m ") == 2 and "base" in listing.stdout
+    artifacts, releases = listing.stdout.split(f"releases in {s3_url}")
+    assert artifacts.count(" m ") == 2 and "base" in artifacts, listing.stdout
+    assert releases.count(" m ") == 2 and "1.0.0" in releases and "1.1.0" in releases, listing.stdout
 
     args = ("--input", f"data={data_file(tmp_path)}", "--output", str(tmp_path / "out.parquet"))
     host_a, host_b = {"MODELPEX_STORE": s3_url, **caches()}, {"MODELPEX_STORE": s3_url, **caches()}
