@@ -575,7 +575,9 @@ def _poll(done: Callable[[], bool], what: str, launch: Launch, timeout: float = 
 
 
 @pytest.mark.timeout(600)
-def test_a_step_whose_worker_is_killed_goes_to_another_worker(cluster: Cluster, launches: list[Launch]) -> None:
+def test_a_step_whose_worker_is_killed_goes_to_another_worker(
+    cluster: Cluster, pair: Pair, launches: list[Launch]
+) -> None:
     """kill -9 of a whole worker (its main process and its pool, as when its host dies) in the middle of a model
     step: the step was not acknowledged, so the broker hands it to the other worker once its visibility timeout
     (MODELPEX_CELERY_REDELIVER, here 2 minutes) has passed, and the run ends SUCCESS within minutes instead of staying
@@ -585,6 +587,11 @@ def test_a_step_whose_worker_is_killed_goes_to_another_worker(cluster: Cluster, 
     host's unpack lock, which the test holds until the step has started."""
     redeliver = 120
     timeout = {"MODELPEX_CELERY_REDELIVER": str(redeliver)}
+    for number, worker in list(pair.started.items()):  # N.B. Earlier tests' workers would take the steps first.
+        worker.stop()
+        assert worker.wait_stopped() == 0, f"{worker.name} stopped warmly"
+        cluster.workers.remove(worker)
+        del pair.started[number]
     doomed_host = cluster.host("doomed")
     (doomed_host.cache / "locks").mkdir(mode=0o700)
     unpacking = FileLock(doomed_host.cache / "locks" / f"warm-{cluster.base.sha256}.lock")
