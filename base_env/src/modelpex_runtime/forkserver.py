@@ -54,6 +54,9 @@ THREADLESS_ENV = {
 # N.B. polars 2.1 starts its out-of-core cleaner thread at import, and nothing turns it off: the child imports it.
 STARTS_THREADS_AT_IMPORT = frozenset({"polars"})
 PRIVATE_PLACES = ("/tmp", "/var/tmp", "/dev/shm")
+# N.B. What the runtime itself imports on a call's way, whatever the model: skops saves most fitted states, and its
+# first import in a child took 0.4-0.6 s of every client's first train (benchmarks/calls.py, the 20-client redeploy).
+RUNTIME_IMPORTS = ("skops.io",)
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
@@ -169,7 +172,7 @@ def preload(entry: dict[str, Any]) -> list[str]:
         os.environ.setdefault(name, value)
     package = str(entry["train"]).split(":")[0].split(".")[0]
     loaded = []
-    for module in named_base_imports(package, base_modules()):
+    for module in [*named_base_imports(package, base_modules()), *RUNTIME_IMPORTS]:
         try:
             importlib.import_module(module)
             loaded.append(module)
