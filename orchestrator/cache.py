@@ -392,32 +392,60 @@ class ArtifactCache:
                 wheels.append(target)
         return wheels
 
+    def _ready(self, target: ArtifactRecord) -> Path | None:
+        """The venv made for ``target`` here before, when its record of it is ours and it is still there."""
+        ready = self.artifacts / f"{target.sha256}.ready"
+        if ready.is_file() and _private(ready):
+            venv = Path(ready.read_text())
+            if venv.is_relative_to(self.pex_root) and (venv / "bin" / "python").exists() and _private(venv):
+                return venv
+        return None
+
+    def _installed(self, memo: Path) -> list[Path] | None:
+        """The wheels an earlier install of the unpacked base put in PEX_ROOT (its memo is ours), or ``None``."""
+        try:
+            names = json.loads(memo.read_text()) if memo.is_file() and _private(memo) else None
+        except ValueError:
+            return None
+        if not isinstance(names, list) or not all(isinstance(n, str) and ".." not in n.split("/") for n in names):
+            return None
+        wheels = [self.pex_root / INSTALLED / name for name in names]
+        return wheels if all(wheel.is_dir() for wheel in wheels) else None
+
+    def base_wheels(self, store: PexStore, base: ArtifactRecord) -> list[Path] | None:
+        """The base's wheels in PEX_ROOT, compiled, from its unpacked artifact (installed once); ``None`` when the
+        store has none, or pex has unpacked the base here already (then its venv is the one to build on)."""
+        memo = self.artifacts / f"{base.sha256}.wheels"
+        if (wheels := self._installed(memo)) is not None:
+            return wheels
+        if self._ready(base) is not None or (record := self._unpacked_record(store, base)) is None:
+            return None
+        with self._lock(f"wheels-{base.sha256}"):
+            if (wheels := self._installed(memo)) is not None:
+                return wheels  # N.B. Another process installed them while we waited.
+            wheels = self._install_unpacked(store, record)
+            write_atomic(memo, json.dumps([str(w.relative_to(self.pex_root / INSTALLED)) for w in wheels]))
+        return wheels
+
     def warm(
         self, store: PexStore, base: ArtifactRecord, model: ArtifactRecord | None = None, *, unpacked: bool = True
     ) -> Path:
         """The venv of ``model`` (or of the base alone), created and compiled once; returns its prefix.
 
         ``unpacked``: take the base's wheels from its unpacked artifact when the store has one (the builder, which
-        makes that artifact, unpacks the pex itself).
+        makes that artifact, unpacks the pex itself). Then a model's venv is built on those wheels directly: the
+        base's own venv (2-3 s more) is made only when asked for (``modelpex warm``, an image).
         """
         target = model or base
         check_runs_here(base, target, self.interpreter)
-        ready = self.artifacts / f"{target.sha256}.ready"
-        if ready.is_file() and _private(ready):
-            venv = Path(ready.read_text())
-            if venv.is_relative_to(self.pex_root) and (venv / "bin" / "python").exists() and _private(venv):
-                return venv
-        base_venv = None if model is None else self.warm(store, base, unpacked=unpacked)
+        if (venv := self._ready(target)) is not None:
+            return venv
+        wheels = self.base_wheels(store, base) if unpacked else None
+        base_venv = None if model is None or wheels is not None else self.warm(store, base, unpacked=unpacked)
         with self._lock(f"warm-{target.sha256}"), tempfile.TemporaryDirectory(prefix="modelpex-warm-") as tmp:
-            if ready.is_file() and _private(ready):
-                venv = Path(ready.read_text())
-                if venv.is_relative_to(self.pex_root) and (venv / "bin" / "python").exists() and _private(venv):
-                    return venv  # N.B. Another process made it while we waited.
+            if (venv := self._ready(target)) is not None:
+                return venv  # N.B. Another process made it while we waited.
             workdir = Path(tmp)
-            compiled: list[Path] = []
-            record = self._unpacked_record(store, base) if model is None and unpacked else None
-            if record is not None:
-                compiled = self._install_unpacked(store, record)
             base_path = self.artifact(store, base)
             (workdir / base.filename).symlink_to(base_path)
             pex = base_path
@@ -433,9 +461,9 @@ class ArtifactCache:
             venv = self._venv(pex, workdir)
             done = set() if base_venv is None else set(_site_entries(base_venv))
             # N.B. The unpacked base was compiled before it was packed.
-            done |= {e for e in _site_entries(venv) if any(e.is_relative_to(wheel) for wheel in compiled)}
+            done |= {e for e in _site_entries(venv) if any(e.is_relative_to(wheel) for wheel in wheels or ())}
             self._compile(venv, done)
-            write_atomic(ready, str(venv))
+            write_atomic(self.artifacts / f"{target.sha256}.ready", str(venv))
         return venv
 
     def prepare(self, store: PexStore, model: ArtifactRecord, base: ArtifactRecord) -> Prepared:

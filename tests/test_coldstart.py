@@ -104,6 +104,8 @@ def test_a_host_with_an_empty_cache_installs_the_unpacked_base_and_runs_a_model(
     assert installed.stat().st_mtime == member.mtime, "installed from the unpacked base"
     assert list(installed.parent.glob("__pycache__/__init__.cpython-*.pyc")), "compiled before it was packed"
     assert not list((empty_cache / "pex_root").glob(".unpacking-*"))
+    venvs = list((empty_cache / "pex_root").glob("venvs/*/*/*/bin/python"))
+    assert len(venvs) == 1, f"the model's venv alone, on the base's wheels (no venv of the base's own): {venvs}"
 
 
 @pytest.mark.parametrize("where", ["a file's bytes", "the first entry's header"])
