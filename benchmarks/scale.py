@@ -522,8 +522,8 @@ def plot_coldstart(figures: dict, path: Path) -> None:
         "pex": "pex unpacks the base\n(store without its unpacked form)",
         "unpacked": "the unpacked base\nartifact",
     }
-    for x, path in enumerate(("pex", "unpacked")):
-        p, bottom = c["new_base"][path], 0.0
+    for x, way in enumerate(("pex", "unpacked")):
+        p, bottom = c["new_base"][way], 0.0
         for key, label, color in (
             ("fetch_s", "fetch both artifacts", "#4c72b0"),
             ("unpack_base_s", "the base (pex: its venv; unpacked: its wheels)", "#dd8452"),
