@@ -22,12 +22,13 @@
 - The unpacked base: unpacking the base (620 MB of wheels out of a 186 MB zip) and compiling its bytecode took 16-18 s
   of a new host's first run. So the builder publishes it once more, unpacked and compiled: PEX_ROOT's
   ``installed_wheels/`` as a plain tar (`pack_unpacked`), filed under the base's key as an artifact of its own with
-  its own sha256 (`orchestrator.store`). A host without the base's venv downloads that tar into a private folder,
-  where its bytes are hashed and compared with the record before one entry is read, extracts it there (regular
-  files and folders only, relative names that stay inside, modes and owner set here) and renames each wheel into
-  PEX_ROOT, then lets pex's bootstrap build the venv over wheels it finds installed. A store without it (an older
-  one) falls back to pex's own unpacking. Uncompressed on purpose: on loopback S3 gzip cost more CPU than it saved
-  in bytes (tar -xzf of it took 5x as long as tar -xf).
+  its own sha256 (`orchestrator.store`). A host without the base streams that tar from the store into a private
+  folder of PEX_ROOT, extracting it as it arrives (regular files and folders only, relative names that stay inside,
+  modes and owner set here) while every byte is hashed; only once the digest matches the record is each wheel renamed
+  into PEX_ROOT (`ArtifactCache.base_wheels`). pex then builds a model's venv on those wheels, already compiled; the
+  base's own venv is made only when asked for (``modelpex warm``). A store without it (an older one) falls back to
+  pex's own unpacking. Uncompressed on purpose: gzip (level 1) cut its 750 MB to 250 MB, but extracting it took 5x
+  as long here, and on this machine the bytes are cheaper than the CPU.
 """
 
 from __future__ import annotations
