@@ -361,7 +361,7 @@ class ArtifactCache:
             error = failed[0]
             if isinstance(error, IntegrityError):
                 raise error
-            raise IntegrityError(
+            raise SandboxError(
                 f"cannot install {record.label} (key {record.key}, sha256 {record.sha256}) into {self.pex_root}: "
                 f"{error}; free space there, or rebuild it with `{record.rebuild}`"
             ) from error
