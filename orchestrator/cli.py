@@ -35,7 +35,7 @@ from orchestrator.files import staged
 from orchestrator.platforms import CompletePlatform, recorded_platform
 from orchestrator.settings import Settings, parse_seconds
 from orchestrator.specs import ModelRef, ModelSpec, discover_models, load_model_spec
-from orchestrator.store import ArtifactRecord, IndexScan, Leftover, PexStore, referenced
+from orchestrator.store import ArtifactRecord, IndexScan, Leftover, PexStore, is_remote, referenced
 from orchestrator.versions import ModelSource, resolve_source, tag_name
 
 if TYPE_CHECKING:
@@ -141,7 +141,11 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
         settings = dataclasses.replace(settings, complete_platform=args.complete_platform)
     with _builder(settings) as builder:
         if args.all or "base" in targets:
-            _report(builder.base(force=args.force))
+            base = builder.base(force=args.force)
+            _report(base)
+            unpacked = builder.unpacked(base.record) if is_remote(builder.store.url) else None
+            if unpacked is not None and not unpacked.cached:
+                _report(unpacked)  # N.B. Backfilled for a base published before there was an unpacked form.
         refs = all_refs(settings) if args.all else [ModelRef.parse(t) for t in targets if t != "base"]
         for ref in refs:
             _report(build_ref(builder, settings, ref, force=args.force))

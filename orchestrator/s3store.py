@@ -6,6 +6,7 @@ of its own for them. Under the prefix:
 
     index/<folder>/<key>.json            one record per artifact, created only if absent (If-None-Match: *)
     bases/<key>/<sha256>.pex             artifact bytes, named by their digest
+    bases/<key>/<sha256>.tar             the base unpacked (`orchestrator.cache`), filed under base-unpacked/<key>
     models/<name>/<key>/<sha256>.pex
     states/<model>/<sha256>.state|.json  fitted states and their signed records (`orchestrator.states`)
     frames/<asset key>.parquet           the frames between assets (`orchestrator.resources.FrameStore`)
@@ -33,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, Literal, NoReturn
 from urllib.parse import urlparse
 
 import boto3
@@ -144,6 +145,7 @@ class _HashingWriter:
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
         self._digest = hashlib.sha256()
+        self.size = 0
         self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._hasher = threading.Thread(target=self._hash, name="modelpex-sha256", daemon=True)
         self._hasher.start()
@@ -156,6 +158,7 @@ class _HashingWriter:
         chunk = bytes(data)  # N.B. Its own copy only if it is not bytes already: what was written is what is hashed.
         written = self._handle.write(chunk)
         self._chunks.put(chunk)
+        self.size += len(chunk)
         return written
 
     def __enter__(self) -> _HashingWriter:
@@ -290,8 +293,9 @@ class S3PexStore(PexStore):
         return url[len(head) :]
 
     def _artifact_key(self, record: ArtifactRecord) -> str:
-        folder = "bases" if record.kind == "base" else f"models/{record.name}"
-        return self._key(folder, record.key, f"{record.sha256}.pex")
+        folder = "bases" if record.kind != "model" else f"models/{record.name}"
+        suffix = ".tar" if record.kind == "unpacked" else ".pex"
+        return self._key(folder, record.key, f"{record.sha256}{suffix}")
 
     def _index_key(self, location: str) -> str:
         return self._key("index", f"{location}.json")
@@ -482,6 +486,17 @@ class S3PexStore(PexStore):
         except _Missing:
             raise self._missing(record, self._url_of(key)) from None
 
+    def _stream(self, record: ArtifactRecord, sink: BinaryIO) -> tuple[int, str]:
+        key = self._artifact_key(record)
+        with self._errors(f"fetch {record.label} from {self.url}"), _HashingWriter(sink) as writer:
+            try:
+                self.client.download_fileobj(self.bucket, key, writer, Config=self.transfer)
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    raise self._missing(record, self._url_of(key)) from None
+                raise
+        return writer.size, writer.hexdigest()
+
     def fetch(self, record: ArtifactRecord) -> Path:
         """The artifact in this machine's cache: downloaded and verified once, then trusted while unchanged."""
         return self._verified_copies().get(self, record)
@@ -498,11 +513,14 @@ class S3PexStore(PexStore):
             depth = 2 if folder == "bases" else 3
             for item in self._list(folder):
                 parts = item["Key"][len(self._key(folder)) + 1 :].split("/")
-                if len(parts) != depth or not parts[-1].endswith(".pex") or item["Key"] in indexed:
+                unpacked = folder == "bases" and parts[-1].endswith(".tar")
+                if len(parts) != depth or not (parts[-1].endswith(".pex") or unpacked) or item["Key"] in indexed:
                     continue
                 if item["LastModified"].timestamp() > cutoff:
                     continue
-                kind = "base" if folder == "bases" else "model"
+                kind: Literal["base", "model", "unpacked"] = (
+                    "unpacked" if unpacked else "base" if folder == "bases" else "model"
+                )
                 found.append(Leftover(self._url_of(item["Key"]), kind, parts[-2], item["LastModified"].timestamp()))
         return found
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 from urllib.parse import urlparse
 
 from filelock import FileLock
@@ -47,9 +47,13 @@ __all__ = [
     "referenced",
 ]
 
-Kind = Literal["base", "model"]
-KINDS: tuple[Kind, ...] = ("base", "model")
+Kind = Literal["base", "model", "unpacked"]
+KINDS: tuple[Kind, ...] = ("base", "model", "unpacked")
 BASE_NAME = "base"
+# N.B. The unpacked base (`orchestrator.cache`) is filed apart from the base under the base's key; a hyphen cannot
+# start or occur in a model name, so no model's folder can be this one.
+UNPACKED_FOLDER = "base-unpacked"
+UNPACKED_SUFFIX = ".unpacked.tar"
 BUILD_PREFIX = "build-"
 _KEY_CHARS = set("0123456789abcdef")
 # N.B. What a record file must hold, and the JSON types of every field: the index is files anyone who can write the
@@ -138,21 +142,25 @@ def _check_types(values: dict[str, object], field_types: dict[str, tuple[type, .
 
 
 def index_location(kind: str, name: str, key: str) -> str:
-    """Where the record of an artifact is filed: ``base/<key>`` or ``<model>/<key>``, validated before any use."""
+    """Where the record of an artifact is filed: ``base/<key>``, ``base-unpacked/<key>`` or ``<model>/<key>``,
+    validated before any use."""
     if kind not in KINDS:
         raise StoreError(f"artifact kind {kind!r} is not one of {', '.join(KINDS)}")
-    folder = BASE_NAME if kind == "base" else validate_name(name)
+    folders = {"base": BASE_NAME, "unpacked": UNPACKED_FOLDER}
+    folder = folders[kind] if kind in folders else validate_name(name)
     return f"{folder}/{_validate_key(key)}"
 
 
 def _filed_as(location: str) -> tuple[Kind, str, str]:
     """The (kind, name, key) an index location stands for; `index_location` validates them."""
     folder, _, key = location.partition("/")
+    if folder == UNPACKED_FOLDER:
+        return "unpacked", BASE_NAME, key
     return ("base" if folder == BASE_NAME else "model"), folder, key
 
 
 def _label(kind: str, name: str, version: str | None, unknown: str = "") -> str:
-    if kind == "base":
+    if kind in ("base", "unpacked"):
         return BASE_NAME
     return f"{name}@{version or unknown}" if version or unknown else name
 
@@ -184,8 +192,8 @@ class ArtifactRecord:
         _check_types(vars(self))
         if self.kind not in KINDS:
             raise StoreError(f"artifact kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.kind == "base" and self.name != BASE_NAME:
-            raise StoreError(f"a base artifact is named {BASE_NAME!r}, not {self.name!r}")
+        if self.kind in ("base", "unpacked") and self.name != BASE_NAME:
+            raise StoreError(f"a {self.kind} base artifact is named {BASE_NAME!r}, not {self.name!r}")
         if self.kind == "model":
             validate_name(self.name)
         validate_version(self.version, model=self.name)
@@ -202,11 +210,18 @@ class ArtifactRecord:
         """Content-named file name. N.B. model pexes find their base by this name: never rename a base."""
         if self.kind == "base":
             return f"base-{self.key}.pex"
+        if self.kind == "unpacked":
+            return f"base-{self.key}{UNPACKED_SUFFIX}"
         return f"{self.name}-{self.version}-{self.key}.pex"
 
     @property
     def label(self) -> str:
-        return "base" if self.kind == "base" else f"{self.name}@{self.version}"
+        return {"base": "base", "unpacked": "unpacked base"}.get(self.kind, f"{self.name}@{self.version}")
+
+    @property
+    def rebuild(self) -> str:
+        """The command that publishes this artifact again, as error messages name it."""
+        return f"modelpex build {'base' if self.kind != 'model' else self.label} --force"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -335,7 +350,7 @@ class Leftover:
     """Bytes in the store that no record points at: an artifact or a fitted state a crash or a lost race left."""
 
     where: str  # its file or URL, as messages name it
-    kind: Literal["base", "model", "state"]
+    kind: Literal["base", "model", "unpacked", "state"]
     key: str  # the artifact key, or the state's sha256
     modified: float  # seconds since the epoch
 
@@ -401,6 +416,10 @@ class PexStore(ABC):
 
         A missing artifact is an `IntegrityError` naming it (its record exists: something removed the bytes).
         """
+
+    @abstractmethod
+    def _stream(self, record: ArtifactRecord, sink: BinaryIO) -> tuple[int, str]:
+        """Write the artifact's bytes to ``sink`` in order; return their size and sha256, computed on the way."""
 
     @abstractmethod
     def fetch(self, record: ArtifactRecord) -> Path:
@@ -615,10 +634,21 @@ class PexStore(ABC):
         self._check_bytes(record, f"its copy from {self.url}", size, digest)
         return destination
 
+    def stream(self, record: ArtifactRecord, sink: BinaryIO) -> None:
+        """Write the artifact's bytes to ``sink`` as they arrive, hashed on the way; after the last one, raise
+        `IntegrityError` naming the artifact when they are not the recorded ones.
+
+        N.B. For a reader that makes nothing of the bytes visible before this returns (`orchestrator.cache`
+        extracts the unpacked base into a private folder as it arrives): the bytes it consumed are the bytes
+        hashed, and nobody else can change them on the way.
+        """
+        size, digest = self._stream(record, sink)
+        self._check_bytes(record, f"its stream from {self.url}", size, digest)
+
     def _missing(self, record: ArtifactRecord, where: str) -> IntegrityError:
         return IntegrityError(
             f"{record.label} (key {record.key}) is in the index of {self.url} but its file {where} is "
-            f"missing: rebuild it with `modelpex build {record.label} --force`"
+            f"missing: rebuild it with `{record.rebuild}`"
         )
 
     @staticmethod
@@ -629,7 +659,7 @@ class PexStore(ABC):
         raise IntegrityError(
             f"refusing to run {record.label}: {what} has {found} but the index recorded {record.size} "
             f"bytes with sha256 {record.sha256}; it was truncated or tampered with. Rebuild it with "
-            f"`modelpex build {record.label} --force`"
+            f"`{record.rebuild}`"
         )
 
 
@@ -646,7 +676,7 @@ class LocalPexStore(PexStore):
         self.url = self.root.as_uri()
 
     def _artifact_path(self, record: ArtifactRecord) -> Path:
-        folder = self.root / "bases" if record.kind == "base" else self.root / "models" / record.name
+        folder = self.root / "bases" if record.kind != "model" else self.root / "models" / record.name
         return folder / record.filename
 
     def _index_path(self, kind: Kind, name: str, key: str) -> Path:
@@ -748,6 +778,19 @@ class LocalPexStore(PexStore):
         except FileNotFoundError:
             raise self._missing(record, str(source)) from None
 
+    def _stream(self, record: ArtifactRecord, sink: BinaryIO) -> tuple[int, str]:
+        source = self._artifact_path(record)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(source, "rb") as reader:
+                while chunk := reader.read(COPY_CHUNK):
+                    digest.update(chunk)
+                    sink.write(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise self._missing(record, str(source)) from None
+        return size, digest.hexdigest()
+
     def fetch(self, record: ArtifactRecord) -> Path:
         """The artifact where it is, verified (the store is on this machine: nothing to copy)."""
         return self.verify(record)
@@ -759,19 +802,20 @@ class LocalPexStore(PexStore):
     def unindexed_files(self) -> list[Path]:
         """Artifact files no record points at: leftovers of a crash between move and index write."""
         indexed = {self._artifact_path(r) for r in self.records()}
-        files = [*self.root.glob("bases/*.pex"), *self.root.glob("models/*/*.pex")]
+        files = [*self.root.glob("bases/*.pex"), *self.root.glob(f"bases/*{UNPACKED_SUFFIX}")]
+        files += self.root.glob("models/*/*.pex")
         return sorted(p for p in files if p not in indexed)
 
     def unindexed(self) -> list[Leftover]:
-        return [
-            Leftover(
-                str(path),
-                "base" if path.parent.name == "bases" else "model",
-                path.stem.rpartition("-")[2],
-                path.stat().st_mtime,
+        found = []
+        for path in self.unindexed_files():
+            unpacked = path.name.endswith(UNPACKED_SUFFIX)
+            kind: Literal["base", "model", "unpacked"] = (
+                "unpacked" if unpacked else "base" if path.parent.name == "bases" else "model"
             )
-            for path in self.unindexed_files()
-        ]
+            key = path.name.removesuffix(UNPACKED_SUFFIX if unpacked else ".pex").rpartition("-")[2]
+            found.append(Leftover(str(path), kind, key, path.stat().st_mtime))
+        return found
 
     def _state_path(self, model: str, sha256: str, suffix: str) -> Path:
         return self.root / "states" / f"{_state_name(model, sha256)}{suffix}"

@@ -325,6 +325,7 @@ def test_build_run_list_and_gc_from_the_command_line(
     assert built.returncode == 0, built.stderr
     assert [line.split()[:2] for line in built.stdout.splitlines()] == [
         ["cached", "base"],
+        ["built", "unpacked"],  # N.B. The base's unpacked form, for hosts without it (`orchestrator.cache`).
         ["built", "m@1.0.0"],
         ["built", "m@1.1.0"],
     ]
@@ -333,11 +334,12 @@ def test_build_run_list_and_gc_from_the_command_line(
     parts = -(-base.size // (16 << 20))
     assert head["ETag"].endswith(f'-{parts}"') and head["ChecksumSHA256"].endswith(f"-{parts}"), head
     assert cli("build", "--all", env=builder).stdout.count("cached") == 3
+    assert store.record("unpacked", "base", base.key) is not None
 
     listing = cli("list", env={"MODELPEX_STORE": s3_url})
     assert listing.returncode == 0 and f"artifacts in {s3_url}" in listing.stdout, listing.stderr
     artifacts, releases = listing.stdout.split(f"releases in {s3_url}")
-    assert artifacts.count(" m ") == 2 and "base" in artifacts, listing.stdout
+    assert artifacts.count(" m ") == 2 and "base" in artifacts and "│ unpacked │ base" in artifacts, listing.stdout
     assert releases.count(" m ") == 2 and "1.0.0" in releases and "1.1.0" in releases, listing.stdout
 
     args = ("--input", f"data={data_file(tmp_path)}", "--output", str(tmp_path / "out.parquet"))

@@ -233,6 +233,33 @@ def test_unindexed_artifacts_are_found_and_removed(backend: PexStore, tmp_path: 
     assert backend.unindexed() == [] and stored_bytes(backend, record) is None
 
 
+def test_the_unpacked_base_is_filed_apart_streamed_verified_and_collected(backend: PexStore, tmp_path: Path) -> None:
+    """The base's unpacked form (`orchestrator.cache`) under the base's key: not a base, streamed with every byte
+    hashed (a tampered one refused after the last byte, naming it and its digest), its orphan bytes found by gc."""
+    import io
+
+    path = tmp_path / "unpacked.tar"
+    path.write_bytes(b"installed wheels" * 4096)
+    record = ArtifactRecord("unpacked", "base", "0.1.0", BASE_KEY, base_key=BASE_KEY).finished(path)
+    backend.put(record, path)
+    assert backend.record("unpacked", "base", BASE_KEY) == record
+    assert backend.find("base", "base") == [] and backend.scan().problems == {}
+    sink = io.BytesIO()
+    backend.stream(record, sink)
+    assert sink.getvalue() == path.read_bytes()
+    replace_stored_bytes(backend, record, b"installed wheelz" + path.read_bytes()[16:])
+    with pytest.raises(IntegrityError) as refused:
+        backend.stream(record, io.BytesIO())
+    assert "unpacked base" in str(refused.value) and record.sha256 in str(refused.value)
+    if isinstance(backend, LocalPexStore):
+        (backend.root / "index" / "base-unpacked" / f"{BASE_KEY}.json").unlink()
+    else:
+        index = backend._index_key(f"base-unpacked/{BASE_KEY}")  # type: ignore[attr-defined]
+        backend.client.delete_object(Bucket=backend.bucket, Key=index)  # type: ignore[attr-defined]
+    (leftover,) = backend.unindexed()
+    assert (leftover.kind, leftover.key) == ("unpacked", BASE_KEY)
+
+
 def test_put_refuses_bytes_that_changed_since_the_build(backend: PexStore, tmp_path: Path) -> None:
     record, path = artifact(tmp_path)
     path.write_bytes(b"swapped after hashing")
