@@ -84,7 +84,6 @@ CONCURRENT = 8
 MODELPEX = str(Path(sys.executable).with_name("modelpex"))
 TARGETS = {"s3_put_vs_boto3": 1.3, "s3_fetch_vs_boto3": 1.3, "cold_vs_parts": 1.2, "eight_vs_ideal": 1.5}
 # N.B. The new-base figure is in seconds (the issue's own terms: "6 s or less"), the image figure a ratio.
-KILLED_STARTING = "was killed by signal 9 while starting"
 COLDSTART_TARGETS = {"new_base_ready_s": 6.0, "image_first_vs_warm": 2.0}
 
 
@@ -384,20 +383,11 @@ def coldstart_round(
     # N.B. Each step takes each place in turn, so the writeback and page cache of one weigh on all alike.
     shift = i % len(steps)
     for name, step in steps[shift:] + steps[:shift]:
-        for attempt in range(3):
-            cache = folder(work / f"coldstart-{i}-{name}-{attempt}")
-            try:
-                step(cache)
-                break
-            except RuntimeError as exc:
-                # N.B. Another orchestrator on this machine (a test run) with a cache of its own can take the same
-                # model uid and kill its stragglers, ours among them: uid slots are locked per cache. Done again.
-                if KILLED_STARTING not in str(exc) or attempt == 2:
-                    raise
-                print(f"{name}: a model process was killed from outside as it started; again", file=sys.stderr)
-                seconds["redone"] = seconds.get("redone", 0) + 1
-            finally:
-                shutil.rmtree(cache)
+        cache = folder(work / f"coldstart-{i}-{name}")
+        try:
+            step(cache)
+        finally:
+            shutil.rmtree(cache)
     return seconds
 
 
@@ -416,7 +406,6 @@ def coldstart(
     for i in range(repeats):
         for name, value in coldstart_round(urls, base, model, interpreter, work, i).items():
             runs.setdefault(name, []).append(value)
-    redone = sum(runs.pop("redone", []))
     s = medians(runs)
     paths = {
         path: {
@@ -445,7 +434,6 @@ def coldstart(
             "compares": "first modelpex run with the base's venv in the cache / a warm run of the same command",
         },
         "runs": runs,
-        "redone_steps": redone,
     }
 
 
