@@ -13,6 +13,7 @@ allows (the JSON records which):
 - ``modelpex run`` of a 100-row frame end to end, against the model process's own wall time (start-up to answer);
 - inside a Dagster run (20 clients, in process), the orchestrator's own time per call, from each materialisation's
   ``step_overhead`` and ``process_start``;
+- the transport's share of a client's warm predict call at 1,000 and 1,000,000 rows (issue 17);
 - what the limits cost (issue 16): a client's child with the default limits against one without, alternating, for
   its start and its warm calls (target: under 5 ms per call);
 - what was taken off every call: hashing the 186 MB base (now a stat of the verified copy) and importing Dagster
@@ -326,6 +327,7 @@ def main() -> None:
             "process_start": sandbox_cost(settings, runner, record, repeats),
             "removed": removed(runner, record),
             "limits": limits_cost(runner, record, inputs, state, max(2, repeats)),
+            "transport": transport_share(runner, record, state, (1000, 1_000_000), 3 if args.quick else 9),
         }
     figures["targets"] = TARGETS
     figures["met"] = {
@@ -379,6 +381,36 @@ def plot(figures: dict, path: Path) -> None:
         f"{redeploy['speedup']:.1f}x, one shared process {redeploy['shared_speedup']:.1f}x faster than cold"
     )
     save(fig, path)
+
+
+# --- the transport's share of a warm call (issue 17) ----------------------------------------------------------
+
+
+def transport_share(runner: Runner, record, state, sizes: tuple[int, ...], calls: int) -> dict:
+    """A client's warm predict calls at each size: the call's wall time, the transport's part of it (our writes and
+    reads of the frames, the model's reads and writes, as `RunOutcome.transport_seconds` counts them), and the model's
+    own predict; medians of ``calls`` calls after a first one."""
+    prepared = runner.prepare(record)
+    figures = {}
+    for rows in sizes:
+        kwargs = {"action": "predict", "inputs": {"customers": customers(rows)}, "params": {}, "state_in": state}
+        runner.processes.call(prepared, console_link, timeout=600, client=f"transport-{rows}", **kwargs)
+        outcomes = [
+            runner.processes.call(prepared, console_link, timeout=600, client=f"transport-{rows}", **kwargs)
+            for _ in range(calls)
+        ]
+        wall = statistics.median(o.wall_seconds for o in outcomes)
+        transport = statistics.median(o.transport_seconds for o in outcomes)
+        figures[str(rows)] = {
+            "wall_s": wall,
+            "transport_s": transport,
+            "model_s": statistics.median(sum(o.model_seconds.values()) for o in outcomes),
+            "transport_share": transport / wall,
+            "bytes_in": outcomes[0].bytes_in,
+            "bytes_out": outcomes[0].bytes_out,
+        }
+    runner.processes.close()
+    return figures
 
 
 # --- what the limits cost (issue 16) ----------------------------------------------------------------------------
