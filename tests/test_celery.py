@@ -268,6 +268,7 @@ def _publish(project: Project, store_url: str, base_path: Path, base: ArtifactRe
     assert built.returncode == 0, built.stderr
     assert [line.split()[:2] for line in built.stdout.splitlines()] == [
         ["cached", "base"],
+        ["built", "unpacked"],  # N.B. The base's unpacked form, which cold workers install (`orchestrator.cache`).
         ["built", "m@1.0.0"],
         ["built", "m@1.1.0"],
     ], built.stdout
@@ -396,7 +397,7 @@ def is_model_step(step: str) -> bool:
 
 def assert_cache_intact(host: Host, records: dict[str, ArtifactRecord], base: ArtifactRecord) -> None:
     """Every artifact in the host's cache is whole and is the store's (its sha256 recomputed here), vouched for,
-    with no half-written copy beside it; the base's venv is ready and runs."""
+    with no half-written copy beside it; the base's wheels are installed and the models' venvs run."""
     artifacts = host.cache / "artifacts"
     assert base.sha256 in {p.stem for p in host.fetched()}, f"{host.name} fetched the base"
     for path in host.fetched():
@@ -404,10 +405,16 @@ def assert_cache_intact(host: Host, records: dict[str, ArtifactRecord], base: Ar
         assert digest == path.stem and digest in records, f"{host.name}: {path.name} is not what the store holds"
         assert path.with_suffix(".verified").is_file(), path
     assert not list(artifacts.glob(".*.tmp")), f"{host.name}: a copy was left half-written"
-    venv = Path((artifacts / f"{base.sha256}.ready").read_text())
-    assert venv.is_relative_to(host.cache / "pex_root"), venv
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", "import pandas, pyarrow, sklearn"], capture_output=True)
-    assert done.returncode == 0, f"{host.name}: the base's venv is broken: {done.stderr.decode()[-2000:]}"
+    # N.B. The base comes from its unpacked form (S3 stores have one): its wheels are installed, and the models'
+    # venvs are built on them (the base's own venv is made only by `modelpex warm`).
+    assert (artifacts / f"{base.sha256}.wheels").is_file(), f"{host.name}: the base's wheels are not installed"
+    venvs = [Path(ready.read_text()) for ready in artifacts.glob("*.ready")]
+    assert venvs, f"{host.name}: no model venv is ready"
+    for venv in venvs:
+        assert venv.is_relative_to(host.cache / "pex_root"), venv
+        python = str(venv / "bin" / "python")
+        done = subprocess.run([python, "-c", "import pandas, pyarrow, sklearn"], capture_output=True)
+        assert done.returncode == 0, f"{host.name}: the venv {venv} is broken: {done.stderr.decode()[-2000:]}"
 
 
 def store_records(cluster: Cluster) -> dict[str, ArtifactRecord]:
@@ -497,7 +504,7 @@ def test_a_run_spreads_over_two_workers_one_starting_while_the_other_unpacks_the
     clients = CLIENTS[:4]
     host = cluster.host("host1")
     (host.cache / "locks").mkdir(mode=0o700)
-    unpacking = FileLock(host.cache / "locks" / f"warm-{cluster.base.sha256}.lock")
+    unpacking = FileLock(host.cache / "locks" / f"wheels-{cluster.base.sha256}.lock")
     with unpacking:
         first = pair.start(1, host)
         launch = cluster.launch(clients, cluster.host("launcher"))
@@ -511,7 +518,7 @@ def test_a_run_spreads_over_two_workers_one_starting_while_the_other_unpacks_the
         steps = steps_of(instance, run_id)
     assert len(steps) == 3 * len(clients), sorted(steps)
     assert {s.worker for s in steps.values()} == {first.nodename, second.nodename}, f"all on the workers: {steps}"
-    ready_at = (first.host.cache / "artifacts" / f"{cluster.base.sha256}.ready").stat().st_mtime
+    ready_at = (first.host.cache / "artifacts" / f"{cluster.base.sha256}.wheels").stat().st_mtime
     second_ready = second.ready_at()
     assert second_ready is not None and second_ready < ready_at, "worker2 was ready while worker1 unpacked the base"
     models = {
@@ -594,7 +601,7 @@ def test_a_step_whose_worker_is_killed_goes_to_another_worker(
         del pair.started[number]
     doomed_host = cluster.host("doomed")
     (doomed_host.cache / "locks").mkdir(mode=0o700)
-    unpacking = FileLock(doomed_host.cache / "locks" / f"warm-{cluster.base.sha256}.lock")
+    unpacking = FileLock(doomed_host.cache / "locks" / f"wheels-{cluster.base.sha256}.lock")
     with unpacking:
         doomed = cluster.start_worker("doomed", doomed_host, timeout)
         doomed.wait_ready()
