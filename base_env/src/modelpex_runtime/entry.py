@@ -287,6 +287,9 @@ def serve(channel: Channel, model: Model) -> int:
         try:
             arm_call()
             reply = _answer(channel, model, message, fds, outgoing)
+            # N.B. Before the answer, not after it: once the orchestrator has the call's end, nothing the model
+            # started may still run (a daemon it left was found alive by a check made right after the call).
+            end_descendants()
             channel.send(reply)
             _send_outputs(outgoing)
         finally:
