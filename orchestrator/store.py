@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 from urllib.parse import urlparse
 
 from filelock import FileLock
@@ -141,6 +141,24 @@ def _check_types(values: dict[str, object], field_types: dict[str, tuple[type, .
             raise StoreError(f"field {name} = {value!r} is not {expected}")
 
 
+def _from_json(cls: Any, text: str | bytes, required: Iterable[str]) -> Any:
+    """A record dataclass from its JSON: a `StoreError` says what is wrong; fields ``cls`` does not know are ignored."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # N.B. JSONDecodeError and UnicodeDecodeError, from a truncated or binary file.
+        raise StoreError(f"is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"is not a JSON object but {type(data).__name__}")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise StoreError(f"lacks the field(s) {', '.join(missing)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except ModelpexError as exc:
+        raise StoreError(f"is not valid ({exc})") from None
+
+
 def index_location(kind: str, name: str, key: str) -> str:
     """Where the record of an artifact is filed: ``base/<key>``, ``base-unpacked/<key>`` or ``<model>/<key>``,
     validated before any use."""
@@ -232,20 +250,7 @@ class ArtifactRecord:
 
         N.B. Fields this version does not know are ignored, so an older orchestrator reads a newer index.
         """
-        try:
-            data = json.loads(text)
-        except ValueError as exc:  # N.B. JSONDecodeError and UnicodeDecodeError, from a truncated or binary file.
-            raise StoreError(f"is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"is not a JSON object but {type(data).__name__}")
-        missing = [name for name in _REQUIRED if name not in data]
-        if missing:
-            raise StoreError(f"lacks the field(s) {', '.join(missing)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except ModelpexError as exc:
-            raise StoreError(f"is not valid ({exc})") from None
+        return _from_json(cls, text, _REQUIRED)
 
     def check_identity(self, kind: str, name: str, key: str, version: str | None = None) -> None:
         """Raise a `StoreError` unless this is the record of (kind, name, key[, version]).
@@ -313,20 +318,7 @@ class ReleaseRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> ReleaseRecord:
         """Parse a release record; a `StoreError` says what is wrong. Unknown fields are ignored (a newer writer)."""
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise StoreError(f"is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"is not a JSON object but {type(data).__name__}")
-        missing = [name for name in _RELEASE_REQUIRED if name not in data]
-        if missing:
-            raise StoreError(f"lacks the field(s) {', '.join(missing)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except ModelpexError as exc:
-            raise StoreError(f"is not valid ({exc})") from None
+        return _from_json(cls, text, _RELEASE_REQUIRED)
 
 
 @dataclass(frozen=True)
