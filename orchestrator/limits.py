@@ -204,7 +204,7 @@ def limit_hit(kind: str, message: str, signal: int | None = None) -> str | None:
     """Which limit a model's failure (exception type and message, or the signal that killed it) shows it hit."""
     if signal == _SIGXCPU:
         return "cpu"
-    if kind == "MemoryError":
+    if kind == "MemoryError" or "[Errno 12]" in message:  # N.B. ENOMEM: what RLIMIT_DATA makes mmap and brk fail with
         return "memory"
     if "[Errno 27]" in message:  # EFBIG
         return "file_size"

@@ -544,7 +544,12 @@ class ModelProcess:
     def _crashed(self, doing: str) -> ModelRunError:
         code = self.server.end(self.pid, grace=2.0)
         self._closed = True
-        hit = self._limit("", "", -code if code is not None and code < 0 else None)
+        # N.B. A child that could not even start under its limits (a memory limit below what a fork server's child
+        # inherits) says why in its last line of stderr, once the pumps have forwarded it.
+        time.sleep(0.05)
+        last = self.tail[-1] if self.tail else ""
+        kind = last.partition("could not start: ")[2].partition(":")[0]
+        hit = self._limit(kind, last, -code if code is not None and code < 0 else None)
         return hit or _crashed(self.label, None, self.tail, doing, code)
 
     def _next(self, call_id: int, link: PipesLink | None, deadline: float, doing: str) -> dict[str, Any]:

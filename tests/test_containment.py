@@ -279,6 +279,15 @@ def train(inputs, params):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             pass
+    elif hog == "fill":  # N.B. Memory up to the last page the limit allows, kept: nothing is left to answer with
+        global HELD
+        HELD = []
+        for size in (2**20, 4096, 64):
+            try:
+                while True:
+                    HELD.append(bytearray(size))
+            except MemoryError:
+                pass
     elif hog == "disk":
         chunk = b"x" * 2**20
         with open("hog.bin", "wb") as out:
@@ -363,6 +372,18 @@ def test_a_clients_limit_wins_and_is_named(bench: Bench) -> None:
         r"clients.acme.models.hog.limits \(this client\) or \[tool.modelpex.limits\] of hog's",
     ):
         bench.call("hog", params={"hog": "memory"}, client_limits=client)
+
+
+@needs_user_switch
+def test_a_model_that_keeps_all_its_memory_is_named(bench: Bench) -> None:
+    """A model that fills its memory limit and keeps it leaves its process nothing to answer with: the process ends on
+    an allocation that fails after the model returned (MemoryError, or an OSError ENOMEM from a system call), and the
+    call fails in the memory limit's one line, not as a crash with the runtime's last words in stderr."""
+    from orchestrator.run import ModelLimitError
+
+    bench.add("hog", HOG, LIMITS)
+    with pytest.raises(ModelLimitError, match=r"^model hog@1.0.0 hit its memory limit of 256 MiB "):
+        bench.call("hog", params={"hog": "fill"})
 
 
 @pytest.mark.parametrize(
