@@ -20,6 +20,7 @@ than into fresh ones (field notes); a process-wide budget (`MODELPEX_SHM_POOL_BY
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -294,15 +295,21 @@ def decode_output(payload: pa.Buffer, ref: FrameRef, library: str, what: str) ->
     return from_arrow(read_table(payload, ref, what, full=True), library, what)
 
 
+_pipe_sizes = list(PIPE_BYTES)  # N.B. What the kernel may grant: a size it refused once is not asked for again.
+
+
 def _output_pipe() -> tuple[int, int]:
     """A new pipe for one output: our read end (non-blocking, so that a silent model cannot hang us), its write end."""
     read, write = os.pipe2(os.O_CLOEXEC)
-    for size in PIPE_BYTES:
+    for size in list(_pipe_sizes):
         try:
             fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, size)
             break
         except OSError:
-            continue  # N.B. The default 64 KiB still works, with more wake-ups.
+            if size != PIPE_BYTES[-1]:  # N.B. The smallest stays: it may fail only for a while (the pipe quota).
+                with contextlib.suppress(ValueError):
+                    _pipe_sizes.remove(size)  # N.B. Two failed fcntl calls per output and call, otherwise.
+            # N.B. The default 64 KiB still works, with more wake-ups.
     os.set_blocking(read, False)
     return read, write
 

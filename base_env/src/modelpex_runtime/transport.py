@@ -34,6 +34,7 @@ __all__ = [
     "allocate",
     "check_space",
     "frame_ref",
+    "fits_in_pipe",
     "from_arrow",
     "ipc_size",
     "map_fd",
@@ -515,6 +516,20 @@ def prepare_frame(frame: Any, slot: int, what: str = "the frame") -> tuple[Frame
             raise TransportError(f"wrote {sink.written} bytes of {what} where {size} were measured")
 
     return frame_ref(slot, size, table), send
+
+
+def fits_in_pipe(fd: int, size: int) -> bool:
+    """Whether ``size`` bytes go into the empty pipe ``fd`` without waiting for a reader (a file takes any size).
+
+    N.B. Such an output is written before the call is answered: the orchestrator then finds it in the pipe, and
+    the round trip saves a wake-up of each side (a third of a small frame's round trip, measured). One page is left
+    spare so that the write can never wait on a reader that waits for the answer.
+    """
+    try:
+        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        return True
+    return size + mmap.PAGESIZE <= capacity
 
 
 def write_frame(frame: Any, fd: int, slot: int, what: str = "the frame") -> FrameRef:
