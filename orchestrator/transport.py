@@ -7,7 +7,8 @@ memfd has no name another process could open, and the kernel frees it with its l
 crash or a kill -9 of either side leaks nothing and there is nothing to sweep.
 
 Outputs come back through pipes, one per output and call: the model streams its Arrow IPC bytes into the write end
-(``vmsplice`` of its column buffers, so our ``read`` is the only copy) and we read them into a *landing* buffer, a
+(``vmsplice`` of its column buffers, so our ``read`` is the only copy; an output that fits in the pipe is written
+before the answer, a bigger one after it, while we read) and we read them into a *landing* buffer, a
 private mapping of ours that no other process can reach: what a model does afterwards, with any descriptor it
 kept, cannot change what we read, and a pipe is never handed to anyone again. Every output is then validated in
 full before anything reads it (`decode_output`).

@@ -509,8 +509,8 @@ def read_frame(ref: FrameRef, fd: int, library: str, what: str = "the frame") ->
 def prepare_frame(frame: Any, slot: int, what: str = "the frame") -> tuple[FrameRef, Callable[[int], None]]:
     """A frame's reference (its exact size) and the function that streams it into its output pipe.
 
-    N.B. Two steps because the model answers first and writes after: the orchestrator reads an output pipe once it
-    knows the output's size, and a frame bigger than the pipe can only be written while it reads.
+    N.B. Two steps because a frame bigger than its pipe is written after the answer: the orchestrator reads an output
+    pipe once it knows the output's size, and such a frame can only be written while it reads (`fits_in_pipe`).
     """
     table = to_arrow(frame, what)
     size = ipc_size(table)
