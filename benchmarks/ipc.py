@@ -111,7 +111,7 @@ def seed_round_trips(kind: str, sizes: list[int], repeats: int) -> dict[int, flo
 def worker(fd: int) -> None:
     """The model side, kept alive: read each frame as its library asks, write it back, over the real channel."""
     from modelpex_runtime.channel import Channel, ChannelClosed
-    from modelpex_runtime.transport import prepare_frame, read_frame
+    from modelpex_runtime.transport import fits_in_pipe, prepare_frame, read_frame
 
     channel = Channel.from_fd(fd)
     channel.send({"ready": True})
@@ -126,9 +126,13 @@ def worker(fd: int) -> None:
         ref, send = prepare_frame(frame, call["out"])
         prepared = time.perf_counter()
         seconds = {"model: map + read + convert": read - started, "model: to Arrow + measure": prepared - read}
-        # N.B. As the runtime does: the answer first, then the output into its pipe.
+        # N.B. As the runtime does: an output that fits in its pipe before the answer, a bigger one after it.
+        early = fits_in_pipe(fds[call["out"]], ref["size"])
+        if early:
+            send(fds[call["out"]])
         channel.send({"ref": ref, "seconds": seconds})
-        send(fds[call["out"]])
+        if not early:
+            send(fds[call["out"]])
         del frame, send
         for descriptor in fds:
             os.close(descriptor)

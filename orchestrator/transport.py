@@ -7,7 +7,8 @@ memfd has no name another process could open, and the kernel frees it with its l
 crash or a kill -9 of either side leaks nothing and there is nothing to sweep.
 
 Outputs come back through pipes, one per output and call: the model streams its Arrow IPC bytes into the write end
-(``vmsplice`` of its column buffers, so our ``read`` is the only copy) and we read them into a *landing* buffer, a
+(``vmsplice`` of its column buffers, so our ``read`` is the only copy; an output that fits in the pipe is written
+before the answer, a bigger one after it, while we read) and we read them into a *landing* buffer, a
 private mapping of ours that no other process can reach: what a model does afterwards, with any descriptor it
 kept, cannot change what we read, and a pipe is never handed to anyone again. Every output is then validated in
 full before anything reads it (`decode_output`).
@@ -20,6 +21,7 @@ than into fresh ones (field notes); a process-wide budget (`MODELPEX_SHM_POOL_BY
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -294,15 +296,21 @@ def decode_output(payload: pa.Buffer, ref: FrameRef, library: str, what: str) ->
     return from_arrow(read_table(payload, ref, what, full=True), library, what)
 
 
+_pipe_sizes = list(PIPE_BYTES)  # N.B. What the kernel may grant: a size it refused once is not asked for again.
+
+
 def _output_pipe() -> tuple[int, int]:
     """A new pipe for one output: our read end (non-blocking, so that a silent model cannot hang us), its write end."""
     read, write = os.pipe2(os.O_CLOEXEC)
-    for size in PIPE_BYTES:
+    for size in list(_pipe_sizes):
         try:
             fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, size)
             break
         except OSError:
-            continue  # N.B. The default 64 KiB still works, with more wake-ups.
+            if size != PIPE_BYTES[-1]:  # N.B. The smallest stays: it may fail only for a while (the pipe quota).
+                with contextlib.suppress(ValueError):
+                    _pipe_sizes.remove(size)  # N.B. Two failed fcntl calls per output and call, otherwise.
+            # N.B. The default 64 KiB still works, with more wake-ups.
     os.set_blocking(read, False)
     return read, write
 

@@ -307,6 +307,51 @@ def test_an_output_cannot_be_changed_once_it_is_read(pool: SegmentPool) -> None:
             os.close(kept)
 
 
+class _Echo:
+    """Just enough of `modelpex_runtime.entry.Model` for `execute`: predict returns the frames it was built with."""
+
+    entry = {"frames": "pyarrow"}
+    label = "echo 1.0"
+
+    def __init__(self, outputs: dict[str, pa.Table]) -> None:
+        self.outputs = outputs
+
+    def predict(self, inputs: object, state: object, params: object) -> dict[str, pa.Table]:
+        return self.outputs
+
+    def decode(self, fmt: str, payload: bytes) -> None:
+        return None
+
+
+def test_an_output_that_fits_its_pipe_is_there_before_the_answer_and_a_bigger_one_after() -> None:
+    """A small output waits in its pipe when the model answers: the orchestrator reads it without waiting for the
+    model to be scheduled again (a wake-up of each side saved per call). A bigger one cannot be written before
+    anyone reads it, so it still follows the answer."""
+    import logging
+    import termios
+
+    from modelpex_runtime.entry import execute
+    from modelpex_runtime.protocol import PROTOCOL_VERSION
+
+    small, big = pa.table({"a": np.arange(1000)}), pa.table({"a": np.arange(1 << 20)})
+    pipes = [os.pipe() for _ in range(2)]
+    state = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for _, write in pipes:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, MiB)
+        fds = [state, pipes[0][1], pipes[1][1]]
+        call = {"protocol": PROTOCOL_VERSION, "action": "predict", "inputs": {}, "outputs": {"small": 1, "big": 2},
+                "params": {}, "state_in": {"slot": 0, "format": "json", "size": 0}, "state_out": None}  # fmt: skip
+        outgoing: list = []
+        result = execute(_Echo({"small": small, "big": big}), call, fds, logging.getLogger("test"), outgoing)
+        waiting = [int.from_bytes(fcntl.ioctl(read, termios.FIONREAD, b"\0" * 4), "little") for read, _ in pipes]
+        assert waiting == [result["outputs"]["small"]["size"], 0], "the small output is in its pipe, the big not yet"
+        assert len(outgoing) == 1 and result["outputs"]["big"]["size"] > MiB, "the big one follows the answer"
+    finally:
+        for fd in (state, *(end for pipe in pipes for end in pipe)):
+            os.close(fd)
+
+
 # --- descriptors, not names; modes and bad payloads ----------------------------------------------------------
 
 

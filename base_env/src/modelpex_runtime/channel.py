@@ -49,12 +49,13 @@ class Channel:
                 f"{MAX_MESSAGE_BYTES} bytes: report less (metadata, log lines) in one message"
             )
         header = _HEADER.pack(len(payload))
+        message_bytes = header + payload
         with self._sending:
-            if fds:
-                socket.send_fds(self.sock, [header], list(fds))
-                self.sock.sendall(payload)
-            else:
-                self.sock.sendall(header + payload)
+            # N.B. One sendmsg for the header, the payload and the descriptors: the peer wakes once, not once per
+            # part. A stream socket may take less than all of it; the rest follows with sendall.
+            sent = socket.send_fds(self.sock, [message_bytes], list(fds)) if fds else self.sock.send(message_bytes)
+            if sent < len(message_bytes):
+                self.sock.sendall(memoryview(message_bytes)[sent:])
 
     def receive(self) -> tuple[dict[str, Any], list[int]]:
         """The next message and its descriptors (owned by the caller, non-inheritable); `ChannelClosed` at EOF."""

@@ -146,13 +146,14 @@ def execute(
 ) -> ModelResult:
     """Run one call of the model in this process; everything the orchestrator needs comes back in the result.
 
-    Outputs and the state go into their pipes after the result is sent (``outgoing``, in the order the result lists
-    them, the state last): the orchestrator reads each pipe once it knows its size. Without ``outgoing``, at once.
+    Outputs and the state that fit in their pipes are written at once; bigger ones go into their pipes after the
+    result is sent (``outgoing``, in the order the result lists them, the state last): the orchestrator reads each
+    pipe once it knows its size. Without ``outgoing``, all at once.
     """
-    from modelpex_runtime.transport import prepare_frame, read_bytes, read_frame, write_bytes
+    from modelpex_runtime.transport import fits_in_pipe, prepare_frame, read_bytes, read_frame, write_bytes
 
-    sends: list[Callable[[], None]] = []
-    state_send: list[Callable[[], None]] = []
+    sends: list[tuple[int, int, Callable[[], None]]] = []  # (pipe, bytes, the function that writes them)
+    state_send: list[tuple[int, int, Callable[[], None]]] = []
 
     if call.get("protocol") != PROTOCOL_VERSION:
         raise CallError(
@@ -182,7 +183,7 @@ def execute(
         if call["state_out"] is not None:
             fmt, payload = model.encode(state)
             fd, what = _slot(fds, call["state_out"], "state_out"), f"the fitted state of {model.label}"
-            state_send.append(functools.partial(write_bytes, fd, payload, what))
+            state_send.append((fd, len(payload), functools.partial(write_bytes, fd, payload, what)))
             state_ref = StateRef(slot=call["state_out"], format=fmt, size=len(payload))
             lap("state")
     else:
@@ -200,13 +201,14 @@ def execute(
             slot = call["outputs"][name]
             what = f"output {name!r} of {model.label}"
             outputs[name], send = prepare_frame(frame, slot, what)
-            sends.append(functools.partial(send, _slot(fds, slot, what)))
+            fd = _slot(fds, slot, what)
+            sends.append((fd, outputs[name]["size"], functools.partial(send, fd)))
         lap("write")
-    if outgoing is None:
-        for send in sends + state_send:
+    for fd, size, send in sends + state_send:
+        if outgoing is None or fits_in_pipe(fd, size):
             send()
-    else:
-        outgoing += sends + state_send
+        else:
+            outgoing.append(send)
     rows_in = {name: int(ref["num_rows"]) for name, ref in call["inputs"].items()}
     return ModelResult(
         protocol=PROTOCOL_VERSION, outputs=outputs, state=state_ref, rows_in=rows_in, seconds=seconds, metrics=metrics
