@@ -484,11 +484,17 @@ class ArtifactCache:
         return Path(done.stdout.strip().splitlines()[-1])
 
     def _compile(self, venv: Path, skip: set[Path]) -> None:
-        """Compile the venv's bytecode now, as its owner: model processes cannot write it later."""
+        """Compile the venv's bytecode now, as its owner: model processes cannot write it later.
+
+        N.B. In parallel (``-j 0``) only when nothing was compiled before (a base pex unpacked here): compileall starts
+        a pool of processes, through a fork server, for each folder it is given, which took 0.7-2 s for the forty
+        small folders of a model's venv on the base's compiled wheels, against 0.07 s in one process.
+        """
         targets = sorted(set(_site_entries(venv)) - skip)
         if targets:
+            jobs = "1" if skip else "0"
             subprocess.run(
-                [str(venv / "bin" / "python"), "-I", "-m", "compileall", "-q", "-j", "0", *map(str, targets)],
+                [str(venv / "bin" / "python"), "-I", "-m", "compileall", "-q", "-j", jobs, *map(str, targets)],
                 capture_output=True,
                 umask=0o022,
                 check=False,
