@@ -22,10 +22,12 @@
 - The unpacked base: unpacking the base (620 MB of wheels out of a 186 MB zip) and compiling its bytecode took 16-18 s
   of a new host's first run. So the builder publishes it once more, unpacked and compiled: PEX_ROOT's
   ``installed_wheels/`` as a plain tar (`pack_unpacked`), filed under the base's key as an artifact of its own with
-  its own sha256 (`orchestrator.store`). A host without the base streams that tar from the store into a private
-  folder of PEX_ROOT, extracting it as it arrives (regular files and folders only, relative names that stay inside,
-  modes and owner set here) while every byte is hashed; only once the digest matches the record is each wheel renamed
-  into PEX_ROOT (`ArtifactCache.base_wheels`). pex then builds a model's venv on those wheels, already compiled; the
+  its own sha256 (`orchestrator.store`), without the packages' own test suites (`_test_suites`: 45% of the files,
+  which cost the most to create here). A host without the base streams that tar from the store into a private
+  folder of PEX_ROOT, extracting it as it arrives with a reader of our own (regular files and folders only, relative
+  names that stay inside, each file created new, modes set here) while every byte is hashed, and fetches the base
+  and model pex meanwhile; only once the digest matches the record is each wheel renamed into PEX_ROOT
+  (`ArtifactCache.base_wheels`). pex then builds a model's venv on those wheels, already compiled; the
   base's own venv is made only when asked for (``modelpex warm``). A store without it (an older one) falls back to
   pex's own unpacking. Uncompressed on purpose: gzip (level 1) cut its 750 MB to 250 MB, but extracting it took 5x
   as long here, and on this machine the bytes are cheaper than the CPU.
@@ -74,6 +76,7 @@ _PEX_LOCK_SUFFIX = ".atomic_directory.lck"
 _WHEEL_DEPTH = 3  # N.B. installed_wheels/<layout version>/<wheel sha256>/<wheel file name>/
 _ZIP_INFO = "original-whl-info.json"  # N.B. pex's record of the wheel's zip entries, for re-packing it.
 _PLAIN = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE)  # N.B. What the unpacked base holds: nothing else.
+_LONGEST_NAME = 4096  # N.B. PATH_MAX: a longer GNU long name is refused, never read into memory.
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -314,7 +317,7 @@ def _entries(pipe: BinaryIO, record: ArtifactRecord) -> Iterator[tarfile.TarInfo
                 f"refusing {record.label} (key {record.key}, sha256 {record.sha256}): a header that is not a tar "
                 f"header ({exc}); rebuild it with `{record.rebuild}`"
             ) from exc
-        if info.type == tarfile.GNUTYPE_LONGNAME and long_name is None:
+        if info.type == tarfile.GNUTYPE_LONGNAME and long_name is None and info.size <= _LONGEST_NAME:
             long_name = _read(pipe, _padded(info.size), record)[: info.size].split(b"\0")[0].decode(errors="replace")
             continue
         if long_name is not None:

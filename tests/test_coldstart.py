@@ -185,8 +185,9 @@ def entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.T
         entry("installed_wheels/3/h/w.whl/hard", tarfile.LNKTYPE, "/etc/passwd"),
         entry("installed_wheels/3/h/w.whl/device", tarfile.CHRTYPE),
         entry("venvs/elsewhere"),
+        entry("installed_wheels/3/h/w.whl/" + "a" * 5000),
     ],
-    ids=["dot-dot", "absolute", "symlink", "hard link", "device", "outside installed_wheels"],
+    ids=["dot-dot", "absolute", "symlink", "hard link", "device", "outside installed_wheels", "a name too long"],
 )
 def test_an_unpacked_base_with_an_unsafe_entry_is_refused_even_with_its_record(
     unpacked: Unpacked, empty_cache: Path, tmp_path: Path, bad: tarfile.TarInfo
