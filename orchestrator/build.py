@@ -62,6 +62,8 @@ RECIPE = "modelpex-recipe-2"
 PIP_VERSION = "25.3"
 LOCK_SYSTEM = ("--style", "universal", "--target-system", "linux", "--interpreter-constraint", "CPython>=3.11,<3.14")
 RUNTIME_MODULE = "modelpex_runtime"
+# N.B. What the unpacked base holds, in its record: one made to another recipe is built again (`Builder.unpacked`).
+UNPACKED_CONTENTS = "PEX_ROOT installed_wheels/, compiled, without the packages' test suites"
 KEY_LENGTH = 32
 _NO_WHEEL = re.compile(r"^\s*\d+\.\) (\S+ \S+) .*?does not have any compatible artifacts", re.MULTILINE)
 
@@ -252,7 +254,8 @@ class Builder:
         hosts whose PEX_ROOT `modelpex warm` fills directly, and would only hold 750 MB more (in the image, too).
 
         N.B. Tied to the base's bytes (``base_sha256``): after a forced rebuild of the base, hosts ignore the unpacked
-        form of the old bytes until this publishes the new one.
+        form of the old bytes until this publishes the new one. One made to an older recipe (``contents``: with the
+        packages' test suites) is replaced.
         """
         if self.platform is not None:
             return None
@@ -264,10 +267,11 @@ class Builder:
             base_key=base.key,
             git_commit=base.git_commit,
             interpreter=base.interpreter,
-            details={"base_sha256": base.sha256, "contents": "PEX_ROOT installed_wheels/, compiled"},
+            details={"base_sha256": base.sha256, "contents": UNPACKED_CONTENTS},
         )
         existing = None if force else self._existing(record, force=False)
-        if existing is not None and existing.details.get("base_sha256") == base.sha256:
+        current = {"base_sha256": base.sha256, "contents": UNPACKED_CONTENTS}
+        if existing is not None and all(existing.details.get(k) == v for k, v in current.items()):
             return BuildResult(existing, True, 0.0)
         build = lambda work: self._build_unpacked(base, record, work)  # noqa: E731
         return self._publish(record, build, force=force or existing is not None)
@@ -351,7 +355,10 @@ class Builder:
         self.step("unpacking and compiling the base for hosts that lack it (about 20 s)")
         cache = ArtifactCache(work / "cache", work / "pex_root", self.interpreter)
         cache.warm(self.store, base, unpacked=False)
-        return pack_unpacked(cache.pex_root, work / record.filename)
+        output = work / record.filename
+        left_out = pack_unpacked(cache.pex_root, output)
+        self.step(f"left out {len(left_out)} test-suite folders of the base's packages (no other module names them)")
+        return output
 
     def _target_args(self, work: Path) -> list[str]:
         """pex flags for the target: this interpreter, or the complete platform (written into the build folder, so

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.build import Builder
-from orchestrator.cache import INSTALLED, ArtifactCache
+from orchestrator.cache import INSTALLED, ArtifactCache, pack_unpacked
 from orchestrator.errors import IntegrityError
 from orchestrator.platforms import Interpreter
 from orchestrator.specs import load_base_env
@@ -185,8 +185,9 @@ def entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.T
         entry("installed_wheels/3/h/w.whl/hard", tarfile.LNKTYPE, "/etc/passwd"),
         entry("installed_wheels/3/h/w.whl/device", tarfile.CHRTYPE),
         entry("venvs/elsewhere"),
+        entry("installed_wheels/3/h/w.whl/" + "a" * 5000),
     ],
-    ids=["dot-dot", "absolute", "symlink", "hard link", "device", "outside installed_wheels"],
+    ids=["dot-dot", "absolute", "symlink", "hard link", "device", "outside installed_wheels", "a name too long"],
 )
 def test_an_unpacked_base_with_an_unsafe_entry_is_refused_even_with_its_record(
     unpacked: Unpacked, empty_cache: Path, tmp_path: Path, bad: tarfile.TarInfo
@@ -201,3 +202,50 @@ def test_an_unpacked_base_with_an_unsafe_entry_is_refused_even_with_its_record(
         cache.warm(store, unpacked.base)
     assert leftovers(empty_cache / "pex_root") == []
     assert not Path("/tmp/escaped").exists() and not (empty_cache / "escaped").exists()
+
+
+def wheel_files(wheel: Path, files: dict[str, str]) -> None:
+    """An installed wheel as pex lays it out: its files, their RECORD and pex's listing of the wheel's zip entries."""
+    for name, text in files.items():
+        (wheel / name).parent.mkdir(parents=True, exist_ok=True)
+        (wheel / name).write_text(text)
+    record = wheel / "pkg-1.0.dist-info" / "RECORD"
+    record.parent.mkdir(parents=True)
+    record.write_text("".join(f"{name},sha256=x,1\n" for name in files) + "pkg-1.0.dist-info/RECORD,,\n")
+    listing = wheel / "pkg-1.0.pex-info" / "original-whl-info.json"
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps({"entries": [[name, [2026, 1, 1, 0, 0, 0], 0] for name in files], "filename": "w"}))
+
+
+def test_the_unpacked_base_leaves_out_test_suites_that_no_module_names(tmp_path: Path) -> None:
+    """Folders named tests or test inside a package go, unless another module imports them or names them in a
+    string; the wheel's RECORD and pex's listing then list only what is there."""
+    wheel = tmp_path / "pex_root" / INSTALLED / "3" / "h" / "pkg-1.0-py3-none-any.whl"
+    wheel_files(
+        wheel,
+        {
+            "pkg/__init__.py": "from pkg.testing import check\n",
+            "pkg/testing/__init__.py": "check = 1\n",
+            "pkg/tests/test_a.py": "import pkg\n",
+            "pkg/sub/test/test_b.py": "import pkg\n",
+            "pkg/kept/tests/helpers.py": "x = 1\n",
+            "pkg/kept/mod.py": "from .tests import helpers\n",
+            "pkg/dynamic/tests/x.py": "y = 1\n",
+            "pkg/load.py": "import importlib\nimportlib.import_module('pkg.dynamic.tests.x')\n",
+            "tests/top.py": "z = 1\n",
+        },
+    )
+    left_out = pack_unpacked(tmp_path / "pex_root", tmp_path / "unpacked.tar")
+    assert left_out == ["3/h/pkg-1.0-py3-none-any.whl/pkg/sub/test", "3/h/pkg-1.0-py3-none-any.whl/pkg/tests"]
+    with tarfile.open(tmp_path / "unpacked.tar") as tar:
+        names = {m.name.split("pkg-1.0-py3-none-any.whl/")[-1] for m in tar if m.isreg()}
+        record = tar.extractfile(next(m for m in tar if m.name.endswith("RECORD")))
+        listing = tar.extractfile(next(m for m in tar if m.name.endswith("original-whl-info.json")))
+        assert record is not None and listing is not None
+        listed = {line.split(",")[0] for line in record.read().decode().splitlines()}
+        zipped = {entry[0] for entry in json.loads(listing.read())["entries"]}
+    kept = {"pkg/__init__.py", "pkg/testing/__init__.py", "pkg/kept/tests/helpers.py", "pkg/kept/mod.py"}
+    kept |= {"pkg/dynamic/tests/x.py", "pkg/load.py", "tests/top.py"}
+    assert names == kept | {"pkg-1.0.dist-info/RECORD", "pkg-1.0.pex-info/original-whl-info.json"}
+    assert listed == kept | {"pkg-1.0.dist-info/RECORD"}
+    assert zipped == kept
