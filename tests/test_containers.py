@@ -406,6 +406,19 @@ def _wait_runs(cluster: Cluster, run_ids: list[str], timeout: float = 600) -> No
         cluster.wait("the runs", lambda: all(instance.get_run_by_id(r).status in DONE for r in run_ids), timeout)
 
 
+def _failures(instance: DagsterInstance, run_id: str) -> str:
+    """A failed run's step errors, each with what caused it: a run container's log tail starts mid-traceback, after
+    the error's own message."""
+    lines = []
+    for record in instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records:
+        event = record.event_log_entry.dagster_event
+        error = event.step_failure_data.error if event is not None and event.step_failure_data else None
+        while error is not None:
+            lines.append(f"{event.step_key}: {error.message.strip()}")
+            error = error.cause
+    return "\n".join(lines) or "(no step failed)"
+
+
 def _version(instance: DagsterInstance, client: str, model: str) -> tuple[str, str, float, str]:
     """The model version of ``client``'s latest ``model`` predictions, their run, when, and whether the run built
     the model's pex or fetched it from the store."""
@@ -423,7 +436,9 @@ def test_pinned_and_latest_clients_run_in_run_containers_from_the_store(cluster:
     with cluster.instance() as instance:
         for group, run_id in run_ids.items():
             run = instance.get_run_by_id(run_id)
-            assert run.status == DagsterRunStatus.SUCCESS, f"{group}: {run.status}\n{cluster.logs()}"
+            assert run.status == DagsterRunStatus.SUCCESS, (
+                f"{group}: {run.status}\n{_failures(instance, run_id)}\n{cluster.logs()}"
+            )
             (container,) = _run_containers(cluster, run_id)
             assert container["Image"] == cluster.image and run.tags[DOCKER_IMAGE_TAG] == cluster.image
         acme, globex = _version(instance, "acme", "churn"), _version(instance, "globex", "churn")
