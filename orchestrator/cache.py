@@ -581,8 +581,11 @@ class ArtifactCache:
         """The venv made for ``target`` here before, when its record of it is ours and it is still there."""
         ready = self.artifacts / f"{target.sha256}.ready"
         if ready.is_file() and _private(ready):
-            venv = Path(ready.read_text())
-            if venv.is_relative_to(self.pex_root) and (venv / "bin" / "python").exists() and _private(venv):
+            # N.B. Resolved: pex reports a venv by its short symlink (venvs/<v>/s/<hash>/venv, mode 0777 as every
+            # link is), which is never "private" itself; its target is what must be ours. Unresolved, no venv was
+            # ever found ready, and every model start made it and compiled it again (2-3 s per `modelpex run`).
+            venv = Path(ready.read_text()).resolve()
+            if venv.is_relative_to(self.pex_root.resolve()) and (venv / "bin" / "python").exists() and _private(venv):
                 return venv
         return None
 
@@ -663,6 +666,7 @@ class ArtifactCache:
             # N.B. The unpacked base was compiled before it was packed.
             done |= {e for e in _site_entries(venv) if any(e.is_relative_to(wheel) for wheel in wheels or ())}
             self._compile(venv, done)
+            venv = venv.resolve()
             write_atomic(self.artifacts / f"{target.sha256}.ready", str(venv))
         return venv
 

@@ -26,7 +26,17 @@ from orchestrator.platforms import Interpreter
 from orchestrator.specs import load_base_env
 from orchestrator.store import ArtifactRecord, LocalPexStore, file_sha256
 
-from .conftest import REPO, CliResult, Project, SessionBase, cache_folder, clone_store, link_or_copy, write_model
+from .conftest import (
+    REPO,
+    CliResult,
+    ModelBuilds,
+    Project,
+    SessionBase,
+    cache_folder,
+    clone_store,
+    link_or_copy,
+    write_model,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,3 +259,22 @@ def test_the_unpacked_base_leaves_out_test_suites_that_no_module_names(tmp_path:
     assert names == kept | {"pkg-1.0.dist-info/RECORD", "pkg-1.0.pex-info/original-whl-info.json"}
     assert listed == kept | {"pkg-1.0.dist-info/RECORD"}
     assert zipped == kept
+
+
+def test_a_warm_venv_is_found_ready_and_never_made_again(
+    store: LocalPexStore, session_base: SessionBase, model_builds: ModelBuilds
+) -> None:
+    """Once warm, a model's venv is taken as it is: the second `warm` neither runs pex nor compiles (its record
+    untouched), and the venv it records is the real folder, never pex's short symlink to it (mode 0777, so never
+    "private": a venv recorded by that link was made again on every model start)."""
+    folder = cache_folder("modelpex-test-ready-")
+    try:
+        cache = ArtifactCache(folder, folder / "pex_root", Interpreter.detect())
+        base, model = session_base.build.record, model_builds.into(store, REPO / "model_packages" / "churn")
+        venv = cache.warm(store, base, model)
+        ready = folder / "artifacts" / f"{model.sha256}.ready"
+        written = ready.stat().st_mtime_ns
+        assert cache.warm(store, base, model) == venv and ready.stat().st_mtime_ns == written, "made again"
+        assert not venv.is_symlink() and venv.is_relative_to((folder / "pex_root").resolve())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
